@@ -1,0 +1,168 @@
+"""Trainable visual encoder E (SOHO §3.1): whole image → ResNet trunk → 2×2 max-pool → 1×1 conv to c.
+
+Images of different sizes share a batch by zero-padding at the bottom/right; ``pixel_mask`` marks real
+pixels and is max-pooled down to the token grid, so a visual token is real when its receptive cell holds
+any real pixel.
+
+BatchNorm: regular ``nn.BatchNorm2d``. While the trunk is frozen (the paper's cold start) its BN layers
+are also kept in eval mode, so running statistics do not drift while the weights are fixed.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+from soho.config import RESNET_BACKBONES, GridEncoderConfig
+
+logger = logging.getLogger(__name__)
+
+_TRUNK_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+
+
+def _tiny_trunk(cfg: GridEncoderConfig) -> tuple[nn.Sequential, int]:
+    """A narrow ResNet from torchvision's BasicBlock for CPU tests: stem (stride 4), then stages whose
+    width doubles and resolution halves after the first."""
+    w = cfg.tiny_width
+    layers: list[nn.Module] = [
+        nn.Conv2d(3, w, kernel_size=7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(w),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+    ]
+    in_ch = w
+    for i, n_blocks in enumerate(cfg.tiny_blocks):
+        out_ch = w * 2**i
+        stride = 1 if i == 0 else 2
+        for b in range(n_blocks):
+            s = stride if b == 0 else 1
+            down = None
+            if s != 1 or in_ch != out_ch:
+                down = nn.Sequential(
+                    nn.Conv2d(in_ch, out_ch, 1, stride=s, bias=False), nn.BatchNorm2d(out_ch)
+                )
+            layers.append(tv_resnet.BasicBlock(in_ch, out_ch, stride=s, downsample=down))
+            in_ch = out_ch
+    return nn.Sequential(*layers), in_ch
+
+
+def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"GridEncoderConfig.weights={str(path)!r}: expected a state dict, got {type(state).__name__}"
+        )
+    return state
+
+
+def _resnet_trunk(cfg: GridEncoderConfig) -> tuple[nn.Sequential, int]:
+    builder = getattr(tv_resnet, cfg.backbone)
+    weights = cfg.weights
+    net: tv_resnet.ResNet
+    if weights is None:
+        net = builder(weights=None)
+    elif Path(weights).is_file():
+        net = builder(weights=None)
+        state = _load_state_file(Path(weights))
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier is not used
+        missing, unexpected = net.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("fc.")]
+        if missing or unexpected:
+            raise ValueError(
+                f"GridEncoderConfig.weights={weights!r} does not fit torchvision {cfg.backbone}: "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        logger.info("loaded %s trunk weights from %s", cfg.backbone, weights)
+    else:
+        from torchvision.models import get_model_weights
+
+        enum = get_model_weights(builder)
+        try:
+            w = enum[weights]
+        except KeyError:
+            raise ValueError(
+                f"GridEncoderConfig.weights={weights!r} is neither a file nor one of "
+                f"{[m.name for m in enum]} for {cfg.backbone}"
+            ) from None
+        net = builder(weights=w)  # torchvision's weights API: downloads when not cached
+    trunk = nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+    )
+    return trunk, _TRUNK_CHANNELS[cfg.backbone]
+
+
+class GridEncoder(nn.Module):
+    """``forward(pixel_values (B,3,H,W), pixel_mask (B,H,W) | None) -> (features (B,L,C), mask (B,L), (h,w))``
+    with L = h·w tokens in row-major order."""
+
+    def __init__(self, config: GridEncoderConfig, load_pretrained: bool = True) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        if config.backbone == "tiny":
+            self.trunk, channels = _tiny_trunk(config)
+        else:
+            assert config.backbone in RESNET_BACKBONES
+            cfg = config if load_pretrained else GridEncoderConfig(**{**config.__dict__, "weights": None})
+            self.trunk, channels = _resnet_trunk(cfg)
+        self.pool = (
+            nn.MaxPool2d(config.pool, config.pool, ceil_mode=True) if config.pool > 1 else nn.Identity()
+        )
+        self.proj = nn.Conv2d(channels, config.out_dim, kernel_size=1)
+        self.backbone_trainable = True
+
+    @property
+    def total_stride(self) -> int:
+        return self.config.total_stride
+
+    def set_backbone_trainable(self, flag: bool) -> None:
+        """Cold start: freeze (False) / unfreeze (True) the ResNet trunk. Freezing sets requires_grad=False
+        on trunk parameters and keeps trunk BatchNorm in eval mode; the 1×1 projection stays trainable."""
+        self.backbone_trainable = bool(flag)
+        for p in self.trunk.parameters():
+            p.requires_grad_(self.backbone_trainable)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> GridEncoder:
+        super().train(mode)
+        if not self.backbone_trainable:
+            for m in self.trunk.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(
+        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be (B, 3, H, W), got {tuple(pixel_values.shape)}")
+        b, _, h_img, w_img = pixel_values.shape
+        if pixel_mask is None:
+            pixel_mask = torch.ones(b, h_img, w_img, dtype=torch.bool, device=pixel_values.device)
+        elif pixel_mask.shape != (b, h_img, w_img):
+            raise ValueError(
+                f"pixel_mask must be (B, H, W)={(b, h_img, w_img)} like pixel_values, got {tuple(pixel_mask.shape)}"
+            )
+        x = self.proj(self.pool(self.trunk(pixel_values)))  # (B, C, h, w)
+        h, w = x.shape[-2:]
+        s = self.total_stride
+        # A token is real if its s×s cell holds any real pixel; ceil_mode matches the trunk's ceil sizes.
+        m = F.max_pool2d(
+            pixel_mask[:, None].to(x.dtype), kernel_size=s, stride=s, ceil_mode=True
+        )  # (B,1,h',w')
+        if m.shape[-2:] != (h, w):
+            m = F.interpolate(m, size=(h, w), mode="nearest")
+        mask = m[:, 0].flatten(1) > 0  # (B, h·w)
+        features = x.flatten(2).transpose(1, 2)  # (B, C, h, w) → (B, h·w, C)
+        return features, mask, (int(h), int(w))

@@ -1,0 +1,65 @@
+"""Pre-training heads over the cross-modal transformer output."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PredictionTransform(nn.Module):
+    """dense → GELU → LayerNorm, as in BERT's prediction heads."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.dense = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.LayerNorm(hidden_size, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(x)))
+
+
+class MLMHead(nn.Module):
+    """Masked-language-model head; the output layer is tied to the word embeddings (passed at call time,
+    so the weight is stored once and safetensors sees no shared tensors)."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, eps: float) -> None:
+        super().__init__()
+        self.transform = PredictionTransform(hidden_size, eps)
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """hidden (N, C), word_embeddings (V, C) → logits (N, V)."""
+        return F.linear(self.transform(hidden), word_embeddings, self.bias)
+
+
+class MVMHead(nn.Module):
+    """Masked-visual-model head: k-way classification of the VD index at masked visual positions. With
+    ``codebook`` given, logits are dot products with the (detached) VD codes instead of a free layer."""
+
+    def __init__(self, hidden_size: int, num_codes: int, eps: float, tied: bool = False) -> None:
+        super().__init__()
+        self.transform = PredictionTransform(hidden_size, eps)
+        self.tied = tied
+        self.decoder = None if tied else nn.Linear(hidden_size, num_codes, bias=False)
+        self.bias = nn.Parameter(torch.zeros(num_codes))
+
+    def forward(self, hidden: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (N, C) → logits (N, k)."""
+        h = self.transform(hidden)
+        if self.decoder is None:
+            if codebook is None:
+                raise ValueError("MVMHead(tied=True) needs the VD codebook")
+            return F.linear(h, codebook.detach().to(h.dtype), self.bias)
+        return self.decoder(h) + self.bias
+
+
+class ITMHead(nn.Module):
+    """Image-text matching φ: pooled [CLS] (B, C) → 2-way logits (index 1 = match)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(hidden_size, 2)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pooled)
