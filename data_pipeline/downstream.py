@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+from collections import OrderedDict
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -39,6 +40,12 @@ __all__ = [
     "read_snli_ve",
     "read_karpathy",
     "flatten_captions",
+    "TaskDataConfig",
+    "TaskCollator",
+    "collate_vqa",
+    "collate_nlvr2",
+    "collate_snli_ve",
+    "collate_retrieval_pairs",
 ]
 
 SNLI_VE_LABELS: tuple[str, ...] = ("entailment", "neutral", "contradiction")
@@ -307,3 +314,124 @@ def flatten_captions(
         texts.extend(caps)
         owner.extend([idx] * len(caps))
     return texts, owner
+
+
+# ------------------------------------------------------------------------------ images → task batches
+# Images go through the pre-training loader's own decode (resize the longest side to `max_image_side`, RGB)
+# and collation (ImageNet normalisation, bottom/right padding to `pad_multiple`, tokenization), so a
+# fine-tuned model sees exactly the input statistics it was pre-trained on.
+
+
+@dataclass
+class TaskDataConfig:
+    """Image/text geometry of task batches; use the same values as the pre-training run's loader."""
+
+    max_image_side: int = 128
+    pad_multiple: int = 32  # the grid encoder's total stride
+    max_text_len: int = 40
+    tokenizer: str | None = None  # None = packaged MiniLM vocab (bert-base-uncased WordPiece)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    image_cache_size: int = 4096  # decoded images kept in memory (VQA asks several questions per image)
+
+
+class TaskCollator:
+    """Reads and decodes images by path (cached), then builds the pre-training batch dict plus task keys."""
+
+    def __init__(self, cfg: TaskDataConfig) -> None:
+        from data_pipeline.loader import Collator, LoaderConfig
+
+        self.cfg = cfg
+        self._collate = Collator(
+            LoaderConfig(
+                urls=[],
+                max_image_side=cfg.max_image_side,
+                pad_multiple=cfg.pad_multiple,
+                max_text_len=cfg.max_text_len,
+                tokenizer=cfg.tokenizer,
+            )
+        )
+        self.tokenizer = self._collate.tokenizer
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+
+    def image(self, path: str) -> Any:
+        """uint8 (3, h, w) tensor of the image at `path`, decoded like a shard sample."""
+        from data_pipeline.loader import decode_sample
+        from data_pipeline.tarstream import RawSample
+
+        hit = self._cache.get(path)
+        if hit is not None:
+            self._cache.move_to_end(path)
+            return hit
+        try:
+            with fsspec.open(path, "rb", **self.cfg.storage_options) as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"image not found: {path}") from None
+        ext = posixpath.splitext(path)[1].lower().lstrip(".") or "jpg"
+        decoded = decode_sample(RawSample(path, path, {ext: data, "txt": b"-"}), self.cfg.max_image_side)
+        if isinstance(decoded, str):
+            raise ValueError(f"image {path}: {decoded}")
+        self._cache[path] = decoded.image
+        if len(self._cache) > self.cfg.image_cache_size:
+            self._cache.popitem(last=False)
+        return decoded.image
+
+    def batch(self, keys: list[str], image_paths: list[str], texts: list[str]) -> dict[str, Any]:
+        """One row per (image, text); the loader's batch dict (pixel_values, pixel_mask, input_ids, ...)."""
+        from data_pipeline.loader import DecodedSample
+
+        samples = [
+            DecodedSample(k, self.image(p), t) for k, p, t in zip(keys, image_paths, texts, strict=True)
+        ]
+        return self._collate(samples)
+
+    def images(self, image_paths: list[str]) -> dict[str, Any]:
+        """Images only (retrieval encodes each image once): pixel_values, pixel_mask."""
+        b = self.batch(image_paths, image_paths, [""] * len(image_paths))
+        return {"pixel_values": b["pixel_values"], "pixel_mask": b["pixel_mask"]}
+
+    def texts(self, texts: list[str]) -> dict[str, Any]:
+        """Texts only: input_ids, attention_mask tokenized exactly as in the loader's collation."""
+        tok = self.tokenizer(
+            texts, padding="longest", truncation=True, max_length=self.cfg.max_text_len, return_tensors="pt"
+        )
+        return {"input_ids": tok["input_ids"].long(), "attention_mask": tok["attention_mask"].long()}
+
+
+def collate_vqa(collator: TaskCollator, examples: list[VQAExample]) -> dict[str, Any]:
+    """Batch + `question_ids` and the human `answers` (soft targets are built model-side from them)."""
+    import torch
+
+    batch = collator.batch([str(e.question_id) for e in examples], [e.image_path for e in examples],
+                           [e.question for e in examples])  # fmt: skip
+    batch["question_ids"] = torch.tensor([e.question_id for e in examples], dtype=torch.long)
+    batch["answers"] = [e.answers for e in examples]
+    return batch
+
+
+def collate_nlvr2(collator: TaskCollator, examples: list[NLVR2Example]) -> dict[str, Any]:
+    """Images interleaved (left_0, right_0, left_1, ...): pixel_values (2B, ...); text and labels (B, ...)."""
+    import torch
+
+    paths = [p for e in examples for p in e.image_paths]
+    images = collator.images(paths)
+    text = collator.texts([e.sentence for e in examples])
+    return {**images, **text, "labels": torch.tensor([int(e.label) for e in examples], dtype=torch.long),
+            "keys": [e.identifier for e in examples]}  # fmt: skip
+
+
+def collate_snli_ve(collator: TaskCollator, examples: list[SNLIVEExample]) -> dict[str, Any]:
+    import torch
+
+    batch = collator.batch([e.pair_id for e in examples], [e.image_path for e in examples],
+                           [e.hypothesis for e in examples])  # fmt: skip
+    batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+    return batch
+
+
+def collate_retrieval_pairs(
+    collator: TaskCollator, images: list[RetrievalImage], caption_choice: list[int]
+) -> dict[str, Any]:
+    """Training pairs: image i with its caption `caption_choice[i]` (modulo its caption count)."""
+    texts = [im.captions[c % len(im.captions)] for im, c in zip(images, caption_choice, strict=True)]
+    return collator.batch([str(im.image_id) for im in images], [im.image_path for im in images], texts)
