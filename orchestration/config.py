@@ -1,0 +1,313 @@
+"""`RunConfig`: the one source of truth for a training run.
+
+Every field is at the same time a command-line flag (``--max-steps``) and a YAML key (``max_steps`` or
+``max-steps``); ``--config run.yaml`` loads a file and flags given on the command line win over it.
+Nothing else in orchestration defines options, so the CLI, the YAML files in ``configs/``, the Ray
+launcher and the k8s manifests can never drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from orchestration.metrics import DEFAULT_METRICS_PORT
+
+PRESETS = ("tiny", "small", "base")
+PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+LAUNCHERS = ("ray", "local")
+
+# Bump when the synthetic generator's output changes, so an old cache is never reused silently.
+SYNTHETIC_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Local cache for the embedded synthetic data: ``$SOHO_CACHE_DIR`` or ``~/.cache/soho``."""
+    return Path(os.environ.get("SOHO_CACHE_DIR") or Path.home() / ".cache" / "soho")
+
+
+def _opt(help: str, **extra: Any) -> dict[str, Any]:
+    return {"help": help, **extra}
+
+
+@dataclass
+class RunConfig:
+    """All options of ``python -m soho.train``; the defaults are the embedded demo run."""
+
+    # --- model and data -------------------------------------------------------------------------
+    preset: str = field(default="tiny", metadata=_opt("model preset", choices=PRESETS))
+    data: str | None = field(
+        default=None,
+        metadata=_opt(
+            "training shards: manifest.json URL, brace pattern 'dir/shards-{000000..000009}.tar' or a "
+            "comma-separated list; default: synthetic shards made on first use in $SOHO_CACHE_DIR "
+            "(~/.cache/soho)"
+        ),
+    )
+    synthetic_pairs: int = field(
+        default=2048, metadata=_opt("pairs generated for the default synthetic data (when --data is unset)")
+    )
+    image_size: int = field(
+        default=96, metadata=_opt("longest image side fed to the model (the loader resizes down to it)")
+    )
+    max_text_len: int = field(default=40, metadata=_opt("tokens per caption incl. [CLS]/[SEP]"))
+    s3_endpoint_url: str | None = field(
+        default=None, metadata=_opt("S3 endpoint for s3:// data and storage (e.g. MinIO); default: AWS env")
+    )
+    # --- run and storage ------------------------------------------------------------------------
+    storage_path: str = field(
+        default_factory=lambda: os.environ.get("SOHO_STORAGE_PATH", "./runs"),
+        metadata=_opt("where checkpoints, export and summary go: local path or s3://bucket/prefix "
+                      "(default $SOHO_STORAGE_PATH or ./runs)"),
+    )
+    run_name: str | None = field(
+        default=None,
+        metadata=_opt("run name under the storage path; relaunching with the same name resumes "
+                      "(default soho-<preset>)"),
+    )
+    max_steps: int = field(default=300, metadata=_opt("optimizer steps to train in total"))
+    epochs: int | None = field(
+        default=None, metadata=_opt("stop after this many loader epochs (non-resampled data) if earlier")
+    )
+    checkpoint_every: int = field(default=100, metadata=_opt("checkpoint every N optimizer steps"))
+    keep_checkpoints: int = field(default=2, metadata=_opt("committed checkpoints kept in storage"))
+    # --- scale ------------------------------------------------------------------------------------
+    launcher: str = field(
+        default="ray",
+        metadata=_opt("ray: Ray Train TorchTrainer; local: this process (or torchrun/deepspeed "
+                      "launcher ranks from the env)", choices=LAUNCHERS),
+    )
+    ray_address: str | None = field(
+        default=None, metadata=_opt("Ray cluster to join; default $RAY_ADDRESS, a `ray start` cluster, or a new local one")
+    )
+    num_workers: int = field(default=2, metadata=_opt("training workers (one per GPU, or CPU processes)"))
+    cpus_per_worker: int = field(default=1, metadata=_opt("CPU cores reserved per Ray worker"))
+    use_gpu: bool = field(default=False, metadata=_opt("one GPU per worker, NCCL"))
+    zero_stage: int = field(default=2, metadata=_opt("DeepSpeed ZeRO stage", choices=(0, 1, 2, 3)))
+    precision: str = field(default="fp32", metadata=_opt("training precision", choices=PRECISIONS))
+    micro_batch_size: int = field(default=8, metadata=_opt("pairs per worker per micro step"))
+    grad_accum: int = field(default=1, metadata=_opt("micro steps per optimizer step"))
+    # --- optimisation -------------------------------------------------------------------------------
+    lr: float = field(default=5e-4, metadata=_opt("peak learning rate of everything but the ResNet trunk"))
+    backbone_lr: float | None = field(
+        default=None, metadata=_opt("peak learning rate of the ResNet trunk (default: --lr)")
+    )
+    weight_decay: float = field(default=0.01, metadata=_opt("AdamW weight decay (not on biases/norms)"))
+    adam_beta1: float = field(default=0.9, metadata=_opt("AdamW beta1"))
+    adam_beta2: float = field(default=0.98, metadata=_opt("AdamW beta2"))
+    grad_clip: float = field(default=1.0, metadata=_opt("gradient norm clip (0 = off)"))
+    warmup_steps: int = field(default=20, metadata=_opt("linear learning-rate warm-up steps"))
+    lr_schedule: str = field(default="cosine", metadata=_opt("decay after warm-up", choices=LR_SCHEDULES))
+    min_lr_ratio: float = field(default=0.1, metadata=_opt("final lr as a fraction of the peak"))
+    freeze_backbone_epochs: int = field(
+        default=0, metadata=_opt("cold start: ResNet trunk frozen for the first N loader epochs")
+    )
+    freeze_backbone_steps: int = field(
+        default=0, metadata=_opt("cold start: ResNet trunk frozen for the first N steps")
+    )
+    vd_decay: float | None = field(default=None, metadata=_opt("visual dictionary EMA decay (default: preset's)"))
+    # --- loader ---------------------------------------------------------------------------------
+    loader_workers: int = field(default=0, metadata=_opt("DataLoader worker processes per training worker"))
+    resampled: bool | None = field(
+        default=None,
+        metadata=_opt("resampled shard stream (endless, exactly resumable; multi-node friendly); default: "
+                      "on unless --epochs is given, which needs epoch passes"),
+    )
+    # --- observability and robustness -----------------------------------------------------------
+    metrics_port: int = field(
+        default=DEFAULT_METRICS_PORT,
+        metadata=_opt("base Prometheus port; worker with local rank r serves base+r; 0 = a free port "
+                      "each (logged); -1 = no metrics endpoint"),
+    )
+    log_every: int = field(default=10, metadata=_opt("print progress every N steps (rank 0)"))
+    seed: int = field(default=0, metadata=_opt("seed of model init, masking and data order"))
+    max_failures: int = field(
+        default=3, metadata=_opt("worker-group restarts from the latest checkpoint before giving up")
+    )
+    max_consecutive_nonfinite: int = field(
+        default=5, metadata=_opt("abort after this many consecutive non-finite (skipped) steps")
+    )
+    # --- test-only fault injection (never set in production) ------------------------------------
+    fault_kill_after_checkpoint: int | None = field(
+        default=None,
+        metadata=_opt("TEST ONLY: SIGKILL one worker right after the checkpoint at this step is "
+                      "committed (fires once per run)"),
+    )
+    fault_kill_rank: int = field(default=1, metadata=_opt("TEST ONLY: rank that the kill fault hits"))
+    fault_crash_during_checkpoint: int | None = field(
+        default=None,
+        metadata=_opt("TEST ONLY: SIGKILL rank 0 in the middle of writing the checkpoint at this step "
+                      "(fires once per run)"),
+    )
+    fault_nonfinite_batches: list[int] = field(
+        default_factory=list,
+        metadata=_opt("TEST ONLY: comma-separated micro-batch numbers (0-based, over the run) whose "
+                      "loss is made NaN"),
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # --- derived ----------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.run_name or f"soho-{self.preset}"
+
+    @property
+    def use_resampled(self) -> bool:
+        return self.epochs is None if self.resampled is None else self.resampled
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.num_workers
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options for s3:// URLs (endpoint from the flag, credentials from the AWS env)."""
+        if self.s3_endpoint_url:
+            return {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}}
+        return {}
+
+    def validate(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"invalid run config: {msg}")
+
+        need(self.preset in PRESETS, f"preset={self.preset!r} must be one of {PRESETS}")
+        need(self.precision in PRECISIONS, f"precision={self.precision!r} must be one of {PRECISIONS}")
+        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
+        need(self.launcher in LAUNCHERS, f"launcher={self.launcher!r} must be one of {LAUNCHERS}")
+        need(self.zero_stage in (0, 1, 2, 3), f"zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
+        for name in ("max_steps", "checkpoint_every", "keep_checkpoints", "num_workers", "micro_batch_size",
+                     "grad_accum", "log_every", "cpus_per_worker", "max_consecutive_nonfinite", "image_size",
+                     "max_text_len", "synthetic_pairs"):
+            need(getattr(self, name) >= 1, f"{name}={getattr(self, name)!r} must be >= 1")
+        for name in ("warmup_steps", "freeze_backbone_epochs", "freeze_backbone_steps", "loader_workers",
+                     "max_failures", "weight_decay", "grad_clip"):
+            need(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r} must be >= 0")
+        need(self.lr > 0, f"lr={self.lr!r} must be > 0")
+        need(self.backbone_lr is None or self.backbone_lr >= 0, f"backbone_lr={self.backbone_lr!r} must be >= 0")
+        need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        need(self.vd_decay is None or 0.0 < self.vd_decay < 1.0, f"vd_decay={self.vd_decay!r} must be in (0, 1)")
+        need(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs!r} must be >= 1")
+        need(not (self.epochs is not None and self.resampled),
+             "epochs needs epoch passes: drop --resampled (a resampled stream has no epochs)")
+        need(-1 <= self.metrics_port <= 65535, f"metrics_port={self.metrics_port!r} must be in -1..65535")
+        need(bool(self.storage_path), "storage_path must not be empty")
+        need(not (self.precision == "fp16" and not self.use_gpu),
+             "precision=fp16 needs --use-gpu (DeepSpeed's CPU accelerator supports fp32 and bf16)")
+
+    # --- serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> RunConfig:
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for raw_key, value in d.items():
+            key = str(raw_key).replace("-", "_")
+            if key not in known:
+                raise ValueError(f"{source}: unknown option {raw_key!r}; known options: {sorted(known)}")
+            kwargs[key] = _coerce(known[key], value, source)
+        return cls(**kwargs)
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _base_type(f: dataclasses.Field) -> tuple[type, bool]:
+    """(scalar type, is_list) of a field annotation such as ``int | None`` or ``list[int]``."""
+    hints = typing.get_type_hints(RunConfig)
+    tp = hints[f.name]
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def _coerce(f: dataclasses.Field, value: Any, source: str) -> Any:
+    tp, is_list = _base_type(f)
+    if value is None:
+        return [] if is_list else None
+    try:
+        if is_list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            return [tp(v) for v in value]
+        if tp is bool:
+            if isinstance(value, str):
+                low = value.lower()
+                if low not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return low in ("true", "1", "yes")
+            return bool(value)
+        if tp is float and isinstance(value, str):
+            return float(value)
+        return tp(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{source}: option {f.name!r} expects {tp.__name__}, got {value!r}") from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse flags generated from the RunConfig fields (defaults suppressed so we can tell what the
+    user typed: flags win over the YAML file, the YAML file over the dataclass defaults)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m soho.train",
+        description="SOHO pre-training on Ray Train + DeepSpeed ZeRO. With no arguments: the embedded "
+                    "demo (tiny preset, synthetic data, 2 local CPU workers).",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--config", type=Path, help="YAML file with any of the options below (flags win)")
+    for f in dataclasses.fields(RunConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp, is_list = _base_type(f)
+        help_text = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        help_text = f"{help_text} [default: {default}]"
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        elif is_list:
+            parser.add_argument(flag, type=str, help=help_text)
+        else:
+            kwargs: dict[str, Any] = {"type": tp, "help": help_text}
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    with path.open("r", encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def parse_run_config(argv: list[str] | None = None) -> RunConfig:
+    """Dataclass defaults < YAML file (``--config``) < command-line flags."""
+    args = vars(build_parser().parse_args(argv))
+    merged: dict[str, Any] = {}
+    config_path = args.pop("config", None)
+    if config_path is not None:
+        merged.update({str(k).replace("-", "_"): v for k, v in load_yaml(Path(config_path)).items()})
+    merged.update(args)
+    source = f"--config {config_path} / flags" if config_path else "flags"
+    return RunConfig.from_dict(merged, source=source)

@@ -1,0 +1,193 @@
+"""Launchers around the Ray-free worker loop.
+
+* :func:`launch_ray` — Ray Train ``TorchTrainer``: N workers (gloo on CPU, NCCL on GPU), ``FailureConfig``
+  restarts the worker group from the latest committed checkpoint, Ray persists checkpoints to
+  ``storage_path`` (local or ``s3://``) and keeps the newest ``keep_checkpoints``. Relaunching with the same
+  ``--run-name`` and ``--storage-path`` resumes.
+* :func:`launch_local` — this process is one rank: a plain single process, or one rank of ``torchrun`` /
+  the deepspeed launcher (process group from the environment); checkpoints go through
+  :class:`~orchestration.checkpoint.StorageStore`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from orchestration.checkpoint import EXPORT_DIR, TRAIN_STATE, StorageStore, verify_local
+from orchestration.config import SYNTHETIC_CACHE_VERSION, RunConfig, default_cache_dir
+from orchestration.summary import write_run_artifacts
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_IMAGE_SIZE = 128
+
+
+def ensure_data(cfg: RunConfig) -> str:
+    """The shard URL the workers read: ``--data`` as given, or the embedded synthetic data, generated once
+    into the local cache (a file lock keeps concurrent first runs from writing it twice)."""
+    if cfg.data:
+        return cfg.data
+    from data_pipeline.synth import make_synthetic
+
+    out = default_cache_dir() / f"synthetic-v{SYNTHETIC_CACHE_VERSION}-n{cfg.synthetic_pairs}-s{cfg.seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        t0 = time.perf_counter()
+        result = make_synthetic(str(out), num=cfg.synthetic_pairs, seed=cfg.seed, heldout=0,
+                                image_size=SYNTHETIC_IMAGE_SIZE)
+        logger.info("synthetic data ready in %s (%.1f s)", out, time.perf_counter() - t0)
+    return str(result.get("pretrain_manifest") or out / "pretrain" / "manifest.json")
+
+
+def _configure_logging() -> None:
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# --- local (no Ray) ---------------------------------------------------------------------------------
+def launch_local(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
+    """Train in this process (one rank of torchrun when WORLD_SIZE is set). Rank 0 writes the summary."""
+    import torch.distributed as dist
+
+    from orchestration.worker import ensure_process_group, train_loop
+
+    _configure_logging()
+    t0 = time.perf_counter()
+    data_url = data_url or ensure_data(cfg)
+    created = ensure_process_group(cfg.use_gpu)
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        store = StorageStore(cfg.storage_path, cfg.name, cfg.keep_checkpoints, rank=rank, world_size=world,
+                             storage_options=cfg.storage_options(), barrier=dist.barrier)
+        result = train_loop(cfg, store, data_url)
+        summary: dict[str, Any] = {"worker": asdict(result)}
+        if rank == 0:
+            latest = store.latest()
+            if latest is None:
+                raise RuntimeError(f"run finished but no committed checkpoint in {store.describe()}")
+            try:
+                export = latest.path / EXPORT_DIR
+                summary.update(write_run_artifacts(
+                    latest.state, str(export) if export.is_dir() else None, cfg.storage_path, cfg.name,
+                    cfg.storage_options(), time.perf_counter() - t0))
+                summary["checkpoint"] = latest.source
+            finally:
+                latest.cleanup()
+        dist.barrier()
+        return summary
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+# --- Ray Train --------------------------------------------------------------------------------------
+def _ray_worker(config: dict[str, Any]) -> None:
+    """Body of each Ray Train worker: the Ray-free loop with Ray's checkpoint store."""
+    import ray.train
+
+    from orchestration.checkpoint import RayStore
+    from orchestration.worker import train_loop
+
+    _configure_logging()
+    cfg = RunConfig.from_dict(config["run_config"], source="ray train_loop_config")
+    rank = ray.train.get_context().get_world_rank()
+    train_loop(cfg, RayStore(rank), config["data_url"], under_ray=True)
+
+
+def _storage_filesystem(cfg: RunConfig) -> Any:
+    """pyarrow filesystem for an s3:// storage path (endpoint from --s3-endpoint-url, e.g. MinIO/moto)."""
+    if not cfg.storage_path.startswith("s3://"):
+        return None
+    import pyarrow.fs
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**cfg.storage_options())
+    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def ray_storage_path(cfg: RunConfig) -> str:
+    if cfg.storage_path.startswith("s3://"):
+        return cfg.storage_path[len("s3://"):]  # with storage_filesystem, Ray wants the bucket/prefix path
+    if "://" in cfg.storage_path:
+        raise ValueError(f"--storage-path {cfg.storage_path!r}: only local paths and s3:// are supported with Ray")
+    return os.path.abspath(cfg.storage_path)
+
+
+def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
+    """Run the job on Ray Train; returns the run summary (also written to storage)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    _configure_logging()
+    t0 = time.perf_counter()
+    data_url = data_url or ensure_data(cfg)
+    if not cfg.data and not os.path.isabs(data_url) and "://" not in data_url:
+        data_url = os.path.abspath(data_url)
+    started_ray = False
+    if not ray.is_initialized():
+        address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+        env_vars = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "PYTHONUNBUFFERED": "1"}
+        for key in ("SOHO_FAULT_DIR", "SOHO_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+            if key in os.environ:
+                env_vars[key] = os.environ[key]
+        init_kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+        if address:
+            ray.init(address=address, **init_kwargs)
+        else:
+            try:  # a cluster that `ray start` made on this machine
+                ray.init(address="auto", **init_kwargs)
+            except ConnectionError:
+                need = cfg.num_workers * cfg.cpus_per_worker
+                ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, **init_kwargs)
+        started_ray = True
+    try:
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={"run_config": cfg.to_dict(), "data_url": data_url},
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if cfg.use_gpu else {})},
+            ),
+            torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(
+                name=cfg.name,
+                storage_path=ray_storage_path(cfg),
+                storage_filesystem=_storage_filesystem(cfg),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            ),
+        )
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        if result.checkpoint is None:
+            raise RuntimeError(f"run {cfg.name} finished without a checkpoint")
+        local = Path(tempfile.mkdtemp(prefix="soho-final-"))
+        try:
+            result.checkpoint.to_directory(str(local))
+            state = verify_local(local)
+            export = local / EXPORT_DIR
+            summary = write_run_artifacts(state, str(export) if export.is_dir() else None, cfg.storage_path,
+                                          cfg.name, cfg.storage_options(), time.perf_counter() - t0)
+            summary["checkpoint"] = result.checkpoint.path
+            summary["train_state"] = TRAIN_STATE
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        return summary
+    finally:
+        if started_ray and os.environ.get("SOHO_KEEP_RAY") != "1":
+            ray.shutdown()

@@ -1,0 +1,484 @@
+"""The per-worker training loop. It knows nothing about Ray.
+
+``train_loop(cfg, store, data_url)`` runs on an already initialised ``torch.distributed`` process group
+(Ray Train's, torchrun's, the deepspeed launcher's) or, when none exists, makes a one-process gloo group
+itself — so tests and the GPU benchmark call it in one process. Per step: batch → ``SohoForPretraining`` →
+{mlm, mvm, itm} losses → DeepSpeed backward/step; the visual dictionary sums its EMA statistics over ranks
+with ``torch.distributed.all_reduce`` (its ``reduce_fn``) so every rank holds the same codebook; every
+``checkpoint_every`` steps a committed checkpoint (see :mod:`orchestration.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from orchestration import faults
+from orchestration.checkpoint import (
+    DS_TAG,
+    EXPORT_DIR,
+    STATE_FORMAT,
+    TRAIN_STATE,
+    CheckpointStore,
+    LocalCheckpoint,
+    read_rank_record,
+    write_json_atomic,
+    write_rank_record,
+)
+from orchestration.config import RunConfig
+from orchestration.ds_config import build_deepspeed_config
+from orchestration.metrics import SohoMetrics
+from orchestration.schedule import apply_lr, backbone_frozen, param_groups
+
+logger = logging.getLogger(__name__)
+
+LOSS_KEYS = ("loss", "mlm", "mvm", "itm")
+ACC_KEYS = ("mlm_acc", "mvm_acc", "itm_acc")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a NaN/Inf loss: the run is diverging."""
+
+
+@dataclass
+class WorkerResult:
+    """What one rank reports at the end (rank 0's history is the run's history)."""
+
+    rank: int
+    world_size: int
+    step: int
+    start_step: int
+    samples_seen: int
+    nonfinite_steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumes: list[dict[str, int]] = field(default_factory=list)
+    codebook_sha256: str = ""
+    metrics_port: int | None = None
+    vd_buffer_dtypes: dict[str, str] = field(default_factory=dict)
+    param_dtype: str = ""
+
+
+# --- process group ----------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def ensure_process_group(use_gpu: bool) -> bool:
+    """Use the caller's process group; otherwise init one from torchrun-style env vars, or a 1-process
+    gloo group on loopback. Returns True when this function created the group (caller destroys it)."""
+    if dist.is_available() and dist.is_initialized():
+        return False
+    backend = "nccl" if use_gpu else "gloo"
+    if "WORLD_SIZE" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The visual dictionary's ``reduce_fn``: in-place SUM over every rank."""
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+# --- small helpers ----------------------------------------------------------------------------------
+def tensor_sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().float().contiguous().cpu().numpy().tobytes()).hexdigest()
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+
+
+def step_generator(seed: int, batch_index: int, rank: int) -> torch.Generator:
+    """Masking / negative sampling randomness of one micro-batch: a pure function of (seed, batch, rank),
+    so a resumed run replays exactly the masks it would have drawn."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + batch_index * 7919 + rank) % (2**63 - 1))
+    return g
+
+
+def unwrap(engine_or_model: Any) -> torch.nn.Module:
+    return getattr(engine_or_model, "module", engine_or_model)
+
+
+def visual_dictionary(model: torch.nn.Module) -> Any:
+    return unwrap(model).soho.visual_dictionary
+
+
+def consolidated_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of the engine's module, on every rank (collective under ZeRO).
+
+    Parameters come from DeepSpeed's fp32 master copies (``safe_get_full_fp32_param``: gathered under
+    ZeRO-1/2/3, so a bf16 run still exports fp32 values); modules without a master copy (stage 0 fp32)
+    use the parameter itself. Floating buffers are cast to fp32 (BatchNorm stats of a bf16 run)."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = unwrap(engine)
+    out: dict[str, torch.Tensor] = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p) if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() else None
+        if full is None:
+            if hasattr(p, "ds_id"):  # ZeRO-3 partitioned parameter without a master copy
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    full = p.detach().clone()
+            else:
+                full = p.detach()
+        out[name] = full.detach().float().cpu().clone()
+    for name, b in module.named_buffers():
+        out[name] = (b.detach().float() if b.is_floating_point() else b.detach()).cpu().clone()
+    return out
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+class _Trainer:
+    """State of one rank's training; methods are the phases of ``train_loop``."""
+
+    def __init__(self, cfg: RunConfig, store: CheckpointStore, data_url: str, under_ray: bool) -> None:
+        self.cfg, self.store, self.data_url, self.under_ray = cfg, store, data_url, under_ray
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
+        self.device = torch.device(f"cuda:{self.local_rank}" if cfg.use_gpu else "cpu")
+        self.step = 0
+        self.batches_seen = 0
+        self.samples_seen = 0
+        self.nonfinite_total = 0
+        self.consecutive_nonfinite = 0
+        self.history: list[dict[str, float]] = []
+        self.resumes: list[dict[str, int]] = []
+        self.start_step = 0
+        self.frozen: bool | None = None
+
+    # --- set-up ---------------------------------------------------------------------------------
+    def build(self) -> None:
+        import deepspeed
+
+        from data_pipeline.loader import LoaderConfig, PretrainLoader
+        from soho import SohoForPretraining, get_preset
+
+        cfg = self.cfg
+        model_cfg = get_preset(cfg.preset)
+        if cfg.vd_decay is not None:
+            model_cfg.vd.decay = cfg.vd_decay
+        self.model_cfg = model_cfg
+        # Same seed on every rank: identical initial weights and codebook before DeepSpeed's broadcast.
+        torch.manual_seed(cfg.seed)
+        model = SohoForPretraining(model_cfg)
+        if self.world_size > 1:
+            model.soho.visual_dictionary.reduce_fn = sum_over_ranks
+        groups, self.group_specs = param_groups(model, cfg)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      weight_decay=cfg.weight_decay)
+        self.ds_config = build_deepspeed_config(cfg, self.world_size)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
+                                                    dist_init_required=False)
+        self.model_dtype = torch.bfloat16 if cfg.precision == "bf16" else (
+            torch.float16 if cfg.precision == "fp16" else torch.float32)
+        self.loader = PretrainLoader(
+            LoaderConfig(
+                urls=self.data_url,
+                batch_size=cfg.micro_batch_size,
+                max_image_side=cfg.image_size,
+                pad_multiple=model_cfg.encoder.total_stride,
+                max_text_len=cfg.max_text_len,
+                resampled=cfg.use_resampled,
+                epochs=cfg.epochs,
+                seed=cfg.seed,
+                num_workers=cfg.loader_workers,
+                storage_options=cfg.storage_options(),
+            ),
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        self.metrics = SohoMetrics(rank=self.rank)
+        self.metrics.set_info({**cfg.to_dict(), "run_name": cfg.name})
+        self.metrics.set_vd_num_codes(model_cfg.vd.num_codes)
+        self.metrics_port: int | None = None
+        if cfg.metrics_port >= 0:
+            port = cfg.metrics_port + self.local_rank if cfg.metrics_port > 0 else 0
+            self.metrics_port = self.metrics.start_http_server(port)
+
+    def resume(self) -> None:
+        ckpt: LocalCheckpoint | None = self.store.latest()
+        if ckpt is None:
+            if self.rank == 0:
+                logger.info("no committed checkpoint in %s: starting at step 0", self.store.describe())
+            return
+        try:
+            state = ckpt.state
+            if int(state["world_size"]) != self.world_size:
+                raise RuntimeError(
+                    f"checkpoint {ckpt.source} was written by {state['world_size']} workers, this run has "
+                    f"{self.world_size}; ZeRO shards cannot be re-partitioned here (use the same --num-workers)"
+                )
+            # DeepSpeed's engine files load with pickle (weights_only=False) inside DeepSpeed; they are our
+            # own, verified files. Our state files are JSON.
+            load_path, _ = self.engine.load_checkpoint(str(ckpt.path), tag=DS_TAG, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed could not load {ckpt.source}")
+            record = read_rank_record(ckpt.path, self.rank)
+            self.loader.load_state_dict(record["loader_state"])
+            _set_rng_state(record["rng"])
+            self.step = int(state["step"])
+            self.batches_seen = int(state["batches_seen"])
+            self.samples_seen = int(state["samples_seen"])
+            self.nonfinite_total = int(state["nonfinite_steps"])
+            self.history = list(state["history"])
+            self.resumes = list(state["resumes"])
+            self.resumes.append({"from_step": self.step, "first_step": -1})
+            if tensor_sha256(visual_dictionary(self.engine).codebook) != record["vd_codebook_sha256"]:
+                raise RuntimeError(f"{ckpt.source}: visual dictionary differs from the checksum saved with it")
+            if self.rank == 0:
+                logger.info("resumed from %s at step %d (%d samples seen)", ckpt.source, self.step, self.samples_seen)
+        finally:
+            ckpt.cleanup()
+
+    # --- one step ---------------------------------------------------------------------------------
+    def _next_batch(self) -> dict[str, Any] | None:
+        """Next micro-batch, or None when a non-resampled loader reached ``--epochs``."""
+        try:
+            return next(self._it)
+        except StopIteration:
+            return None
+
+    def _set_cold_start(self) -> None:
+        frozen = backbone_frozen(self.cfg, self.step, int(getattr(self.loader, "epoch", 0)))
+        if frozen != self.frozen:
+            unwrap(self.engine).soho.set_backbone_trainable(not frozen)
+            if self.rank == 0:
+                logger.info("step %d: ResNet trunk %s", self.step, "frozen (cold start)" if frozen else "trainable")
+            self.frozen = frozen
+        self.lr = apply_lr(self.engine.optimizer, self.group_specs, self.cfg, self.step, frozen)
+
+    def _micro_step(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """Forward, global finiteness check, backward. Returns the rank-averaged [loss, mlm, mvm, itm, accs]
+        or None when the micro-batch was skipped because some rank's loss was not finite."""
+        vd = visual_dictionary(self.engine)
+        # The VD updates its codebook inside forward; keep a copy so a non-finite step can be undone.
+        vd_backup = {k: v.clone() for k, v in vd.state_dict().items()}
+        pv = batch["pixel_values"].to(self.device, non_blocking=True)
+        if self.model_dtype != torch.float32:
+            pv = pv.to(self.model_dtype)
+        out = self.engine(
+            pv,
+            batch["pixel_mask"].to(self.device, non_blocking=True),
+            batch["input_ids"].to(self.device, non_blocking=True),
+            batch["attention_mask"].to(self.device, non_blocking=True),
+            generator=step_generator(self.cfg.seed, self.batches_seen, self.rank),
+        )
+        loss = out.loss
+        if self.batches_seen in self.cfg.fault_nonfinite_batches:
+            loss = loss * float("nan")  # test-only fault: a poisoned batch
+        stats = torch.stack([loss.detach().float(), out.mlm_loss.detach().float(), out.mvm_loss.detach().float(),
+                             out.itm_loss.detach().float(), out.mlm_acc.float(), out.mvm_acc.float(),
+                             out.itm_acc.float()])
+        # One small all-reduce per micro-batch gives both the global loss for logging and the global
+        # decision to skip: every rank must skip together or ZeRO's gradient reduction would deadlock.
+        if self.world_size > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+            stats /= self.world_size
+        self.batches_seen += 1
+        if not torch.isfinite(stats[:4]).all():
+            vd.load_state_dict(vd_backup)
+            self.nonfinite_total += 1
+            self.consecutive_nonfinite += 1
+            self.metrics.inc_nonfinite()
+            logger.warning("rank %d: non-finite loss at step %d (batch %d): step skipped, %d in a row",
+                           self.rank, self.step + 1, self.batches_seen - 1, self.consecutive_nonfinite)
+            if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+                raise NonFiniteLossError(
+                    f"aborting at step {self.step + 1}: {self.consecutive_nonfinite} consecutive steps had a "
+                    f"non-finite loss (--max-consecutive-nonfinite {self.cfg.max_consecutive_nonfinite}); "
+                    f"lower --lr, use --precision fp32, or check the data"
+                )
+            return None
+        self.consecutive_nonfinite = 0
+        self.engine.backward(loss)
+        self.engine.step()
+        return stats
+
+    def train_step(self) -> bool:
+        """One optimizer step (grad_accum finite micro-batches). False when the data ran out."""
+        self._set_cold_start()
+        t0 = time.perf_counter()
+        wait = 0.0
+        acc: torch.Tensor | None = None
+        done = 0
+        while done < self.cfg.grad_accum:
+            tw = time.perf_counter()
+            batch = self._next_batch()
+            wait += time.perf_counter() - tw
+            if batch is None:
+                return False
+            stats = self._micro_step(batch)
+            if stats is None:
+                continue  # skipped: no backward, no DeepSpeed micro-step; the next batch takes its place
+            acc = stats if acc is None else acc + stats
+            done += 1
+        assert acc is not None
+        acc /= self.cfg.grad_accum
+        self.step += 1
+        step_samples = self.cfg.micro_batch_size * self.cfg.grad_accum * self.world_size
+        self.samples_seen += step_samples
+        seconds = time.perf_counter() - t0
+        vals = dict(zip(LOSS_KEYS + ACC_KEYS, acc.tolist(), strict=True))
+        health = visual_dictionary(self.engine).health()
+        self.metrics.observe_step({"total": vals["loss"], "mlm": vals["mlm"], "mvm": vals["mvm"], "itm": vals["itm"]},
+                                  samples=self.cfg.micro_batch_size * self.cfg.grad_accum,
+                                  step_seconds=seconds, data_wait_seconds=wait)
+        self.metrics.set_vd_health(health)
+        if hasattr(self.loader, "bad_sample_counts"):
+            self.metrics.set_bad_samples(self.loader.bad_sample_counts())
+        if self.resumes and self.resumes[-1]["first_step"] == -1:
+            self.resumes[-1]["first_step"] = self.step
+        record = {"step": self.step, **{k: round(v, 5) for k, v in vals.items()},
+                  "vd_usage": round(float(health["usage_ratio"]), 5),
+                  "vd_perplexity": round(float(health["perplexity"]), 4),
+                  "lr": self.lr, "samples_per_s": round(step_samples / max(seconds, 1e-9), 2),
+                  "data_wait_s": round(wait, 4)}
+        self.history.append(record)
+        if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == 1 or self.step == self.cfg.max_steps):
+            logger.info(
+                "step %d/%d  loss %.4f (mlm %.4f mvm %.4f itm %.4f)  itm_acc %.2f  %.1f samples/s  "
+                "VD usage %.2f perplexity %.1f",
+                self.step, self.cfg.max_steps, vals["loss"], vals["mlm"], vals["mvm"], vals["itm"],
+                vals["itm_acc"], record["samples_per_s"], health["usage_ratio"], health["perplexity"],
+            )
+        return True
+
+    # --- checkpoint ----------------------------------------------------------------------------
+    def save_checkpoint(self, final: bool) -> None:
+        t0 = time.perf_counter()
+        local = Path(tempfile.mkdtemp(prefix=f"soho-ckpt-{self.step}-r{self.rank}-"))
+        try:
+            self.engine.save_checkpoint(str(local), tag=DS_TAG)
+            (local / "latest").unlink(missing_ok=True)  # DeepSpeed's `latest` is not a commit marker
+            if final:
+                state_dict = consolidated_fp32_state_dict(self.engine)  # collective
+                if self.rank == 0:
+                    self._export(state_dict, local / EXPORT_DIR)
+            codebook_sha = tensor_sha256(visual_dictionary(self.engine).codebook)
+            if self.rank == 0:
+                write_json_atomic(local / TRAIN_STATE, self._train_state(codebook_sha))
+            write_rank_record(local, self.rank, {
+                "loader_state": self.loader.state_dict(),
+                "rng": _rng_state(),
+                "vd_codebook_sha256": codebook_sha,
+                "step": self.step,
+                "metrics_port": self.metrics_port,
+            }, already={})
+            self.store.upload(local, self.step)
+            faults.maybe_crash_during_checkpoint(self.cfg, self.step, self.rank)
+            last = self.history[-1] if self.history else {}
+            self.store.commit(local, self.step, {"step": self.step, "samples_seen": self.samples_seen,
+                                                 "loss": last.get("loss", float("nan")), "final": final})
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        seconds = time.perf_counter() - t0
+        self.metrics.observe_checkpoint(self.step, seconds)
+        if self.rank == 0:
+            logger.info("checkpoint at step %d committed to %s in %.1f s", self.step, self.store.describe(), seconds)
+        faults.maybe_kill_after_checkpoint(self.cfg, self.step, self.rank, self.under_ray)
+
+    def _train_state(self, codebook_sha: str) -> dict[str, Any]:
+        return {
+            "format": STATE_FORMAT,
+            "step": self.step,
+            "batches_seen": self.batches_seen,
+            "samples_seen": self.samples_seen,
+            "nonfinite_steps": self.nonfinite_total,
+            "world_size": self.world_size,
+            "seeds": {"seed": self.cfg.seed, "masking": "step_generator(seed, batch_index, rank)"},
+            "config": {**self.cfg.to_dict(), "run_name": self.cfg.name},
+            "model_config": self.model_cfg.to_dict(),
+            "deepspeed_config": self.ds_config,
+            "history": self.history,
+            "resumes": self.resumes,
+            "vd_codebook_sha256": codebook_sha,
+            "time": time.time(),
+        }
+
+    def _export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
+        """Consolidated fp32 ``SohoForPretraining`` (``SohoModel.from_pretrained`` loads its backbone)."""
+        from soho import SohoForPretraining
+
+        fresh = SohoForPretraining(self.model_cfg)
+        expected = fresh.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        if missing:
+            raise RuntimeError(f"export: consolidated weights miss {missing[:5]}")
+        fresh.load_state_dict({k: state_dict[k].to(expected[k].dtype) for k in expected}, strict=True)
+        fresh.save_pretrained(str(out_dir))
+
+    # --- driver --------------------------------------------------------------------------------------
+    def run(self) -> WorkerResult:
+        self.build()
+        self.resume()
+        self.start_step = self.step
+        self.engine.train()
+        self._it = iter(self.loader)
+        final_saved = self.step >= self.cfg.max_steps
+        while self.step < self.cfg.max_steps:
+            if not self.train_step():
+                if self.rank == 0:
+                    logger.info("data exhausted after %d loader epochs at step %d", self.loader.epoch, self.step)
+                break
+            final = self.step >= self.cfg.max_steps
+            if final or self.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint(final=final)
+                final_saved = final
+        if not final_saved:
+            self.save_checkpoint(final=True)
+        return WorkerResult(
+            rank=self.rank, world_size=self.world_size, step=self.step, start_step=self.start_step,
+            samples_seen=self.samples_seen, nonfinite_steps=self.nonfinite_total, history=self.history,
+            resumes=self.resumes, codebook_sha256=tensor_sha256(visual_dictionary(self.engine).codebook),
+            metrics_port=self.metrics_port,
+            vd_buffer_dtypes={k: str(v.dtype) for k, v in visual_dictionary(self.engine).state_dict().items()},
+            param_dtype=str(next(unwrap(self.engine).parameters()).dtype),
+        )
+
+    def close(self) -> None:
+        metrics = getattr(self, "metrics", None)
+        if metrics is not None:
+            metrics.stop_http_server()
+
+
+def train_loop(cfg: RunConfig, store: CheckpointStore, data_url: str, *, under_ray: bool = False) -> WorkerResult:
+    """Train to ``cfg.max_steps`` (resuming from ``store``'s latest committed checkpoint) on this rank."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
+    created = ensure_process_group(cfg.use_gpu)
+    trainer = _Trainer(cfg, store, data_url, under_ray)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
+        if created:
+            dist.destroy_process_group()
