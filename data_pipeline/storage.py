@@ -1,0 +1,80 @@
+"""fsspec helpers: open any URL (plain path, file://, s3://, memory://) and commit files atomically.
+
+Why the care: fsspec/s3fs complete an upload in ``__exit__`` even when the body raised, which publishes a
+truncated object that looks valid. We therefore build each file in memory, upload it under a temporary
+name and only then move it to its final name; readers never see a partial shard or manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+logger = logging.getLogger(__name__)
+
+
+def s3_storage_options(
+    endpoint_url: str | None = None,
+    key: str | None = None,
+    secret: str | None = None,
+    region: str | None = None,
+) -> dict[str, Any]:
+    """s3fs options from explicit flags; unset ones fall back to the standard AWS environment variables."""
+    opts: dict[str, Any] = {}
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    client_kwargs: dict[str, Any] = {}
+    if endpoint_url:
+        client_kwargs["endpoint_url"] = endpoint_url
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        opts["client_kwargs"] = client_kwargs
+    if key:
+        opts["key"] = key
+    if secret:
+        opts["secret"] = secret
+    return opts
+
+
+def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """(filesystem, path without protocol) for a URL or plain path."""
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    return fs, path.rstrip("/") if path not in ("/", "") else path
+
+
+def join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def atomic_write_bytes(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` appears only complete (temp name, then move)."""
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+        except Exception:  # cleanup is best effort; the original error matters
+            logger.warning("could not remove temporary file %s", tmp)
+        raise
+
+
+def write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:
+    atomic_write_bytes(fs, path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(fs: AbstractFileSystem, path: str) -> Any:
+    with fs.open(path, "rb") as f:
+        return json.loads(f.read().decode("utf-8"))
