@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import random
-import re
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -46,7 +45,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.storage import get_fs
+from data_pipeline.storage import expand_braces, get_fs
 from data_pipeline.tarstream import RawSample, iter_tar
 from data_pipeline.tokenizer import load_tokenizer
 
@@ -83,24 +82,6 @@ class LoaderConfig:
 
 
 # ------------------------------------------------------------------------------------------ shard list
-
-_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
-
-
-def expand_braces(pattern: str) -> list[str]:
-    """'a-{000..002}.tar' → ['a-000.tar', 'a-001.tar', 'a-002.tar']; also '{x,y}'. Nested: left to right."""
-    m = _BRACE.search(pattern)
-    if m is None:
-        return [pattern]
-    if m.group(1) is not None:
-        lo, hi = m.group(1), m.group(2)
-        width = len(lo) if lo.startswith("0") else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = m.group(3).split(",")
-    head, tail = pattern[: m.start()], pattern[m.end() :]
-    return [s for opt in options for s in expand_braces(head + opt + tail)]
-
 
 def resolve_shards(urls: str | list[str], storage_options: dict[str, Any] | None = None) -> list[str]:
     """Turn the configured ``urls`` into the list of shard URLs."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import uuid
 from typing import Any
 
@@ -78,3 +79,21 @@ def write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:
 def read_json(fs: AbstractFileSystem, path: str) -> Any:
     with fs.open(path, "rb") as f:
         return json.loads(f.read().decode("utf-8"))
+
+
+_BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}|\{([^{}]*,[^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """'a-{000..002}.tar' → ['a-000.tar', 'a-001.tar', 'a-002.tar']; also '{x,y}'. Nested: left to right."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    if m.group(1) is not None:
+        lo, hi = m.group(1), m.group(2)
+        width = len(lo) if lo.startswith("0") else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = m.group(3).split(",")
+    head, tail = pattern[: m.start()], pattern[m.end() :]
+    return [s for opt in options for s in expand_braces(head + opt + tail)]

@@ -1,0 +1,568 @@
+"""``python -m data_pipeline shard``: sources → WebDataset shards, in parallel, resumable, shardable by job.
+
+How work is laid out (this is what makes resume and parallel jobs simple):
+
+* Row ``r`` of the source (one table row / annotation / file / tar sample) belongs to shard
+  ``r // samples_per_shard``; shard ``k`` therefore always covers the same rows, whatever happened before.
+* Worker processes fetch, decode, repair, resize and re-encode chunks of rows; the main process takes the
+  results in row order, drops duplicates (a bounded LRU of image+caption digests and of source keys),
+  writes the shard (temporary name, then move) and then a small record ``_work/{prefix}-{k:06d}.json``
+  (counts, sha256, rejected rows, repairs, the digests it accepted). The record is the commit: a rerun
+  skips every shard that has one (replaying its digests into the LRU so that later shards dedupe exactly
+  as in an uninterrupted run) and redoes the rest.
+* ``--num-jobs N --job-index I``: job I owns shards ``k`` with ``k % N == I`` — disjoint shard indices, no
+  coordinator. Each job writes ``_work/job-{I:05d}-of-{N:05d}.json`` when done; the job that finds all N
+  parts present writes ``manifest.json`` (or run ``python -m data_pipeline merge-manifests``). Dedupe is
+  per job: identical pairs owned by different jobs are both kept.
+* ``manifest.json`` and ``bad_samples.jsonl`` are rebuilt from the records, so they are right after any
+  number of interruptions and identical to those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import hashlib
+import logging
+import multiprocessing as mp
+import os
+import socket
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from data_pipeline import images as im
+from data_pipeline.sources import FORMATS, Source, SourceRow
+from data_pipeline.storage import get_fs, join, read_json, write_json
+from data_pipeline.writer import (
+    BAD_SAMPLES_NAME,
+    MANIFEST_NAME,
+    ShardInfo,
+    ShardSample,
+    build_manifest,
+    write_manifest_and_report,
+    write_shard,
+)
+
+logger = logging.getLogger(__name__)
+WORK_DIR = "_work"
+
+
+@dataclass
+class ShardJobConfig:
+    source: str
+    output: str
+    samples_per_shard: int = 1000
+    workers: int = 2  # worker processes; 0 = process in this process (debugging)
+    max_image_side: int = 512
+    source_format: str = "auto"
+    image_column: str = "image"
+    caption_column: str = "caption"
+    key_column: str | None = None
+    image_root: str | None = None  # COCO/table images relative to this instead of the source's folder
+    prefix: str = "shards"
+    max_pixels: int = im.DEFAULT_MAX_PIXELS
+    jpeg_quality: int = 90
+    max_caption_chars: int = 1000
+    url_timeout: float = 10.0
+    url_retries: int = 2
+    fetch_threads: int = 16  # concurrent URL fetches per worker process
+    dedupe_window: int = 1_000_000  # digests remembered for dedupe (bounded memory; ~100 B each)
+    chunk_size: int = 32  # rows per worker task
+    num_jobs: int = 1
+    job_index: int = 0
+    progress: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)  # output (and s3 source) fsspec options
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Settings that decide shard contents: a rerun with different ones must not mix outputs."""
+        keys = ("source", "source_format", "image_column", "caption_column", "key_column", "image_root",
+                "samples_per_shard", "max_image_side", "prefix", "max_pixels", "jpeg_quality",
+                "max_caption_chars", "dedupe_window", "num_jobs")
+        return {k: getattr(self, k) for k in keys}
+
+
+# ----------------------------------------------------------------------------------- worker processes
+
+
+@dataclass
+class RowResult:
+    row: int
+    source_id: str
+    key: str | None
+    bad: str | None = None
+    detail: str = ""
+    caption: str = ""
+    jpeg: bytes = b""
+    width: int = 0
+    height: int = 0
+    original_size: tuple[int, int] = (0, 0)
+    repairs: list[str] = field(default_factory=list)
+    digest: str = ""
+
+
+_WCFG: ShardJobConfig | None = None
+_FETCH_POOL: cf.ThreadPoolExecutor | None = None
+
+
+def _init_worker(cfg: ShardJobConfig) -> None:
+    global _WCFG, _FETCH_POOL
+    _WCFG = cfg
+    _FETCH_POOL = cf.ThreadPoolExecutor(max_workers=max(1, cfg.fetch_threads))
+
+
+def fetch_url(url: str, timeout: float, retries: int) -> bytes:
+    """GET with a timeout and bounded retries (timeouts, refused connections, 5xx, 429)."""
+    last: im.BadSample | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(2.0, 0.2 * 2 ** (attempt - 1)))
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                return r.read()
+        except urllib.error.HTTPError as e:
+            last = im.BadSample(im.URL_HTTP_ERROR.format(code=e.code), url)
+            if e.code < 500 and e.code != 429:
+                break
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ConnectionRefusedError):
+                last = im.BadSample(im.URL_CONNECTION_REFUSED, url)
+            elif isinstance(e.reason, (TimeoutError, socket.timeout)):
+                last = im.BadSample(im.URL_TIMEOUT, url)
+            else:
+                last = im.BadSample(im.URL_ERROR, f"{url}: {e.reason}")
+        except TimeoutError:
+            last = im.BadSample(im.URL_TIMEOUT, url)
+        except (ConnectionError, OSError, ValueError) as e:
+            last = im.BadSample(im.URL_ERROR, f"{url}: {type(e).__name__}: {e}")
+    assert last is not None
+    raise last
+
+
+def _read_path(path: str, opts: dict[str, Any]) -> bytes:
+    try:
+        if "://" not in path:
+            with open(path, "rb") as f:
+                return f.read()
+        fs, p = get_fs(path, opts)
+        with fs.open(p, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise im.BadSample(im.MISSING_FILE, path) from None
+    except IsADirectoryError:
+        raise im.BadSample(im.MISSING_FILE, f"{path} is a directory") from None
+    except OSError as e:
+        raise im.BadSample(im.MISSING_FILE, f"{path}: {e}") from None
+
+
+def _load_image_bytes(image: str | bytes | None, cfg: ShardJobConfig) -> bytes:
+    if image is None:
+        raise im.BadSample(im.MISSING_FILE, "no image reference")
+    if isinstance(image, bytes):
+        return image
+    if image.startswith(("http://", "https://")):
+        return fetch_url(image, cfg.url_timeout, cfg.url_retries)
+    return _read_path(image, cfg.storage_options)
+
+
+def process_chunk(start_row: int, rows: list[SourceRow]) -> list[RowResult]:
+    """Worker task: validate captions, fetch (threads) and transform the images of consecutive rows."""
+    cfg = _WCFG
+    assert cfg is not None and _FETCH_POOL is not None, "worker not initialised"
+    results: list[RowResult] = []
+    captions: dict[int, tuple[str, list[str]]] = {}
+    for i, r in enumerate(rows):
+        res = RowResult(start_row + i, r.source_id, r.key, bad=r.bad, detail=r.detail)
+        results.append(res)
+        if res.bad:
+            continue
+        try:
+            raw_caption = r.caption
+            if r.caption_path is not None:
+                try:
+                    raw_caption = _read_path(r.caption_path, cfg.storage_options)
+                except im.BadSample:
+                    raise im.BadSample(im.MISSING_CAPTION, r.caption_path) from None
+            captions[i] = im.process_caption(raw_caption, cfg.max_caption_chars)
+        except im.BadSample as e:
+            res.bad, res.detail = e.reason, e.detail
+    # Fetch the images of rows still good concurrently (URLs are I/O bound), then transform in order.
+    futures = {i: _FETCH_POOL.submit(_load_image_bytes, rows[i].image, cfg) for i in captions}
+    for i, fut in futures.items():
+        res = results[i]
+        try:
+            data = fut.result()
+            out = im.process_image(data, cfg.max_image_side, cfg.max_pixels, cfg.jpeg_quality)
+        except im.BadSample as e:
+            res.bad, res.detail = e.reason, e.detail
+            continue
+        text, cap_repairs = captions[i]
+        h = hashlib.blake2b(digest_size=8)
+        h.update(data)
+        h.update(b"\0")
+        h.update(text.encode("utf-8"))
+        res.caption, res.jpeg, res.width, res.height = text, out.jpeg, out.width, out.height
+        res.original_size = (out.original_width, out.original_height)
+        res.repairs, res.digest = out.repairs + cap_repairs, h.hexdigest()
+    return results
+
+
+# --------------------------------------------------------------------------------------- main process
+
+
+class _LRU:
+    """Bounded set with insertion-order eviction: dedupe memory does not grow with the dataset."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.d = capacity, OrderedDict()
+
+    def get(self, k: str) -> Any:
+        return self.d.get(k)
+
+    def add(self, k: str, v: Any) -> None:
+        self.d[k] = v
+        if len(self.d) > self.capacity:
+            self.d.popitem(last=False)
+
+
+@dataclass
+class _PendingShard:
+    index: int
+    rows: tuple[int, int]  # [start, end)
+    record: dict[str, Any] | None = None  # set when the shard was committed by an earlier run
+    futures: list[cf.Future] = field(default_factory=list)
+
+
+@dataclass
+class ShardSummary:
+    rows: int = 0
+    samples: int = 0
+    shards: int = 0
+    skipped_shards: int = 0  # completed by an earlier run
+    rejected: dict[str, int] = field(default_factory=dict)
+    repaired: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    samples_per_second: float = 0.0  # samples processed by this run / wall time
+    manifest: str | None = None  # set when this run wrote manifest.json
+
+    def text(self) -> str:
+        lines = [f"rows read: {self.rows}; samples written: {self.samples} in {self.shards} shard(s) "
+                 f"({self.skipped_shards} already complete); {self.seconds:.1f}s, {self.samples_per_second:.1f} samples/s",
+                 f"rejected: {sum(self.rejected.values())} {dict(sorted(self.rejected.items()))}",
+                 f"repaired: {sum(self.repaired.values())} {dict(sorted(self.repaired.items()))}"]
+        if self.manifest:
+            lines.append(f"manifest: {self.manifest}")
+        return "\n".join(lines)
+
+
+def _record_path(root: str, prefix: str, k: int) -> str:
+    return join(root, WORK_DIR, f"{prefix}-{k:06d}.json")
+
+
+def _job_part_path(root: str, i: int, n: int) -> str:
+    return join(root, WORK_DIR, f"job-{i:05d}-of-{n:05d}.json")
+
+
+def _chunks(it: Iterator[SourceRow], size: int) -> Iterator[tuple[int, list[SourceRow]]]:
+    buf: list[SourceRow] = []
+    start = 0
+    for row in it:
+        buf.append(row)
+        if len(buf) == size:
+            yield start, buf
+            start += size
+            buf = []
+    if buf:
+        yield start, buf
+
+
+class _InProcessExecutor:
+    """workers=0: same code path, no processes (debugging, tiny jobs)."""
+
+    def __init__(self, cfg: ShardJobConfig) -> None:
+        _init_worker(cfg)
+
+    def submit(self, fn: Callable, *args: Any) -> cf.Future:
+        fut: cf.Future = cf.Future()
+        fut.set_result(fn(*args))
+        return fut
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
+def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
+    """Run (or resume) one shard job; see the module docstring. Returns the summary of this run."""
+    if cfg.samples_per_shard < 1:
+        raise ValueError(f"--samples-per-shard must be ≥ 1, got {cfg.samples_per_shard}")
+    if not 0 <= cfg.job_index < cfg.num_jobs:
+        raise ValueError(f"--job-index {cfg.job_index} must be in [0, --num-jobs {cfg.num_jobs})")
+    t0 = time.time()
+    source = Source(cfg.source, cfg.source_format, cfg.image_column, cfg.caption_column, cfg.key_column,
+                    cfg.image_root, cfg.storage_options)
+    fs, root = get_fs(cfg.output, cfg.storage_options)
+    fs.makedirs(join(root, WORK_DIR), exist_ok=True)
+    settings_path = join(root, WORK_DIR, "settings.json")
+    settings = {**cfg.fingerprint(), "source_format": source.fmt}
+    if fs.exists(settings_path):
+        old = read_json(fs, settings_path)
+        if old != settings:
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise ValueError(f"output {cfg.output!r} holds a shard job with other settings {diff}; "
+                             "use a new output location")
+    else:
+        write_json(fs, settings_path, settings)
+    mine = lambda k: k % cfg.num_jobs == cfg.job_index  # noqa: E731 - a one-line ownership rule
+    done = {}
+    for p in fs.glob(join(root, WORK_DIR, f"{cfg.prefix}-*.json")):
+        rec = read_json(fs, p)
+        done[rec["index"]] = rec
+    for p in fs.glob(join(root, f"{cfg.prefix}-*.tar.tmp-*")):  # leftovers of a killed run of this job
+        k = int(p.rsplit("/", 1)[-1][len(cfg.prefix) + 1 :].split(".")[0])
+        if mine(k):
+            fs.rm(p)
+
+    summary = ShardSummary()
+    keys_seen, digests_seen = _LRU(cfg.dedupe_window), _LRU(cfg.dedupe_window)
+    executor: Any = (
+        _InProcessExecutor(cfg) if cfg.workers <= 0 else
+        cf.ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                               initargs=(cfg,))
+    )
+    max_inflight = max(4, 4 * max(1, cfg.workers))
+    pending: deque[_PendingShard] = deque()
+    open_futures: deque[cf.Future] = deque()
+    written: list[int] = []
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="row", desc=f"shard job {cfg.job_index}/{cfg.num_jobs}", file=sys.stderr, mininterval=0.5)
+    processed_samples = 0
+
+    def finalize(ps: _PendingShard) -> None:
+        nonlocal processed_samples
+        if ps.record is None:
+            results = [r for fut in ps.futures for r in fut.result()]
+            rec = _commit_shard(fs, root, cfg, ps, results, keys_seen, digests_seen)
+            processed_samples += rec["samples"]
+            written.append(ps.index)
+        else:
+            rec = ps.record
+            for d in rec["dedupe"]:
+                digests_seen.add(d[0], d[1])
+            for k in rec["keys"]:
+                keys_seen.add(k[0], k[1])
+            summary.skipped_shards += 1
+        summary.samples += rec["samples"]
+        summary.shards += 1 if rec["samples"] else 0
+        for b in rec["bad"]:
+            summary.rejected[b["reason"]] = summary.rejected.get(b["reason"], 0) + 1
+        for kind, c in rec["repaired"].items():
+            summary.repaired[kind] = summary.repaired.get(kind, 0) + c
+        if bar is not None:
+            bar.update(ps.rows[1] - ps.rows[0])
+            el = max(time.time() - t0, 1e-6)
+            bar.set_postfix(samples_s=f"{processed_samples / el:.1f}", bad=sum(summary.rejected.values()))
+
+    try:
+        n = cfg.samples_per_shard
+        for start, rows in _chunks(iter(source), cfg.chunk_size):
+            summary.rows = start + len(rows)
+            # Split the chunk at shard boundaries so each task belongs to exactly one shard.
+            offset = 0
+            while offset < len(rows):
+                r0 = start + offset
+                k = r0 // n
+                take = min(len(rows) - offset, (k + 1) * n - r0)
+                part = rows[offset : offset + take]
+                offset += take
+                if not mine(k):
+                    continue
+                if not pending or pending[-1].index != k:
+                    pending.append(_PendingShard(k, (k * n, k * n), record=done.get(k)))
+                ps = pending[-1]
+                ps.rows = (ps.rows[0], r0 + take)
+                if ps.record is None:
+                    fut = executor.submit(process_chunk, r0, part)
+                    ps.futures.append(fut)
+                    open_futures.append(fut)
+                # Backpressure: at most max_inflight unfinished tasks (bounded memory, any source size).
+                while len(open_futures) > max_inflight:
+                    open_futures.popleft().result()
+                # Commit, in order, every closed shard (a later one has started) whose tasks are done.
+                while len(pending) > 1 and all(f.done() for f in pending[0].futures):
+                    finalize(pending.popleft())
+        while pending:
+            finalize(pending.popleft())
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+        if bar is not None:
+            bar.close()
+
+    write_json(fs, _job_part_path(root, cfg.job_index, cfg.num_jobs), {
+        "job_index": cfg.job_index, "num_jobs": cfg.num_jobs, "rows": summary.rows,
+        "shards": sorted(k for k in set(done) | set(written) if mine(k)),
+    })
+    summary.seconds = time.time() - t0
+    summary.samples_per_second = processed_samples / max(summary.seconds, 1e-9)
+    parts = [_job_part_path(root, i, cfg.num_jobs) for i in range(cfg.num_jobs)]
+    if all(fs.exists(p) for p in parts):  # the last job to finish writes the one manifest
+        merge_manifests(cfg.output, cfg.storage_options)
+        summary.manifest = join(cfg.output, MANIFEST_NAME)
+    else:
+        logger.info("job %d/%d done; manifest.json is written when every job has finished",
+                    cfg.job_index, cfg.num_jobs)
+    return summary
+
+
+def _commit_shard(
+    fs: Any, root: str, cfg: ShardJobConfig, ps: _PendingShard, results: list[RowResult], keys_seen: _LRU,
+    digests_seen: _LRU,
+) -> dict[str, Any]:
+    """Dedupe one shard's results (in row order), write the shard, then its record (the commit)."""
+    samples: list[ShardSample] = []
+    bad: list[dict[str, Any]] = []
+    repaired: Counter[str] = Counter()
+    accepted_digests: list[tuple[str, int]] = []
+    accepted_keys: list[tuple[str, int]] = []
+    for r in results:
+        reason, detail = r.bad, r.detail
+        if reason is None and r.key is not None and keys_seen.get(r.key) is not None:
+            reason, detail = im.DUPLICATE_KEY, f"key {r.key!r} already used by row {keys_seen.get(r.key)}"
+        if reason is None and digests_seen.get(r.digest) is not None:
+            reason, detail = im.DUPLICATE_SAMPLE, f"same image and caption as row {digests_seen.get(r.digest)}"
+        if reason is not None:
+            bad.append({"row": r.row, "source_id": r.source_id, "reason": reason, "detail": detail})
+            continue
+        digests_seen.add(r.digest, r.row)
+        accepted_digests.append((r.digest, r.row))
+        if r.key is not None:
+            keys_seen.add(r.key, r.row)
+            accepted_keys.append((r.key, r.row))
+        repaired.update(r.repairs)
+        meta: dict[str, Any] = {"source": r.source_id, "width": r.width, "height": r.height,
+                                "original_width": r.original_size[0], "original_height": r.original_size[1]}
+        if r.repairs:
+            meta["repairs"] = r.repairs
+        if r.key is not None:
+            meta["source_key"] = r.key
+        samples.append(ShardSample(f"{r.row:012d}", r.jpeg, r.caption, meta))
+    info = write_shard(fs, root, cfg.prefix, ps.index, samples) if samples else None
+    rec = {"index": ps.index, "rows": list(ps.rows), "samples": len(samples),
+           "shard": info.to_dict() if info else None, "bad": bad, "repaired": dict(sorted(repaired.items())),
+           "dedupe": accepted_digests, "keys": accepted_keys}
+    write_json(fs, _record_path(root, cfg.prefix, ps.index), rec)
+    return rec
+
+
+def merge_manifests(output: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Join the shard records of all jobs into ``manifest.json`` + ``bad_samples.jsonl`` (written last)."""
+    fs, root = get_fs(output, storage_options)
+    settings_path = join(root, WORK_DIR, "settings.json")
+    if not fs.exists(settings_path):
+        raise FileNotFoundError(f"{output} holds no shard job (no {WORK_DIR}/settings.json)")
+    settings = read_json(fs, settings_path)
+    n_jobs = settings["num_jobs"]
+    missing = [i for i in range(n_jobs) if not fs.exists(_job_part_path(root, i, n_jobs))]
+    if missing:
+        raise RuntimeError(f"cannot merge {output}: job(s) {missing} of {n_jobs} have not finished")
+    parts = [read_json(fs, _job_part_path(root, i, n_jobs)) for i in range(n_jobs)]
+    prefix = settings["prefix"]
+    shards: list[ShardInfo] = []
+    bad: list[dict[str, Any]] = []
+    reasons: Counter[str] = Counter()
+    repaired: Counter[str] = Counter()
+    for k in sorted(k for p in parts for k in p["shards"]):
+        rec = read_json(fs, _record_path(root, prefix, k))
+        if rec["shard"]:
+            shards.append(ShardInfo(**rec["shard"]))
+        bad.extend(rec["bad"])
+        reasons.update(b["reason"] for b in rec["bad"])
+        repaired.update(rec["repaired"])
+    bad.sort(key=lambda b: b["row"])
+    writer = {**settings, "rows": max((p["rows"] for p in parts), default=0)}
+    manifest = build_manifest(shards, dict(reasons), dict(repaired), writer, prefix)
+    write_manifest_and_report(fs, root, manifest, bad)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _config_from_args(a: argparse.Namespace, storage_options: dict[str, Any]) -> ShardJobConfig:
+    return ShardJobConfig(
+        source=a.source, output=a.output, samples_per_shard=a.samples_per_shard, workers=a.workers,
+        max_image_side=a.max_image_side, source_format=a.source_format, image_column=a.image_column,
+        caption_column=a.caption_column, key_column=a.key_column, image_root=a.image_root, prefix=a.prefix,
+        max_pixels=a.max_pixels, jpeg_quality=a.jpeg_quality, max_caption_chars=a.max_caption_chars,
+        url_timeout=a.url_timeout, url_retries=a.url_retries, fetch_threads=a.fetch_threads,
+        dedupe_window=a.dedupe_window, num_jobs=a.num_jobs, job_index=a.job_index, progress=not a.no_progress,
+        storage_options=storage_options,
+    )
+
+
+def _run_shard(a: argparse.Namespace, storage_options: dict[str, Any]) -> int:
+    from data_pipeline.sources import SourceError
+
+    if a.job_index is None:  # Kubernetes indexed Jobs expose the index as JOB_COMPLETION_INDEX
+        a.job_index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+    try:
+        summary = run_shard_job(_config_from_args(a, storage_options))
+    except (SourceError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary.text())
+    return 0
+
+
+def _run_merge(a: argparse.Namespace, storage_options: dict[str, Any]) -> int:
+    try:
+        m = merge_manifests(a.output, storage_options)
+    except (FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = m["totals"]
+    print(f"manifest: {t['samples']} samples in {t['shards']} shards; {t['rejected']} rejected "
+          f"(see {BAD_SAMPLES_NAME})")
+    return 0
+
+
+def add_cli_subcommands(sub: Any, add_storage_flags: Callable[[argparse.ArgumentParser], None]) -> None:
+    d = ShardJobConfig(source="", output="")
+    p = sub.add_parser("shard", help="image-text sources → WebDataset shards + manifest")
+    p.add_argument("--source", required=True, help="table / COCO json / folder / tar(s), path or URL")
+    p.add_argument("--output", required=True, help="output URL or path (file://, s3://bucket/prefix, memory://)")
+    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
+    p.add_argument("--workers", type=int, default=d.workers, help="worker processes (0: in this process)")
+    p.add_argument("--max-image-side", type=int, default=d.max_image_side)
+    p.add_argument("--source-format", choices=FORMATS, default="auto")
+    p.add_argument("--image-column", default=d.image_column)
+    p.add_argument("--caption-column", default=d.caption_column)
+    p.add_argument("--key-column", default=None, help="optional column of unique keys (duplicates rejected)")
+    p.add_argument("--image-root", default=None, help="folder that relative image paths are under")
+    p.add_argument("--prefix", default=d.prefix)
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="decompression-bomb limit")
+    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
+    p.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars)
+    p.add_argument("--url-timeout", type=float, default=d.url_timeout)
+    p.add_argument("--url-retries", type=int, default=d.url_retries)
+    p.add_argument("--fetch-threads", type=int, default=d.fetch_threads)
+    p.add_argument("--dedupe-window", type=int, default=d.dedupe_window)
+    p.add_argument("--num-jobs", type=int, default=1, help="parallel jobs sharing this output")
+    p.add_argument("--job-index", type=int, default=None, help="this job's index (default $JOB_COMPLETION_INDEX or 0)")
+    p.add_argument("--no-progress", action="store_true")
+    add_storage_flags(p)
+    p.set_defaults(run=_run_shard)
+    m = sub.add_parser("merge-manifests", help="write manifest.json from the parts of a --num-jobs shard job")
+    m.add_argument("--output", required=True)
+    add_storage_flags(m)
+    m.set_defaults(run=_run_merge)
+
+
+__all__ = ["ShardJobConfig", "ShardSummary", "run_shard_job", "merge_manifests", "process_chunk", "fetch_url"]
