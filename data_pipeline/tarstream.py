@@ -68,13 +68,13 @@ def iter_tar(fileobj: IO[bytes], shard: str, on_bad: Callable[[str, str], None])
                 key, ext = split_key(member.name)
                 if ext not in KEEP_EXTS:
                     continue  # never decode what the contract does not name (pickles, .pth, ...)
+                if current is not None and current.key != key:
+                    yield current  # complete: a new key starts (before reading data that may be cut)
+                    current = None
                 f = tar.extractfile(member)
                 data = f.read() if f is not None else b""
                 if len(data) != member.size:
                     raise tarfile.ReadError(f"member {member.name} is short ({len(data)} of {member.size} bytes)")
-                if current is not None and current.key != key:
-                    yield current
-                    current = None
                 if current is None:
                     current = RawSample(key, shard)
                 current.members[ext] = data
