@@ -61,10 +61,19 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server API
         if self.path.startswith("/slow/"):
             time.sleep(self.slow_seconds)
+        elif self.path.startswith("/delay/"):  # a slow but working server: keeps a job running a while
+            time.sleep(0.04)
+            self.path = self.path[len("/delay") :]
         super().do_GET()
 
     def log_message(self, *args: object) -> None:
         pass
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout tests, killed jobs)
 
 
 @contextmanager
