@@ -174,6 +174,7 @@ class _Trainer:
         self.resumes: list[dict[str, int]] = []
         self.start_step = 0
         self.frozen: bool | None = None
+        self._first_keys: list[str] = []  # this rank's first sample keys (tests check ranks read different data)
 
     # --- set-up ---------------------------------------------------------------------------------
     def build(self) -> None:
@@ -192,6 +193,11 @@ class _Trainer:
         model = SohoForPretraining(model_cfg)
         if self.world_size > 1:
             model.soho.visual_dictionary.reduce_fn = sum_over_ranks
+        if cfg.precision in ("bf16", "fp16"):
+            # ZeRO-1/2 cast the whole module (params and buffers) to 16 bit; ZeRO-3 casts only the partitioned
+            # params, leaving BatchNorm running stats fp32 (a dtype mismatch in the trunk). Casting up front
+            # gives every stage the same model; the visual dictionary keeps its buffers fp32 by design.
+            model = model.to(torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
         groups, self.group_specs = param_groups(model, cfg)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
@@ -337,6 +343,8 @@ class _Trainer:
             wait += time.perf_counter() - tw
             if batch is None:
                 return False
+            if not self._first_keys:
+                self._first_keys = list(batch.get("keys", []))[:8]
             stats = self._micro_step(batch)
             if stats is None:
                 continue  # skipped: no backward, no DeepSpeed micro-step; the next batch takes its place
@@ -393,6 +401,9 @@ class _Trainer:
                 "vd_codebook_sha256": codebook_sha,
                 "step": self.step,
                 "metrics_port": self.metrics_port,
+                "vd_buffer_dtypes": {k: str(v.dtype) for k, v in visual_dictionary(self.engine).state_dict().items()},
+                "param_dtype": str(next(unwrap(self.engine).parameters()).dtype),
+                "first_keys": self._first_keys,
             }, already={})
             self.store.upload(local, self.step)
             faults.maybe_crash_during_checkpoint(self.cfg, self.step, self.rank)

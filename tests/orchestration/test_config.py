@@ -1,0 +1,120 @@
+"""RunConfig: one dataclass → flags and YAML keys; precedence; validation; DeepSpeed config; lr schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestration.config import RunConfig, build_parser, parse_run_config
+from orchestration.ds_config import build_deepspeed_config
+from orchestration.schedule import (
+    apply_lr,
+    backbone_frozen,
+    backbone_parameter_names,
+    lr_factor,
+    param_groups,
+)
+
+
+def test_every_field_is_a_flag() -> None:
+    flags = {a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+    for f in dataclasses.fields(RunConfig):
+        assert "--" + f.name.replace("_", "-") in flags, f.name
+    # the names the k8s manifests use
+    for flag in ("--preset", "--data", "--s3-endpoint-url", "--storage-path", "--run-name", "--max-steps",
+                 "--epochs", "--checkpoint-every", "--keep-checkpoints", "--num-workers", "--use-gpu",
+                 "--zero-stage", "--precision", "--micro-batch-size", "--grad-accum", "--lr", "--backbone-lr",
+                 "--weight-decay", "--warmup-steps", "--freeze-backbone-epochs", "--freeze-backbone-steps",
+                 "--vd-decay", "--metrics-port", "--seed", "--max-failures", "--loader-workers", "--log-every",
+                 "--ray-address", "--fault-kill-after-checkpoint"):
+        assert flag in flags, flag
+
+
+def test_defaults_are_the_embedded_demo(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SOHO_STORAGE_PATH", raising=False)
+    cfg = parse_run_config([])
+    assert (cfg.preset, cfg.num_workers, cfg.zero_stage, cfg.use_gpu, cfg.launcher) == ("tiny", 2, 2, False, "ray")
+    assert cfg.storage_path == "./runs" and cfg.name == "soho-tiny" and cfg.data is None
+    assert cfg.metrics_port == 9450 and cfg.max_failures > 0
+    assert cfg.use_resampled is True
+
+
+def test_yaml_then_flags_win(tmp_path: Path) -> None:
+    y = tmp_path / "run.yaml"
+    y.write_text("preset: small\nmax-steps: 50\nzero_stage: 3\nprecision: bf16\nfault_nonfinite_batches: [3, 4]\n"
+                 "use_gpu: false\nlr: 2.0e-4\n")
+    cfg = parse_run_config(["--config", str(y), "--max-steps", "7", "--lr", "1e-3"])
+    assert cfg.preset == "small" and cfg.zero_stage == 3 and cfg.precision == "bf16"
+    assert cfg.max_steps == 7 and cfg.lr == pytest.approx(1e-3)  # flags win
+    assert cfg.fault_nonfinite_batches == [3, 4]
+    assert parse_run_config(["--fault-nonfinite-batches", "1,5"]).fault_nonfinite_batches == [1, 5]
+    assert parse_run_config(["--use-gpu", "--precision", "fp16"]).use_gpu is True
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_bad_input_names_the_option(tmp_path: Path) -> None:
+    y = tmp_path / "bad.yaml"
+    y.write_text("max_step: 5\n")
+    with pytest.raises(ValueError, match="max_step"):
+        parse_run_config(["--config", str(y)])
+    y.write_text("max_steps: many\n")
+    with pytest.raises(ValueError, match="max_steps.*many"):
+        parse_run_config(["--config", str(y)])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        parse_run_config(["--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(ValueError, match="checkpoint_every=0"):
+        parse_run_config(["--checkpoint-every", "0"])
+    with pytest.raises(ValueError, match="fp16"):
+        parse_run_config(["--precision", "fp16"])
+    with pytest.raises(SystemExit):
+        parse_run_config(["--zero-stage", "4"])
+
+
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "fp32"), (3, "bf16"), (1, "fp16")])
+def test_deepspeed_config(stage: int, precision: str) -> None:
+    cfg = RunConfig(zero_stage=stage, precision=precision, micro_batch_size=4, grad_accum=3,
+                    use_gpu=precision == "fp16")
+    ds = build_deepspeed_config(cfg, world_size=2)
+    assert ds["train_batch_size"] == 4 * 3 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds.get("bf16", {}).get("enabled", False) == (precision == "bf16")
+    assert ds.get("fp16", {}).get("enabled", False) == (precision == "fp16")
+    assert "optimizer" not in ds  # our own AdamW with backbone/rest groups
+
+
+def test_lr_schedule_and_cold_start() -> None:
+    cfg = RunConfig(max_steps=100, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1,
+                    freeze_backbone_steps=5, freeze_backbone_epochs=1)
+    assert lr_factor(cfg, 0) == pytest.approx(0.1) and lr_factor(cfg, 9) == pytest.approx(1.0)
+    assert lr_factor(cfg, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg, 100) == pytest.approx(0.1)
+    assert lr_factor(cfg, 55) == pytest.approx(0.1 + 0.9 * 0.5)
+    lin = cfg.replace(lr_schedule="linear")
+    assert lr_factor(lin, 55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert backbone_frozen(cfg, 4, 1) and backbone_frozen(cfg, 10, 0) and not backbone_frozen(cfg, 5, 1)
+
+
+def test_param_groups_split_the_resnet_trunk() -> None:
+    from soho import SohoForPretraining, soho_tiny
+
+    model = SohoForPretraining(soho_tiny())
+    cfg = RunConfig(lr=1e-3, backbone_lr=1e-4, weight_decay=0.05, warmup_steps=0, lr_schedule="constant")
+    groups, specs = param_groups(model, cfg)
+    trunk = backbone_parameter_names(model)
+    assert trunk and all(".trunk." in n for n in trunk)
+    n_params = sum(1 for _ in model.parameters())
+    assert sum(len(g["params"]) for g in groups) == n_params  # every parameter exactly once
+    by_name = {(s.name, s.decay): g for s, g in zip(specs, groups, strict=True)}
+    assert by_name[("backbone", True)]["lr"] == pytest.approx(1e-4)
+    assert by_name[("rest", True)]["lr"] == pytest.approx(1e-3)
+    assert by_name[("rest", False)]["weight_decay"] == 0.0 and by_name[("rest", True)]["weight_decay"] == 0.05
+    opt = torch.optim.AdamW(groups)
+    apply_lr(opt, specs, cfg, step=0, frozen=True)
+    for s, g in zip(specs, opt.param_groups, strict=True):
+        assert g["lr"] == (0.0 if s.name == "backbone" else pytest.approx(1e-3))
+    apply_lr(opt, specs, cfg, step=0, frozen=False)
+    assert min(g["lr"] for g in opt.param_groups) == pytest.approx(1e-4)
