@@ -101,6 +101,12 @@ def _ray_worker(config: dict[str, Any]) -> None:
     from orchestration.worker import train_loop
 
     _configure_logging()
+    # Ray starts worker processes at niceness 15 (meant for its helpers); a training worker is the node's
+    # main work and must not be starved by ordinary processes. Lowering needs CAP_SYS_NICE: best effort.
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except OSError:
+        pass
     cfg = RunConfig.from_dict(config["run_config"], source="ray train_loop_config")
     rank = ray.train.get_context().get_world_rank()
     train_loop(cfg, RayStore(rank), config["data_url"], under_ray=True)

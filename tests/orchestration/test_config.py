@@ -118,3 +118,13 @@ def test_param_groups_split_the_resnet_trunk() -> None:
         assert g["lr"] == (0.0 if s.name == "backbone" else pytest.approx(1e-3))
     apply_lr(opt, specs, cfg, step=0, frozen=False)
     assert min(g["lr"] for g in opt.param_groups) == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")))
+def test_shipped_run_yamls_parse(name: str) -> None:
+    path = Path(__file__).resolve().parents[2] / "configs" / name
+    cfg = parse_run_config(["--config", str(path)])
+    assert cfg.preset in ("tiny", "small", "base")
+    if name == "demo.yaml":  # the file documents the embedded default exactly
+        defaults = parse_run_config([])
+        assert dataclasses.replace(cfg, storage_path=defaults.storage_path) == defaults
