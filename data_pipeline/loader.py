@@ -158,13 +158,15 @@ def decode_sample(raw: RawSample, max_side: int) -> DecodedSample | str:
             w, h = img.size
             if img.format == "JPEG" and max(w, h) >= 2 * max_side:
                 img.draft("RGB", (max_side, max_side))  # DCT-domain downscale: cheaper decode
-            img = img.convert("RGB")
+            img.load()
+            if img.mode != "RGB":
+                img = img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
         return UNDECODABLE_IMAGE
     size = fit_longest_side(img.width, img.height, max_side)
     if size != img.size:
         img = img.resize(size, Image.Resampling.BILINEAR)
-    return DecodedSample(raw.key, np.asarray(img), caption)  # (h, w, 3) uint8
+    return DecodedSample(raw.key, np.asarray(img), caption)  # (h, w, 3) uint8, read-only view
 
 
 class Collator:
@@ -173,23 +175,33 @@ class Collator:
     def __init__(self, cfg: LoaderConfig) -> None:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        # Per-image work is numpy on purpose: it is single-threaded, while tiny torch ops in the main
-        # process can stall for milliseconds on OpenMP thread hand-offs when the cores are busy.
-        std = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
-        self.scale = (1.0 / (255.0 * std)).astype(np.float32)
-        self.bias = (-np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1) / std).astype(np.float32)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.scale = 1.0 / (255.0 * std)
+        self.bias = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
 
     def __call__(self, samples: list[DecodedSample]) -> dict[str, Any]:
+        # Per-image tensors are small: torch's intra-op threads only add hand-off stalls (milliseconds when
+        # the cores are busy), so run this part on one thread and restore the caller's setting after.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._collate(samples)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _collate(self, samples: list[DecodedSample]) -> dict[str, Any]:
         m = self.cfg.pad_multiple
         H = math.ceil(max(s.image.shape[0] for s in samples) / m) * m
         W = math.ceil(max(s.image.shape[1] for s in samples) / m) * m
-        pixel_values = np.zeros((len(samples), 3, H, W), dtype=np.float32)
-        pixel_mask = np.zeros((len(samples), H, W), dtype=bool)
-        for i, s in enumerate(samples):
-            h, w, _ = s.image.shape
-            chw = pixel_values[i, :, :h, :w]
-            np.multiply(s.image.transpose(2, 0, 1), self.scale, out=chw)
-            chw += self.bias
+        pixel_values = torch.zeros(len(samples), 3, H, W, dtype=torch.float32)
+        pixel_mask = torch.zeros(len(samples), H, W, dtype=torch.bool)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only numpy views: we only read them
+            images = [torch.from_numpy(s.image) for s in samples]
+        for i, img in enumerate(images):
+            h, w, _ = img.shape
+            out = pixel_values[i, :, :h, :w]
+            out.copy_(img.permute(2, 0, 1)).mul_(self.scale).add_(self.bias)
             pixel_mask[i, :h, :w] = True
         tok = self.tokenizer(
             [s.caption for s in samples],
@@ -199,8 +211,8 @@ class Collator:
             return_tensors="pt",
         )
         return {
-            "pixel_values": torch.from_numpy(pixel_values),
-            "pixel_mask": torch.from_numpy(pixel_mask),
+            "pixel_values": pixel_values,
+            "pixel_mask": pixel_mask,
             "input_ids": tok["input_ids"].to(torch.int64),
             "attention_mask": tok["attention_mask"].to(torch.int64),
             "keys": [s.key for s in samples],
