@@ -115,6 +115,12 @@ class RunConfig:
         default=0, metadata=_opt("cold start: ResNet trunk frozen for the first N steps")
     )
     vd_decay: float | None = field(default=None, metadata=_opt("visual dictionary EMA decay (default: preset's)"))
+    model_overrides: list[str] = field(
+        default_factory=list,
+        metadata=_opt("model config changes on top of the preset: comma-separated section.key=value, e.g. "
+                      "vd.restart_dead_codes=true,pretrain.mvm_prob=0.3 (sections/keys of soho.SohoConfig; "
+                      "vd.enabled=false,pretrain.mvm_prob=0 is the no-visual-dictionary ablation)"),
+    )
     # --- loader ---------------------------------------------------------------------------------
     loader_workers: int = field(default=0, metadata=_opt("DataLoader worker processes per training worker"))
     resampled: bool | None = field(
@@ -198,6 +204,10 @@ class RunConfig:
         need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         need(self.vd_decay is None or 0.0 < self.vd_decay < 1.0, f"vd_decay={self.vd_decay!r} must be in (0, 1)")
         need(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs!r} must be >= 1")
+        if self.model_overrides:  # fail at parse time, not after the workers have started
+            from soho import get_preset
+
+            apply_model_overrides(get_preset(self.preset), self.model_overrides)
         need(not (self.epochs is not None and self.resampled),
              "epochs needs epoch passes: drop --resampled (a resampled stream has no epochs)")
         need(-1 <= self.metrics_port <= 65535, f"metrics_port={self.metrics_port!r} must be in -1..65535")
@@ -222,6 +232,26 @@ class RunConfig:
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+def apply_model_overrides(model_cfg: Any, overrides: list[str]) -> Any:
+    """A new ``soho.SohoConfig``: ``model_cfg`` with each ``section.key=value`` applied (the value is parsed
+    as YAML: ``true``, ``256``, ``0.3``); validated by ``SohoConfig.from_dict``."""
+    from soho import SohoConfig
+
+    d = model_cfg.to_dict()
+    for item in overrides:
+        key, sep, raw = str(item).partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"model_overrides: {item!r} is not section.key=value (e.g. vd.num_codes=256)")
+        if section not in d or name not in d[section]:
+            raise ValueError(f"model_overrides: {item!r} names no SohoConfig field; sections: {sorted(d)}")
+        d[section][name] = yaml.safe_load(raw)
+    try:
+        return SohoConfig.from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"model_overrides {overrides!r}: {exc}") from exc
 
 
 def _base_type(f: dataclasses.Field) -> tuple[type, bool]:

@@ -37,7 +37,7 @@ from orchestration.checkpoint import (
     write_json_atomic,
     write_rank_record,
 )
-from orchestration.config import RunConfig
+from orchestration.config import RunConfig, apply_model_overrides
 from orchestration.ds_config import build_deepspeed_config
 from orchestration.metrics import SohoMetrics
 from orchestration.schedule import apply_lr, backbone_frozen, param_groups
@@ -187,6 +187,7 @@ class _Trainer:
         model_cfg = get_preset(cfg.preset)
         if cfg.vd_decay is not None:
             model_cfg.vd.decay = cfg.vd_decay
+        model_cfg = apply_model_overrides(model_cfg, cfg.model_overrides)
         self.model_cfg = model_cfg
         # Same seed on every rank: identical initial weights and codebook before DeepSpeed's broadcast.
         torch.manual_seed(cfg.seed)
@@ -369,6 +370,7 @@ class _Trainer:
         record = {"step": self.step, **{k: round(v, 5) for k, v in vals.items()},
                   "vd_usage": round(float(health["usage_ratio"]), 5),
                   "vd_perplexity": round(float(health["perplexity"]), 4),
+                  "vd_dead_codes": int(health["dead_codes"]),
                   "lr": self.lr, "samples_per_s": round(step_samples / max(seconds, 1e-9), 2),
                   "data_wait_s": round(wait, 4)}
         self.history.append(record)

@@ -93,6 +93,9 @@ class VDConfig:
     """Updates over which ``usage_ratio`` counts a code as used."""
     histogram_decay: float = 0.99
     """Decay of the moving code histogram behind the perplexity statistic."""
+    enabled: bool = True
+    """False = the "no VD" ablation: grid features go straight into the transformer (no lookup, no
+    update); MVM has no VD labels then, so ``pretrain.mvm_prob`` must be 0."""
 
     def validate(self) -> None:
         if self.num_codes < 2:
@@ -226,6 +229,11 @@ class SohoConfig:
             raise ValueError(
                 f"SohoConfig: encoder.out_dim={self.encoder.out_dim}, vd.dim={self.vd.dim} and "
                 f"transformer.hidden_size={c} must be equal (one width c for visual tokens and text)"
+            )
+        if not self.vd.enabled and self.pretrain.mvm_prob > 0:
+            raise ValueError(
+                f"SohoConfig: vd.enabled=False but pretrain.mvm_prob={self.pretrain.mvm_prob}: MVM predicts VD "
+                "indices, so the no-VD ablation needs pretrain.mvm_prob=0"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -102,6 +102,8 @@ class VisualDictionary(nn.Module):
                     f"VisualDictionary: mask must be (B, L)=({b}, {n_tok}), got {tuple(mask.shape)}"
                 )
             mask = mask.to(dtype=torch.bool)
+        if not self.config.enabled:  # "no VD" ablation: the grid features themselves, no codebook update
+            return VDOutput(quantized=features, indices=features.new_zeros((b, n_tok), dtype=torch.long), mask=mask)
         with torch.autocast(device_type=features.device.type, enabled=False):
             flat = (
                 features.detach().reshape(b * n_tok, c).float()
