@@ -103,7 +103,9 @@ class VisualDictionary(nn.Module):
                 )
             mask = mask.to(dtype=torch.bool)
         if not self.config.enabled:  # "no VD" ablation: the grid features themselves, no codebook update
-            return VDOutput(quantized=features, indices=features.new_zeros((b, n_tok), dtype=torch.long), mask=mask)
+            return VDOutput(
+                quantized=features, indices=features.new_zeros((b, n_tok), dtype=torch.long), mask=mask
+            )
         with torch.autocast(device_type=features.device.type, enabled=False):
             flat = (
                 features.detach().reshape(b * n_tok, c).float()
@@ -113,7 +115,9 @@ class VisualDictionary(nn.Module):
             if self.training:
                 self.update(flat, idx, None if mask is None else mask.reshape(b * n_tok))
         q = codes.view(b, n_tok, c).to(features.dtype)
-        quantized = features + (q - features).detach()  # straight-through
+        # Straight-through, f(v) = d_h + (v − sg[v]): the value is exactly the code (x + sg[q − x] would
+        # round), the gradient reaches v unchanged.
+        quantized = q + (features - features.detach())
         return VDOutput(quantized=quantized, indices=idx.view(b, n_tok), mask=mask)
 
     # -- update ---------------------------------------------------------------------------------------------

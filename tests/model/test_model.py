@@ -1,0 +1,183 @@
+"""SohoModel / SohoForPretraining: config round trip, shapes and masks, freezing, persistence, presets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from soho import (
+    CrossModalEncoder,
+    GridEncoder,
+    SohoConfig,
+    SohoForPretraining,
+    SohoModel,
+    default_text_model_path,
+    get_preset,
+    soho_base,
+    soho_small,
+    soho_tiny,
+)
+
+
+def _batch(b: int = 2, h: int = 64, w: int = 48, t: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1000, 30000, (b, t), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    return {
+        "pixel_values": torch.randn(b, 3, h, w, generator=g),
+        "pixel_mask": torch.ones(b, h, w, dtype=torch.bool),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+    }
+
+
+def test_config_round_trip_and_presets() -> None:
+    for preset in (soho_tiny(), soho_small(), soho_base()):
+        d = preset.to_dict()
+        assert SohoConfig.from_dict(json.loads(json.dumps(d))) == preset
+    assert get_preset("tiny") == soho_tiny()
+    assert soho_tiny().encoder.total_stride == 16
+    assert soho_small().encoder.total_stride == 64 and soho_base().encoder.total_stride == 64
+    assert (soho_small().vd.num_codes, soho_small().hidden_size) == (2048, 384)
+    assert (soho_base().vd.num_codes, soho_base().hidden_size, soho_base().transformer.num_layers) == (
+        2048,
+        768,
+        12,
+    )
+    assert soho_small().transformer.name_or_path == default_text_model_path()
+    with pytest.raises(ValueError, match="unknown SOHO preset"):
+        get_preset("huge")
+    bad = soho_tiny().to_dict()
+    bad["vd"]["dim"] = 64
+    with pytest.raises(ValueError, match="vd.dim=64"):
+        SohoConfig.from_dict(bad)
+    bad = soho_tiny().to_dict()
+    bad["vd"]["codes"] = 3
+    with pytest.raises(ValueError, match="unknown keys"):
+        SohoConfig.from_dict(bad)
+
+
+def test_forward_shapes_and_padding_mask_follow_the_image() -> None:
+    torch.manual_seed(0)
+    cfg = soho_tiny()
+    model = SohoModel(cfg).eval()
+    batch = _batch(b=2, h=64, w=48)
+    batch["pixel_mask"][1, :, 32:] = False  # image 1 is 64×32, padded on the right to 48
+    batch["pixel_mask"][1, 48:, :] = False  # and 48 tall
+    out = model(**batch)
+    s = cfg.encoder.total_stride
+    h, w = 64 // s, 48 // s
+    assert out.grid == (h, w)
+    assert out.text_len == 7
+    assert out.last_hidden_state.shape == (2, 7 + h * w, cfg.hidden_size)
+    assert out.pooled.shape == (2, cfg.hidden_size)
+    expected = torch.zeros(h, w, dtype=torch.bool)
+    expected[: 48 // s, : 32 // s] = True
+    assert out.visual_mask[0].all()
+    assert torch.equal(out.visual_mask[1], expected.flatten())
+    assert out.vd.indices.shape == (2, h * w)
+    feats, vmask = model.encode_image(batch["pixel_values"], batch["pixel_mask"])
+    assert feats.shape == (2, h * w, cfg.hidden_size) and torch.equal(vmask, out.visual_mask)
+    # Padded visual tokens are invisible to attention: changing them leaves every real output unchanged.
+    tokens = out.vd.quantized.detach().clone()
+    hidden, _ = model.fuse(batch["input_ids"], batch["attention_mask"], tokens, out.visual_mask, out.grid)
+    tokens[1, ~out.visual_mask[1]] = 100.0
+    hidden2, _ = model.fuse(batch["input_ids"], batch["attention_mask"], tokens, out.visual_mask, out.grid)
+    real = torch.cat([torch.ones(out.text_len, dtype=torch.bool), out.visual_mask[1]])
+    torch.testing.assert_close(hidden2[1, real], hidden[1, real])
+    assert not torch.allclose(hidden2[1, ~real], hidden[1, ~real])
+
+
+def test_backbone_freeze_switch() -> None:
+    model = SohoModel(soho_tiny()).train()
+    model.set_backbone_trainable(False)
+    assert not any(p.requires_grad for p in model.encoder.trunk.parameters())
+    assert all(p.requires_grad for p in model.encoder.proj.parameters())
+    bns = [m for m in model.encoder.trunk.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    model.train()
+    assert bns and not any(bn.training for bn in bns)
+    stats = bns[0].running_mean.clone()
+    model(**_batch())
+    assert torch.equal(bns[0].running_mean, stats)  # frozen BN statistics do not drift
+    model.set_backbone_trainable(True)
+    assert all(p.requires_grad for p in model.encoder.trunk.parameters()) and all(bn.training for bn in bns)
+    model(**_batch())
+    assert not torch.equal(bns[0].running_mean, stats)
+
+
+def test_save_and_load_round_trip_is_exact(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    pt = SohoForPretraining(soho_tiny()).train()
+    pt(**_batch(), generator=torch.Generator().manual_seed(0)).loss.backward()  # moves the VD buffers
+    pt.eval()
+    pt.save_pretrained(tmp_path / "pt")
+    assert sorted(os.listdir(tmp_path / "pt")) == ["config.json", "model.safetensors"]
+    back = SohoForPretraining.from_pretrained(tmp_path / "pt").eval()
+    for (k1, v1), (k2, v2) in zip(pt.state_dict().items(), back.state_dict().items(), strict=True):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    batch = _batch(seed=1)
+    assert torch.equal(pt.itm_logits(**batch), back.itm_logits(**batch))
+    # The backbone part of a pre-training checkpoint loads as a SohoModel.
+    soho = SohoModel.from_pretrained(tmp_path / "pt").eval()
+    assert torch.equal(soho(**batch).last_hidden_state, pt.soho(**batch).last_hidden_state)
+    soho.save_pretrained(tmp_path / "m")
+    again = SohoModel.from_pretrained(tmp_path / "m")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(soho.state_dict().values(), again.state_dict().values(), strict=True)
+    )
+    with pytest.raises(ValueError, match="bare SohoModel"):
+        SohoForPretraining.from_pretrained(tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        SohoModel.from_pretrained(tmp_path / "missing")
+
+
+def test_small_preset_text_embeddings_are_the_minilm_weights() -> None:
+    cfg = soho_small()
+    enc = CrossModalEncoder(cfg.transformer)
+    ref = load_file(str(Path(default_text_model_path()) / "model.safetensors"))
+    bert = enc.bert.state_dict()
+    for name in (
+        "embeddings.word_embeddings.weight",
+        "embeddings.position_embeddings.weight",
+        "embeddings.token_type_embeddings.weight",
+        "embeddings.LayerNorm.weight",
+        "encoder.layer.5.output.dense.weight",
+        "pooler.dense.weight",
+    ):
+        assert torch.equal(bert[name], ref[name]), name
+    grid = GridEncoder(cfg.encoder)
+    assert grid.proj.out_channels == 384 and grid.total_stride == 64
+
+
+def test_pretraining_losses_are_finite_with_gradients_and_replay() -> None:
+    torch.manual_seed(0)
+    pt = SohoForPretraining(soho_tiny()).train()
+    batch = _batch(b=4)
+    out = pt(**batch, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out.loss, out.mlm_loss + out.mvm_loss + out.itm_loss)
+    for x in (out.mlm_loss, out.mvm_loss, out.itm_loss):
+        assert torch.isfinite(x) and x.requires_grad
+    for acc in (out.mlm_acc, out.mvm_acc, out.itm_acc):
+        assert not acc.requires_grad and 0.0 <= float(acc) <= 1.0
+    out.loss.backward()
+    assert pt.itm_head.classifier.weight.grad.abs().sum() > 0
+    assert pt.soho.encoder.trunk[0].weight.grad.abs().sum() > 0  # straight-through reaches the ResNet
+    # No MVM / MLM positions → zero losses that still have a grad_fn.
+    pt.config.pretrain.mvm_prob = 0.0
+    pt.config.pretrain.mlm_prob = 0.0
+    quiet = pt(**batch, generator=torch.Generator().manual_seed(7))
+    assert quiet.mvm_loss.item() == 0.0 and quiet.mvm_loss.grad_fn is not None
+    assert quiet.mlm_loss.item() == 0.0 and quiet.mlm_loss.grad_fn is not None
+    assert int(quiet.mvm_count) == 0 and int(quiet.mlm_count) == 0
+    # Same generator seed → same masking and negatives (eval: no dropout, no VD update).
+    pt.eval()
+    pt.config.pretrain.mvm_prob = pt.config.pretrain.mlm_prob = 0.5
+    a = pt(**batch, generator=torch.Generator().manual_seed(3))
+    b = pt(**batch, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.itm_labels, b.itm_labels)
