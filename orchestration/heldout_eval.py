@@ -1,0 +1,206 @@
+"""Does pre-training learn? Held-out ITM accuracy and zero-shot retrieval of a pre-training export.
+
+The synthetic data pipeline writes, beside the pre-training pairs, a ``heldout/`` split of scenes whose
+object layout never occurs in pre-training (``make_synthetic(..., heldout=N)``; same seed and pair count
+as the run, so the excluded scenes are exactly the ones the run trained on). On the first
+``num_candidates`` held-out pairs this module measures, with the run's own image/text geometry:
+
+* **ITM accuracy**: every image with its own caption (label 1) and with the caption of another held-out
+  image (label 0, a fixed derangement), 2·N predictions of the ITM head, chance 50 %.
+* **Zero-shot retrieval**: all N×N image-caption pairs ranked by ITM score (image→text and text→image
+  recall@1/5/10 among N candidates, chance 1/N), through the downstream engineer's
+  :func:`orchestration.downstream_eval.pretraining_retrieval_eval` (batched cross-modal passes).
+* **Codebook health** at the end of training, from the visual dictionary buffers saved in the export.
+
+``python -m orchestration.heldout_eval --model runs/x/final_model --config configs/synthetic_cpu.yaml``
+prints the figures as JSON (``--out`` writes them to a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data_pipeline.downstream import RetrievalImage, TaskCollator, TaskDataConfig
+from data_pipeline.storage import get_fs
+from data_pipeline.tarstream import iter_tar
+from orchestration.config import SYNTHETIC_CACHE_VERSION, RunConfig, default_cache_dir, load_yaml
+from orchestration.downstream_eval import pretraining_retrieval_eval
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_IMAGE_SIZE = 128  # the size orchestration.launch.ensure_data renders the embedded scenes at
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass
+class HeldoutConfig:
+    """Which held-out set, and how to present it to the model (use the run's own values)."""
+
+    synthetic_pairs: int = 2048
+    """Pre-training pairs of the run: the held-out scenes exclude exactly these."""
+    seed: int = 0
+    num_candidates: int = 100
+    """N: images (and captions) in the retrieval pool; ITM accuracy uses the same N pairs."""
+    image_size: int = 96
+    max_text_len: int = 40
+    batch_size: int = 500
+    """Cross-modal pairs per forward pass (retrieval scores N² pairs)."""
+    cache_dir: str | None = None
+    """Where the held-out copy of the synthetic data is made once (default: $SOHO_CACHE_DIR)."""
+
+    def validate(self) -> None:
+        for name in ("synthetic_pairs", "num_candidates", "image_size", "max_text_len", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"HeldoutConfig.{name}={getattr(self, name)}: must be >= 1")
+        if self.num_candidates < 2:
+            raise ValueError("HeldoutConfig.num_candidates must be >= 2 (an ITM negative needs another image)")
+
+    @classmethod
+    def from_run_config(cls, run: RunConfig, **changes: Any) -> HeldoutConfig:
+        return cls(synthetic_pairs=run.synthetic_pairs, seed=run.seed, image_size=run.image_size,
+                   max_text_len=run.max_text_len, **changes)
+
+
+def heldout_data_dir(cfg: HeldoutConfig) -> Path:
+    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return root / f"synthetic-v{SYNTHETIC_CACHE_VERSION}-n{cfg.synthetic_pairs}-s{cfg.seed}-heldout{cfg.num_candidates}"
+
+
+def prepare_heldout(cfg: HeldoutConfig) -> tuple[list[RetrievalImage], str]:
+    """Make (once) the synthetic data with a held-out split and unpack its first ``num_candidates`` pairs
+    as image files. Returns (images with one caption each, the pre-training manifest URL of the same data,
+    which a run may train on directly)."""
+    from data_pipeline.synth import make_synthetic
+
+    cfg.validate()
+    out = heldout_data_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    result = make_synthetic(str(out), num=cfg.synthetic_pairs, seed=cfg.seed, heldout=cfg.num_candidates,
+                            image_size=SYNTHETIC_IMAGE_SIZE)
+    image_dir = out / "heldout_images"
+    image_dir.mkdir(exist_ok=True)
+    manifest_url = result["heldout_manifest"]
+    fs, manifest_path = get_fs(manifest_url)
+    manifest = json.loads(fs.cat_file(manifest_path))
+    base = manifest_path.rsplit("/", 1)[0]
+    images: list[RetrievalImage] = []
+    problems: list[str] = []
+    for shard in manifest["shards"]:
+        with fs.open(f"{base}/{shard['name']}", "rb") as fh:
+            for raw in iter_tar(fh, shard["name"], lambda reason, detail: problems.append(f"{reason}: {detail}")):
+                data, caption = raw.image_bytes(), raw.members.get("txt")
+                if data is None or caption is None or not _SAFE_KEY.match(raw.key):
+                    problems.append(f"unusable held-out sample {raw.key!r}")
+                    continue
+                path = image_dir / f"{raw.key}.jpg"
+                if not path.exists():
+                    path.write_bytes(data)
+                images.append(RetrievalImage(len(images), str(path), "heldout", (caption.decode("utf-8"),)))
+    if problems:
+        raise ValueError(f"held-out shards under {base} are damaged: {problems[:3]}")
+    if len(images) < cfg.num_candidates:
+        raise ValueError(f"{manifest_url}: {len(images)} held-out pairs, need {cfg.num_candidates}")
+    return images[: cfg.num_candidates], result["pretrain_manifest"]
+
+
+def _derangement(n: int, seed: int) -> torch.Tensor:
+    """Partner j ≠ i for every i (a fixed, seeded choice of another held-out caption)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.arange(n) + torch.randint(1, n, (n,), generator=g)) % n
+
+
+@torch.no_grad()
+def heldout_itm_accuracy(model: Any, collator: TaskCollator, images: list[RetrievalImage], batch_size: int,
+                         seed: int = 0) -> dict[str, float]:
+    """ITM accuracy on N positives + N negatives (captions of other held-out images)."""
+    was_training = model.training
+    model.eval()
+    try:
+        n = len(images)
+        partner = _derangement(n, seed).tolist()
+        rows = [(i, i, 1) for i in range(n)] + [(i, partner[i], 0) for i in range(n)]
+        preds, labels = [], []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            b = collator.batch([str(i) for i, _, _ in chunk], [images[i].image_path for i, _, _ in chunk],
+                               [images[j].captions[0] for _, j, _ in chunk])
+            logits = model.itm_logits(b["pixel_values"], b["pixel_mask"], b["input_ids"], b["attention_mask"])
+            preds.append(logits.argmax(-1))
+            labels.append(torch.tensor([y for _, _, y in chunk]))
+        pred, label = torch.cat(preds), torch.cat(labels)
+        return {
+            "itm_acc": float((pred == label).float().mean()),
+            "itm_acc_pos": float((pred[label == 1] == 1).float().mean()),
+            "itm_acc_neg": float((pred[label == 0] == 0).float().mean()),
+        }
+    finally:
+        model.train(was_training)
+
+
+def evaluate_model(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage] | None = None) -> dict[str, Any]:
+    """All held-out figures of a ``SohoForPretraining``: ITM accuracy, recall@K both ways (percent), and
+    the codebook health saved with the model."""
+    cfg.validate()
+    if images is None:
+        images, _ = prepare_heldout(cfg)
+    collator = TaskCollator(TaskDataConfig(max_image_side=cfg.image_size,
+                                           pad_multiple=model.config.encoder.total_stride,
+                                           max_text_len=cfg.max_text_len))
+    t0 = time.perf_counter()
+    itm = heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed)
+    retrieval = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size)
+    health = model.soho.visual_dictionary.health()
+    return {
+        **itm,
+        **{k: round(v, 2) for k, v in retrieval.flat().items()},
+        "num_candidates": len(images),
+        "chance_r1": round(100.0 / len(images), 2),
+        "vd_usage_ratio": health["usage_ratio"],
+        "vd_perplexity": round(float(health["perplexity"]), 2),
+        "vd_dead_codes": health["dead_codes"],
+        "vd_num_codes": model.config.vd.num_codes,
+        "vd_enabled": model.config.vd.enabled,
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+        "heldout": asdict(cfg),
+    }
+
+
+def evaluate_export(model_dir: str | Path, cfg: HeldoutConfig) -> dict[str, Any]:
+    """Load a run's ``final_model`` (``SohoForPretraining.save_pretrained`` format) and evaluate it."""
+    from soho import SohoForPretraining
+
+    model = SohoForPretraining.from_pretrained(str(model_dir))
+    return {"model": str(model_dir), **evaluate_model(model, cfg)}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m orchestration.heldout_eval", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="final_model directory of a pre-training run")
+    p.add_argument("--config", type=Path, help="the run's YAML (synthetic_pairs, seed, image_size, max_text_len)")
+    p.add_argument("--num-candidates", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--out", type=Path, help="also write the JSON here")
+    a = p.parse_args(argv)
+    run = RunConfig.from_dict(load_yaml(a.config), source=str(a.config)) if a.config else RunConfig()
+    cfg = HeldoutConfig.from_run_config(run, num_candidates=a.num_candidates, batch_size=a.batch_size)
+    result = evaluate_export(a.model, cfg)
+    text = json.dumps(result, indent=1)
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(text + "\n")
+    print(text, flush=True)
+    return result
+
+
+if __name__ == "__main__":  # pragma: no cover
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    main()
