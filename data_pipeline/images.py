@@ -111,9 +111,10 @@ def process_image(
             w0, h0 = img.size
             if w0 * h0 > max_pixels:
                 raise BadSample(DECOMPRESSION_BOMB, f"{w0}x{h0} pixels > limit {max_pixels}")
-            if img.format == "JPEG" and max(w0, h0) > 2 * max_side:
+            if img.format == "JPEG" and max(w0, h0) >= 2 * max_side:
                 # DCT-domain downscale while decoding (1/2, 1/4, 1/8): much cheaper than a full decode.
-                img.draft(img.mode, (max_side, max_side))
+                # draft keeps both sides ≥ the requested ones, so ask for the final size, not a square.
+                img.draft(img.mode, fit_size(w0, h0, max_side))
             img.load()
     except BadSample:
         raise
@@ -128,7 +129,9 @@ def process_image(
         img = _to_rgb(img, repairs)
         size = fit_size(img.width, img.height, max_side)
         if size != img.size:
-            img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=None)
+            # Bilinear with PIL's antialiasing support (scaled with the ratio): area-like downscale quality
+            # at about half the cost of bicubic.
+            img = img.resize(size, Image.Resampling.BILINEAR)
         out = io.BytesIO()
         img.save(out, format="JPEG", quality=quality)
     except (OSError, ValueError) as e:

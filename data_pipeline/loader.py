@@ -157,7 +157,8 @@ def decode_sample(raw: RawSample, max_side: int) -> DecodedSample | str:
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if img.format == "JPEG" and max(w, h) >= 2 * max_side:
-                img.draft("RGB", (max_side, max_side))  # DCT-domain downscale: cheaper decode
+                # DCT-domain downscale (1/2..1/8) while decoding; draft keeps both sides ≥ the request.
+                img.draft("RGB", fit_longest_side(w, h, max_side))
             img.load()
             if img.mode != "RGB":
                 img = img.convert("RGB")

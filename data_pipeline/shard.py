@@ -73,7 +73,7 @@ class ShardJobConfig:
     url_retries: int = 2
     fetch_threads: int = 16  # concurrent URL fetches per worker process
     dedupe_window: int = 1_000_000  # digests remembered for dedupe (bounded memory; ~100 B each)
-    chunk_size: int = 32  # rows per worker task
+    chunk_size: int = 64  # rows per worker task
     num_jobs: int = 1
     job_index: int = 0
     progress: bool = True
@@ -191,8 +191,15 @@ def process_chunk(start_row: int, rows: list[SourceRow]) -> list[RowResult]:
             captions[i] = im.process_caption(raw_caption, cfg.max_caption_chars)
         except im.BadSample as e:
             res.bad, res.detail = e.reason, e.detail
-    # Fetch the images of rows still good concurrently (URLs are I/O bound), then transform in order.
-    futures = {i: _FETCH_POOL.submit(_load_image_bytes, rows[i].image, cfg) for i in captions}
+    # Fetch the images of rows still good concurrently (URLs are I/O bound) and transform them in row
+    # order as they arrive. The first connections are staggered by a couple of milliseconds: a burst of
+    # simultaneous connects overflows small listen backlogs (python's http.server has 5) and each dropped
+    # SYN costs a 1 s retransmit; after the first round the threads stay naturally staggered.
+    futures: dict[int, cf.Future] = {}
+    for n, i in enumerate(captions):
+        if n and n < cfg.fetch_threads and isinstance(rows[i].image, str) and "://" in rows[i].image:
+            time.sleep(0.002)
+        futures[i] = _FETCH_POOL.submit(_load_image_bytes, rows[i].image, cfg)
     for i, fut in futures.items():
         res = results[i]
         try:
