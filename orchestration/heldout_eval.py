@@ -146,9 +146,10 @@ def heldout_itm_accuracy(model: Any, collator: TaskCollator, images: list[Retrie
         model.train(was_training)
 
 
-def evaluate_model(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage] | None = None) -> dict[str, Any]:
-    """All held-out figures of a ``SohoForPretraining``: ITM accuracy, recall@K both ways (percent), and
-    the codebook health saved with the model."""
+def evaluate_model(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage] | None = None,
+                   retrieval: bool = True) -> dict[str, Any]:
+    """All held-out figures of a ``SohoForPretraining``: ITM accuracy, recall@K both ways (percent; skipped
+    when ``retrieval`` is False: N² passes), and the codebook health saved with the model."""
     cfg.validate()
     if images is None:
         images, _ = prepare_heldout(cfg)
@@ -157,11 +158,14 @@ def evaluate_model(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage] 
                                            max_text_len=cfg.max_text_len))
     t0 = time.perf_counter()
     itm = heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed)
-    retrieval = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size)
+    recalls = {}
+    if retrieval:
+        result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size)
+        recalls = {k: round(v, 2) for k, v in result.flat().items()}
     health = model.soho.visual_dictionary.health()
     return {
         **itm,
-        **{k: round(v, 2) for k, v in retrieval.flat().items()},
+        **recalls,
         "num_candidates": len(images),
         "chance_r1": round(100.0 / len(images), 2),
         "vd_usage_ratio": health["usage_ratio"],

@@ -1,0 +1,104 @@
+"""The visual-dictionary ablation (and any recipe comparison): same data, budget and seed, one run per
+variant through the real CLI (``python -m soho.train --launcher local``), then held-out ITM accuracy,
+zero-shot retrieval and codebook health of each final model (:mod:`orchestration.heldout_eval`).
+
+    python scripts/run_ablation.py --config configs/synthetic_cpu.yaml --max-steps 300 \\
+        --out docs/results/ablation.json
+
+Default variants: the recipe as configured ("vd"), the recipe without the visual dictionary ("no_vd": grid
+features straight into the transformer, MVM off) and two other EMA decays γ. ``--variant name=overrides``
+replaces the list (overrides are ``section.key=value`` model overrides appended to the config's own).
+Each run's step history is kept in the JSON, so docs/results plots can be redrawn without rerunning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestration.config import RunConfig, load_yaml
+from orchestration.heldout_eval import HeldoutConfig, evaluate_export, prepare_heldout
+
+logger = logging.getLogger("run_ablation")
+
+DEFAULT_VARIANTS = (
+    "vd=",
+    "no_vd=vd.enabled=false,pretrain.mvm_prob=0",
+    "gamma_0.5=vd.decay=0.5",
+    "gamma_0.99=vd.decay=0.99",
+)
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"--variant {text!r}: expected name=override,override,... (overrides may be empty)")
+    return name.strip(), [o for o in overrides.split(",") if o.strip()]
+
+
+def run_variant(config: Path, name: str, overrides: list[str], data_url: str, storage: Path,
+                extra_flags: list[str]) -> dict[str, Any]:
+    """Train one variant in a fresh process; returns its summary and step history."""
+    base = RunConfig.from_dict(load_yaml(config), source=str(config))
+    all_overrides = [*base.model_overrides, *overrides]
+    cmd = [sys.executable, "-m", "soho.train", "--config", str(config), "--launcher", "local",
+           "--num-workers", "1", "--data", data_url, "--storage-path", str(storage), "--run-name", name,
+           "--metrics-port", "-1", *extra_flags]
+    if all_overrides:
+        cmd += ["--model-overrides", ",".join(all_overrides)]
+    t0 = time.perf_counter()
+    logger.info("variant %s: %s", name, " ".join(cmd))
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    run_dir = storage / name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    state_files = sorted((run_dir / "checkpoints").glob("checkpoint_step_*/train_state.json"))
+    history = json.loads(state_files[-1].read_text())["history"] if state_files else []
+    return {"summary": summary, "history": history, "overrides": all_overrides,
+            "wall_seconds": round(time.perf_counter() - t0, 1), "final_model": str(run_dir / "final_model")}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", type=Path, required=True, help="the recipe YAML (e.g. configs/synthetic_cpu.yaml)")
+    p.add_argument("--variant", action="append", help="name=overrides (repeatable); default: the VD ablation")
+    p.add_argument("--max-steps", type=int, help="budget per variant (default: the config's)")
+    p.add_argument("--storage", type=Path, default=Path("runs/ablation"), help="where the runs go")
+    p.add_argument("--out", type=Path, required=True, help="results JSON")
+    p.add_argument("--num-candidates", type=int, default=100)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run = RunConfig.from_dict(load_yaml(a.config), source=str(a.config))
+    variants = [parse_variant(v) for v in (a.variant or DEFAULT_VARIANTS)]
+    hcfg = HeldoutConfig.from_run_config(run, num_candidates=a.num_candidates)
+    images, data_url = prepare_heldout(hcfg)  # the same scenes the embedded data would hold, plus held-out
+    extra = ["--max-steps", str(a.max_steps)] if a.max_steps else []
+    results: dict[str, Any] = {"config": str(a.config), "max_steps": a.max_steps or run.max_steps,
+                               "seed": run.seed, "variants": {}}
+    if a.out.exists():  # resume a partly done comparison: keep finished variants
+        done = json.loads(a.out.read_text())
+        if done.get("config") == results["config"] and done.get("max_steps") == results["max_steps"]:
+            results["variants"] = done.get("variants", {})
+    for name, overrides in variants:
+        if name in results["variants"]:
+            logger.info("variant %s already done", name)
+            continue
+        rec = run_variant(a.config, name, overrides, data_url, a.storage, extra)
+        rec["heldout"] = evaluate_export(rec.pop("final_model"), hcfg)
+        results["variants"][name] = rec
+        h = rec["heldout"]
+        logger.info("variant %s: itm_acc %.3f  t2i_r1 %.1f  i2t_r1 %.1f  VD usage %.2f perplexity %.1f",
+                    name, h["itm_acc"], h["t2i_r1"], h["i2t_r1"], h["vd_usage_ratio"], h["vd_perplexity"])
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
