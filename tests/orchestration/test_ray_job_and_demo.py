@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -22,9 +23,14 @@ VENV_BIN = str(Path(sys.executable).parent)
 
 def test_ray_job_submit_succeeds_with_a_checkpoint(tmp_path: Path, synth_manifest: str) -> None:
     ray = str(Path(VENV_BIN) / "ray")
+    # Token authentication on (as in the k8s manifests: an unauthenticated job API is remote code execution),
+    # with this test's own token for the head and for the job CLI.
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           "DS_ACCELERATOR": "cpu"}
-    env.pop("RAY_ADDRESS", None)
+           "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+        env.pop(var, None)
     gcs_port, dash_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths must stay < 108 bytes
     # --block keeps the head in the foreground: terminating this one process stops exactly the Ray that
@@ -54,7 +60,10 @@ def test_ray_job_submit_succeeds_with_a_checkpoint(tmp_path: Path, synth_manifes
             env=env, capture_output=True, text=True, timeout=500)
         status = subprocess.run([ray, "job", "status", "--address", address, sub_id], env=env,
                                 capture_output=True, text=True, timeout=60)
-        assert "SUCCEEDED" in status.stdout, submit.stdout[-4000:] + submit.stderr[-3000:] + status.stdout
+        # `ray job status` reports JobStatus.SUCCEEDED as "Job '<id>' succeeded"
+        assert f"Job '{sub_id}' succeeded" in status.stdout, (
+            submit.stdout[-4000:] + submit.stderr[-3000:] + status.stdout)
+        assert submit.returncode == 0
         summary = last_json(submit.stdout)
         assert summary["steps"] == 3
         ckpt = storage / "job" / "checkpoint_step_00000003"
