@@ -130,6 +130,8 @@ class TransformerConfig:
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    """Std of the normal init of a randomly initialised BERT (BERT's 0.02); ignored for pretrained weights."""
     attn_implementation: str = "sdpa"
     """"sdpa" or "eager"; both take our additive 4-D attention mask."""
     pad_token_id: int = 0

@@ -48,6 +48,7 @@ def bert_config(cfg: TransformerConfig) -> BertConfig:
         hidden_dropout_prob=cfg.hidden_dropout,
         attention_probs_dropout_prob=cfg.attention_dropout,
         layer_norm_eps=cfg.layer_norm_eps,
+        initializer_range=cfg.initializer_range,
         pad_token_id=cfg.pad_token_id,
     )
     bc._attn_implementation = cfg.attn_implementation

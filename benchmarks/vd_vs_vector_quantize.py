@@ -1,0 +1,80 @@
+"""VisualDictionary training step vs vector-quantize-pytorch's EMA VectorQuantize vs the bare distance
+matrix product (the floor), on CPU.
+
+Same problem for all three: k=2048 codes, c=768, 32 images × 100 tokens; EMA codebook update, no
+commitment loss, no k-means init, plain straight-through (vector-quantize-pytorch's rotation trick off).
+Prints medians over repeats and the two ratios. Not a test: timings depend on the machine.
+
+    .venv/bin/python benchmarks/vd_vs_vector_quantize.py [--repeats 30] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from soho import VDConfig, VisualDictionary
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--codes", type=int, default=2048)
+    p.add_argument("--dim", type=int, default=768)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from vector_quantize_pytorch import VectorQuantize
+
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, args.tokens, args.dim)
+    flat = x.reshape(-1, args.dim)
+
+    vd = VisualDictionary(VDConfig(num_codes=args.codes, dim=args.dim, decay=0.99)).train()
+    vq = VectorQuantize(
+        dim=args.dim,
+        codebook_size=args.codes,
+        decay=0.99,
+        commitment_weight=0.0,
+        kmeans_init=False,
+        rotation_trick=False,
+    ).train()
+    codebook = vd.codebook.clone()
+
+    with torch.no_grad():
+        t_floor = median_seconds(lambda: flat @ codebook.t(), args.repeats)
+        t_vd = median_seconds(lambda: vd(x), args.repeats)
+        t_vq = median_seconds(lambda: vq(x), args.repeats)
+
+    print(
+        f"torch {torch.__version__}, threads={torch.get_num_threads()}, k={args.codes}, c={args.dim}, "
+        f"tokens={args.batch}x{args.tokens}, repeats={args.repeats} (medians)"
+    )
+    print(f"  bare distance matmul      : {t_floor * 1e3:8.2f} ms")
+    print(f"  soho VisualDictionary     : {t_vd * 1e3:8.2f} ms")
+    print(f"  vector-quantize-pytorch   : {t_vq * 1e3:8.2f} ms")
+    print(f"  speed-up vs vector-quantize-pytorch: {t_vq / t_vd:5.2f}x  (target >= 3.5x)")
+    print(f"  VD time / bare matmul              : {t_vd / t_floor:5.2f}x  (target <= 1.15x)")
+    return {"floor_s": t_floor, "vd_s": t_vd, "vq_s": t_vq}
+
+
+if __name__ == "__main__":
+    main()
