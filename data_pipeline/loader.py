@@ -194,7 +194,9 @@ class Collator:
         m = self.cfg.pad_multiple
         H = math.ceil(max(s.image.shape[0] for s in samples) / m) * m
         W = math.ceil(max(s.image.shape[1] for s in samples) / m) * m
-        pixel_values = torch.zeros(len(samples), 3, H, W, dtype=torch.float32)
+        # empty + explicit zero padding: every page of this (often > 32 MiB, so freshly mmapped) tensor
+        # is touched once, instead of once by zeros() and again by the copy.
+        pixel_values = torch.empty(len(samples), 3, H, W, dtype=torch.float32)
         pixel_mask = torch.zeros(len(samples), H, W, dtype=torch.bool)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only numpy views: we only read them
@@ -203,6 +205,8 @@ class Collator:
             h, w, _ = img.shape
             out = pixel_values[i, :, :h, :w]
             out.copy_(img.permute(2, 0, 1)).mul_(self.scale).add_(self.bias)
+            pixel_values[i, :, :h, w:] = 0
+            pixel_values[i, :, h:, :] = 0
             pixel_mask[i, :h, :w] = True
         tok = self.tokenizer(
             [s.caption for s in samples],
