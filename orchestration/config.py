@@ -121,6 +121,11 @@ class RunConfig:
                       "vd.restart_dead_codes=true,pretrain.mvm_prob=0.3 (sections/keys of soho.SohoConfig; "
                       "vd.enabled=false,pretrain.mvm_prob=0 is the no-visual-dictionary ablation)"),
     )
+    ds_cpu_shm_comm: bool = field(
+        default=False,
+        metadata=_opt("CPU only: let DeepSpeed JIT-compile its shared-memory all-reduce op (minutes on first use, "
+                      "one file lock for every starting worker); off = plain gloo collectives"),
+    )
     # --- loader ---------------------------------------------------------------------------------
     loader_workers: int = field(default=0, metadata=_opt("DataLoader worker processes per training worker"))
     resampled: bool | None = field(

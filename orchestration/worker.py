@@ -202,6 +202,13 @@ class _Trainer:
         groups, self.group_specs = param_groups(model, cfg)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       weight_decay=cfg.weight_decay)
+        if not cfg.use_gpu and not cfg.ds_cpu_shm_comm:
+            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`) when its
+            # comm layer starts: minutes of C++ on a fresh machine, under a file lock every starting worker
+            # waits on. For CPU runs (tests, demo) gloo's collectives are enough, so skip the op.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         self.ds_config = build_deepspeed_config(cfg, self.world_size)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
                                                     dist_init_required=False)
@@ -393,6 +400,7 @@ class _Trainer:
             if final:
                 state_dict = consolidated_fp32_state_dict(self.engine)  # collective
                 if self.rank == 0:
+                    self._check_consolidated(state_dict)
                     self._export(state_dict, local / EXPORT_DIR)
             codebook_sha = tensor_sha256(visual_dictionary(self.engine).codebook)
             if self.rank == 0:
@@ -437,6 +445,15 @@ class _Trainer:
             "vd_codebook_sha256": codebook_sha,
             "time": time.time(),
         }
+
+    def _check_consolidated(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Where the engine holds full parameters (ZeRO < 3), the fp32 masters rounded to the training dtype
+        must be exactly those parameters: a cheap guard against exporting the wrong tensors."""
+        if self.engine.zero_optimization_stage() >= 3:
+            return
+        for name, p in unwrap(self.engine).named_parameters():
+            if not torch.equal(state_dict[name].to(p.dtype), p.detach().cpu()):
+                raise RuntimeError(f"export: consolidated fp32 weight {name} does not match the engine's parameter")
 
     def _export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         """Consolidated fp32 ``SohoForPretraining`` (``SohoModel.from_pretrained`` loads its backbone)."""
