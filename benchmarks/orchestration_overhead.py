@@ -107,6 +107,10 @@ def main() -> None:
                      image_size=args.image_size, max_steps=args.steps, checkpoint_every=10**6,
                      metrics_port=-1, storage_path=str(work / "runs"), log_every=10**6, data=data_url,
                      cpus_per_worker=args.threads)
+    # One process group for both in-process worker runs: DeepSpeed's comm layer keeps the first group it saw.
+    from orchestration.worker import ensure_process_group
+
+    ensure_process_group(use_gpu=False)
     results: dict[str, float] = {}
     results["bare"] = steady(bare_loop(base, data_url), args.skip)
     print(f"bare torch loop:          {results['bare']:.2f} samples/s", flush=True)
