@@ -81,16 +81,21 @@ NONFINITE_SCRIPT = textwrap.dedent(
     import json, sys, torch
     from orchestration.config import RunConfig
     from orchestration.checkpoint import StorageStore
+    from orchestration.schedule import backbone_parameter_names
     from orchestration.worker import NonFiniteLossError, _Trainer, ensure_process_group, unwrap, visual_dictionary
     ensure_process_group(False)
     cfg = RunConfig(launcher="local", data=sys.argv[1], storage_path=sys.argv[2], image_size=64, micro_batch_size=4,
                     max_text_len=24, max_steps=20, warmup_steps=0, lr_schedule="constant", metrics_port=-1,
-                    fault_nonfinite_batches=[1, 3, 4, 5], max_consecutive_nonfinite=3)
+                    fault_nonfinite_batches=[1, 3, 4, 5], max_consecutive_nonfinite=3, freeze_backbone_steps=1)
     t = _Trainer(cfg, StorageStore(cfg.storage_path, cfg.name, 2), cfg.data, under_ray=False)
     t.build(); t.engine.train(); t._it = iter(t.loader)
     out = {}
-    assert t.train_step()                                  # batch 0: a normal step
+    trunk = backbone_parameter_names(unwrap(t.engine))
+    init = {n: p.detach().clone() for n, p in unwrap(t.engine).named_parameters()}
+    assert t.train_step()                                  # batch 0: a normal step, trunk frozen (cold start)
     params = {n: p.detach().clone() for n, p in unwrap(t.engine).named_parameters()}
+    out["trunk_frozen_step1"] = all(torch.equal(params[n], init[n]) for n in trunk)
+    out["rest_moved_step1"] = any(not torch.equal(params[n], init[n]) for n in params if n not in trunk)
     codebook = visual_dictionary(t.engine).codebook.clone()
     out["skipped"] = t._micro_step(next(t._it)) is None    # batch 1: NaN loss
     out["params_unchanged"] = all(torch.equal(p, params[n]) for n, p in unwrap(t.engine).named_parameters())
@@ -99,6 +104,8 @@ NONFINITE_SCRIPT = textwrap.dedent(
     out["metric"] = t.metrics.value("soho_train_nonfinite_steps_total")
     assert t.train_step()                                  # batch 2: finite again, an update happens
     out["params_changed_after"] = any(not torch.equal(p, params[n]) for n, p in unwrap(t.engine).named_parameters())
+    out["trunk_moved_after_unfreeze"] = any(not torch.equal(p, params[n]) for n, p in unwrap(t.engine).named_parameters()
+                                            if n in trunk)
     out["step"] = t.step
     try:
         t.train_step()                                     # batches 3, 4, 5 all NaN: abort after 3 in a row
@@ -111,13 +118,15 @@ NONFINITE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_nonfinite_steps_are_skipped_counted_and_abort(tmp_path: Path, synth_manifest: str) -> None:
+def test_cold_start_and_nonfinite_steps_are_skipped_counted_and_abort(tmp_path: Path, synth_manifest: str) -> None:
     proc = subprocess.run([sys.executable, "-c", NONFINITE_SCRIPT, synth_manifest, str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
                                                                               "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     out = json.loads(line[len("RESULT "):])
+    assert out["trunk_frozen_step1"] is True and out["rest_moved_step1"] is True  # cold start
+    assert out["trunk_moved_after_unfreeze"] is True
     assert out["skipped"] is True
     assert out["params_unchanged"] is True and out["codebook_unchanged"] is True
     assert out["counted"] == 1 and out["metric"] == 1.0
