@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,6 +77,7 @@ def test_ray_job_submit_succeeds_with_a_checkpoint(tmp_path: Path, synth_manifes
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_make_demo_runs_the_embedded_default_and_the_loss_falls(tmp_path: Path) -> None:
