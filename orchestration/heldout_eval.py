@@ -186,9 +186,28 @@ def evaluate_export(model_dir: str | Path, cfg: HeldoutConfig) -> dict[str, Any]
     return {"model": str(model_dir), **evaluate_model(model, cfg)}
 
 
+def model_from_checkpoint(ckpt_dir: str | Path) -> Any:
+    """A ``SohoForPretraining`` from a committed mid-run checkpoint (no export there): the model config
+    from its train state, the weights from DeepSpeed's stage-0/1/2 model file (full fp32 weights on every
+    rank), loaded with ``weights_only=True``."""
+    from soho import SohoConfig, SohoForPretraining
+
+    d = Path(ckpt_dir)
+    state = json.loads((d / "train_state.json").read_text())
+    files = sorted(d.glob("ds/*/mp_rank_00_model_states.pt")) or sorted(d.glob("ds/mp_rank_00_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{d}: no DeepSpeed mp_rank_00_model_states.pt (ZeRO-3 checkpoints need the export)")
+    module = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
+    model = SohoForPretraining(SohoConfig.from_dict(state["model_config"]), load_pretrained=False)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in module.items()}, strict=True)
+    return model
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m orchestration.heldout_eval", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="final_model directory of a pre-training run")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="final_model directory of a pre-training run")
+    src.add_argument("--checkpoint", help="a committed checkpoint_step_* directory (mid-run, no export)")
     p.add_argument("--config", type=Path, help="the run's YAML (synthetic_pairs, seed, image_size, max_text_len)")
     p.add_argument("--num-candidates", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=500)
@@ -196,7 +215,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = p.parse_args(argv)
     run = RunConfig.from_dict(load_yaml(a.config), source=str(a.config)) if a.config else RunConfig()
     cfg = HeldoutConfig.from_run_config(run, num_candidates=a.num_candidates, batch_size=a.batch_size)
-    result = evaluate_export(a.model, cfg)
+    if a.model:
+        result = evaluate_export(a.model, cfg)
+    else:
+        result = {"checkpoint": a.checkpoint, **evaluate_model(model_from_checkpoint(a.checkpoint), cfg)}
     text = json.dumps(result, indent=1)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -64,6 +64,84 @@ def run_variant(config: Path, name: str, overrides: list[str], data_url: str, st
             "wall_seconds": round(time.perf_counter() - t0, 1), "final_model": str(run_dir / "final_model")}
 
 
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean (batch accuracies of 32 pairs are noisy)."""
+    out, acc = [], 0.0
+    for i, v in enumerate(values):
+        acc += v
+        if i >= window:
+            acc -= values[i - window]
+        out.append(acc / min(i + 1, window))
+    return out
+
+
+def plot_results(results: dict[str, Any], out_dir: Path, prefix: str) -> list[Path]:
+    """PNGs from a results JSON: per variant the losses, training accuracies and codebook health over
+    steps; with more than one variant also a held-out comparison bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    variants = results["variants"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), dpi=90)
+    for name, rec in variants.items():
+        hist = rec["history"]
+        steps = [r["step"] for r in hist]
+        k = rec["heldout"]["vd_num_codes"]
+        w = max(1, len(hist) // 40)
+        axes[0].plot(steps, _smooth([r["loss"] for r in hist], w), label=f"{name}: total")
+        if len(variants) == 1:
+            for key in ("mlm", "mvm", "itm"):
+                axes[0].plot(steps, _smooth([r[key] for r in hist], w), label=key.upper(), linewidth=1)
+            for key in ("itm_acc", "mvm_acc", "mlm_acc"):
+                axes[1].plot(steps, _smooth([r[key] for r in hist], w), label=key)
+        else:
+            axes[1].plot(steps, _smooth([r["itm_acc"] for r in hist], w), label=f"{name}: itm_acc")
+        if rec["heldout"]["vd_enabled"]:
+            axes[2].plot(steps, [r["vd_usage"] for r in hist], label=f"{name}: usage ratio")
+            axes[2].plot(steps, [r["vd_perplexity"] / k for r in hist], linestyle="--",
+                         label=f"{name}: perplexity / k")
+            if len(variants) == 1 and "vd_dead_codes" in hist[0]:
+                axes[2].plot(steps, [r["vd_dead_codes"] / k for r in hist], linestyle=":",
+                             label="dead codes / k")
+    axes[0].set_title("training losses (trailing mean)")
+    axes[1].set_title("training-batch accuracies (trailing mean)")
+    axes[2].set_title("visual dictionary health")
+    axes[2].axhline(0.5, color="grey", linewidth=0.8)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / f"{prefix}_curves.png"
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    if len(variants) > 1:
+        names = list(variants)
+        fig, ax = plt.subplots(figsize=(9, 4.5), dpi=90)
+        metrics = (("itm_acc", 100.0, "held-out ITM acc %"), ("t2i_r1", 1.0, "t2i R@1 %"),
+                   ("i2t_r1", 1.0, "i2t R@1 %"), ("vd_usage_ratio", 100.0, "VD usage %"))
+        width = 0.8 / len(metrics)
+        for j, (key, scale, label) in enumerate(metrics):
+            ax.bar([i + j * width for i in range(len(names))],
+                   [variants[n]["heldout"][key] * scale for n in names], width, label=label)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names)
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+        ax.set_title(f"VD ablation, {results['max_steps']} steps each, seed {results['seed']}")
+        fig.tight_layout()
+        path = out_dir / f"{prefix}_heldout.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", type=Path, required=True, help="the recipe YAML (e.g. configs/synthetic_cpu.yaml)")
@@ -72,7 +150,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--storage", type=Path, default=Path("runs/ablation"), help="where the runs go")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     p.add_argument("--num-candidates", type=int, default=100)
+    p.add_argument("--plot-dir", type=Path, help="also draw PNGs here (from --out; with --plot-only, no runs)")
+    p.add_argument("--plot-only", action="store_true")
     a = p.parse_args(argv)
+    if a.plot_only:
+        results = json.loads(a.out.read_text())
+        plot_results(results, a.plot_dir or a.out.parent, a.out.stem)
+        return results
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run = RunConfig.from_dict(load_yaml(a.config), source=str(a.config))
     variants = [parse_variant(v) for v in (a.variant or DEFAULT_VARIANTS)]
@@ -97,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     name, h["itm_acc"], h["t2i_r1"], h["i2t_r1"], h["vd_usage_ratio"], h["vd_perplexity"])
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(results, indent=1) + "\n")
+    if a.plot_dir:
+        plot_results(results, a.plot_dir, a.out.stem)
     return results
 
 
