@@ -263,7 +263,7 @@ class SohoConfig:
 
 def soho_tiny() -> SohoConfig:
     """CPU-test flavour (seconds): narrow BasicBlock trunk, total stride 16 (128 px → 8×8 = 64 tokens),
-    c=128, 2 layers, 4 heads, k=128, random init, bert-base-uncased vocab."""
+    c=128, 2 layers, 4 heads, k=128, random init (std 0.2), bert-base-uncased vocab."""
     c = 128
     return SohoConfig(
         encoder=GridEncoderConfig(backbone="tiny", out_dim=c, tiny_width=16, tiny_blocks=[1, 1]),
@@ -275,6 +275,10 @@ def soho_tiny() -> SohoConfig:
             num_heads=4,
             intermediate_size=4 * c,
             max_text_len=128,
+            # BERT's 0.02 init leaves a random-init model on a long ITM plateau (matching needs an
+            # image×text interaction that tiny weights cannot express); 0.2 lets the tiny model learn ITM
+            # in tens of steps.
+            initializer_range=0.2,
         ),
         pretrain=PretrainConfig(),
     )
