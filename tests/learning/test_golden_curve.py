@@ -37,10 +37,14 @@ FLAGS = [
     "--model-overrides", "vd.restart_dead_codes=true,vd.dead_code_window=10,pretrain.mvm_prob=0.5,"
     "transformer.initializer_range=0.2",
 ]
-# Absolute tolerance per loss value. Measured: the curve written with 2 CPU threads and rerun with
-# OMP_NUM_THREADS=1 differs by at most 1e-5 (the history's rounding) over the 30 steps; a different mask
-# draw, init or lr schedule moves single-step losses by far more than 1e-3.
+# Absolute tolerance per loss value over the first COMPARED steps. Measured with the 0.2 init: the curve
+# written with 2 CPU threads and rerun with OMP_NUM_THREADS=1 agrees to 1e-5 (the history's rounding) for
+# steps 1-13, then float reassociation flips a discrete choice (a VD assignment or dead-code restart) and
+# the two runs drift apart by up to 0.6 by step 18. So the first 12 steps are compared exactly (a different
+# mask draw, init, VD update or lr schedule moves them by far more than 1e-3); the rest of the 30-step run
+# (kept so the lr schedule is the pinned one) only has to be a falling curve.
 ATOL = 1e-3
+COMPARED = 12
 
 
 def test_tiny_preset_reproduces_golden_loss_curve(tmp_path: Path) -> None:
@@ -55,13 +59,15 @@ def test_tiny_preset_reproduces_golden_loss_curve(tmp_path: Path) -> None:
             "about": "tiny preset, first steps of a fixed-seed run; regenerate with "
                      "SOHO_UPDATE_GOLDEN=1 pytest tests/learning/test_golden_curve.py",
             "flags": FLAGS, "torch": torch.__version__, "atol": ATOL,
-            "measured_thread_noise": "max |diff| 1e-5 between 2 threads and OMP_NUM_THREADS=1", "curve": curve,
+            "compared_steps": COMPARED,
+            "measured_thread_noise": "max |diff| 1e-5 for steps 1-13 between 2 threads and OMP_NUM_THREADS=1; "
+                                     "up to 0.6 after a discrete VD flip at step 14+", "curve": curve,
         }, indent=1) + "\n")
         pytest.skip(f"golden curve rewritten: {GOLDEN}")
     golden = json.loads(GOLDEN.read_text())
     assert golden["flags"] == FLAGS, "the pinned flags changed: regenerate the golden curve on purpose"
     for key in KEYS:
-        want, got = torch.tensor(golden["curve"][key]), torch.tensor(curve[key])
+        want, got = torch.tensor(golden["curve"][key][:COMPARED]), torch.tensor(curve[key][:COMPARED])
         assert want.shape == got.shape, key
         worst = float((want - got).abs().max())
         step = int((want - got).abs().argmax()) + 1
