@@ -20,15 +20,20 @@ import torch
 from soho import VDConfig, VisualDictionary
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per function, timed round-robin so that load from other processes hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -60,9 +65,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     codebook = vd.codebook.clone()
 
     with torch.no_grad():
-        t_floor = median_seconds(lambda: flat @ codebook.t(), args.repeats)
-        t_vd = median_seconds(lambda: vd(x), args.repeats)
-        t_vq = median_seconds(lambda: vq(x), args.repeats)
+        med = interleaved_medians(
+            {"floor": lambda: flat @ codebook.t(), "vd": lambda: vd(x), "vq": lambda: vq(x)}, args.repeats
+        )
+    t_floor, t_vd, t_vq = med["floor"], med["vd"], med["vq"]
 
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, k={args.codes}, c={args.dim}, "
