@@ -4,7 +4,7 @@ never trained on (orchestration.heldout_eval).
 
 The run is made once per module; the tests read it. The issue's bar for this guard is held-out ITM accuracy
 >= 0.8 and VD usage >= 0.5. Usage and the falling losses pass; held-out ITM accuracy does not yet reach
-0.8 in a CI-sized run (measured: chance level, 0.50, after 200 steps of this recipe — see docs/RESULTS.md),
+0.8 in a CI-sized run (measured: chance level, 0.50-0.51, after 120-250 steps of this recipe — see docs/RESULTS.md),
 so that assertion is a strict xfail: the day it passes, the xfail marker must go.
 """
 
@@ -19,7 +19,7 @@ from tests.learning.conftest import REPO, run_history, run_train
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 CONFIG = REPO / "configs" / "synthetic_cpu.yaml"
-STEPS = 150
+STEPS = 100  # ~2.5 min of training on 2 quiet cores
 PAIRS = 2048
 
 
@@ -36,7 +36,7 @@ def short_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     images, data_url = prepare_heldout(hcfg)
     run_train(["--config", str(CONFIG), "--max-steps", str(STEPS), "--synthetic-pairs", str(PAIRS),
                "--data", data_url, "--storage-path", str(tmp), "--run-name", "guard", "--metrics-port", "-1"],
-              cache)
+              cache, timeout=1200)  # generous: a busy shared machine runs 3-5x slower than a quiet one
     model = SohoForPretraining.from_pretrained(str(tmp / "guard" / "final_model"))
     return {"history": run_history(tmp, "guard"), "heldout": evaluate_model(model, hcfg, images, retrieval=False)}
 
