@@ -83,10 +83,15 @@ def ensure_process_group(use_gpu: bool) -> bool:
     if dist.is_available() and dist.is_initialized():
         return False
     backend = "nccl" if use_gpu else "gloo"
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(_free_port())})
-    dist.init_process_group(backend=backend)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend)
+    else:
+        # A 1-process group on a free loopback port, without leaving WORLD_SIZE/MASTER_PORT in this
+        # process's environment: child processes (torchrun, subprocess runs) would inherit a port that this
+        # process's store still holds and fail with EADDRINUSE. DeepSpeed reads LOCAL_RANK from the env.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+                                world_size=1)
     return True
 
 
