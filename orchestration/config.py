@@ -140,6 +140,17 @@ class RunConfig:
                       "each (logged); -1 = no metrics endpoint"),
     )
     log_every: int = field(default=10, metadata=_opt("print progress every N steps (rank 0)"))
+    eval_every: int = field(
+        default=0,
+        metadata=_opt("held-out ITM accuracy and zero-shot retrieval every N steps on rank 0 (other ranks wait), "
+                      "recorded in the step history as eval_* and exported as soho_eval_recall{direction,k}; "
+                      "needs the embedded synthetic data (its held-out split; --data unset); 0 = off"),
+    )
+    eval_candidates: int = field(
+        default=100,
+        metadata=_opt("--eval-every: held-out images (and captions) in the retrieval pool; the eval scores "
+                      "N² pairs"),
+    )
     seed: int = field(default=0, metadata=_opt("seed of model init, masking and data order"))
     max_failures: int = field(
         default=3, metadata=_opt("worker-group restarts from the latest checkpoint before giving up")
@@ -202,7 +213,7 @@ class RunConfig:
                      "max_text_len", "synthetic_pairs"):
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)!r} must be >= 1")
         for name in ("warmup_steps", "freeze_backbone_epochs", "freeze_backbone_steps", "loader_workers",
-                     "max_failures", "weight_decay", "grad_clip"):
+                     "max_failures", "weight_decay", "grad_clip", "eval_every"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r} must be >= 0")
         need(self.lr > 0, f"lr={self.lr!r} must be > 0")
         need(self.backbone_lr is None or self.backbone_lr >= 0, f"backbone_lr={self.backbone_lr!r} must be >= 0")
@@ -215,6 +226,10 @@ class RunConfig:
             apply_model_overrides(get_preset(self.preset), self.model_overrides)
         need(not (self.epochs is not None and self.resampled),
              "epochs needs epoch passes: drop --resampled (a resampled stream has no epochs)")
+        need(self.eval_candidates >= 2, f"eval_candidates={self.eval_candidates!r} must be >= 2")
+        need(self.eval_every == 0 or self.data is None,
+             f"eval_every={self.eval_every} needs the embedded synthetic data, the only data with a held-out "
+             f"split; --data {self.data!r} has none: drop --data or set --eval-every 0")
         need(-1 <= self.metrics_port <= 65535, f"metrics_port={self.metrics_port!r} must be in -1..65535")
         need(bool(self.storage_path), "storage_path must not be empty")
         need(not (self.precision == "fp16" and not self.use_gpu),

@@ -33,7 +33,7 @@ from data_pipeline.downstream import RetrievalImage, TaskCollator, TaskDataConfi
 from data_pipeline.storage import get_fs
 from data_pipeline.tarstream import iter_tar
 from orchestration.config import SYNTHETIC_CACHE_VERSION, RunConfig, default_cache_dir, load_yaml
-from orchestration.downstream_eval import pretraining_retrieval_eval
+from orchestration.downstream_eval import export_recall, pretraining_retrieval_eval
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _derangement(n: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def heldout_itm_accuracy(model: Any, collator: TaskCollator, images: list[RetrievalImage], batch_size: int,
-                         seed: int = 0) -> dict[str, float]:
+                         seed: int = 0, device: torch.device | str = "cpu") -> dict[str, float]:
     """ITM accuracy on N positives + N negatives (captions of other held-out images)."""
     was_training = model.training
     model.eval()
@@ -133,8 +133,9 @@ def heldout_itm_accuracy(model: Any, collator: TaskCollator, images: list[Retrie
             chunk = rows[start : start + batch_size]
             b = collator.batch([str(i) for i, _, _ in chunk], [images[i].image_path for i, _, _ in chunk],
                                [images[j].captions[0] for _, j, _ in chunk])
-            logits = model.itm_logits(b["pixel_values"], b["pixel_mask"], b["input_ids"], b["attention_mask"])
-            preds.append(logits.argmax(-1))
+            logits = model.itm_logits(b["pixel_values"].to(device), b["pixel_mask"].to(device),
+                                      b["input_ids"].to(device), b["attention_mask"].to(device))
+            preds.append(logits.argmax(-1).cpu())
             labels.append(torch.tensor([y for _, _, y in chunk]))
         pred, label = torch.cat(preds), torch.cat(labels)
         return {
@@ -147,7 +148,7 @@ def heldout_itm_accuracy(model: Any, collator: TaskCollator, images: list[Retrie
 
 
 def evaluate_model(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage] | None = None,
-                   retrieval: bool = True) -> dict[str, Any]:
+                   retrieval: bool = True, device: torch.device | str = "cpu") -> dict[str, Any]:
     """All held-out figures of a ``SohoForPretraining``: ITM accuracy, recall@K both ways (percent; skipped
     when ``retrieval`` is False: N² passes), and the codebook health saved with the model."""
     cfg.validate()
@@ -157,10 +158,10 @@ def evaluate_model(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage] 
                                            pad_multiple=model.config.encoder.total_stride,
                                            max_text_len=cfg.max_text_len))
     t0 = time.perf_counter()
-    itm = heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed)
+    itm = heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed, device)
     recalls = {}
     if retrieval:
-        result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size)
+        result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size, device=device)
         recalls = {k: round(v, 2) for k, v in result.flat().items()}
     health = model.soho.visual_dictionary.health()
     return {
@@ -176,6 +177,73 @@ def evaluate_model(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage] 
         "eval_seconds": round(time.perf_counter() - t0, 1),
         "heldout": asdict(cfg),
     }
+
+
+_PERIODIC_IMAGES: dict[str, list[RetrievalImage]] = {}
+
+
+def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any, device: torch.device | str = "cpu") -> dict[str, float]:
+    """The ``--eval-every`` evaluation inside the pre-training loop; every rank calls it at the same step.
+
+    Rank 0 evaluates the model being trained on the first ``run.eval_candidates`` held-out pairs of the
+    run's synthetic data (made once, see :func:`prepare_heldout`): ITM accuracy and exhaustive ITM retrieval
+    (recall@1/5/10 both ways), in eval mode, then back to the previous mode. Where the engine holds full
+    fp32 weights (ZeRO 0-2, fp32) the live module is used; otherwise (ZeRO-3 partitions, bf16 weights) the
+    fp32 master weights are consolidated on every rank (a collective) and rank 0 evaluates an fp32 copy.
+    Rank 0 exports the recalls as ``soho_eval_recall{direction,k}`` (0..1); the figures go to every rank
+    (one broadcast, which also keeps the ranks in step). Returns the history fields:
+    ``eval_{i2t,t2i}_r{1,5,10}`` (0..1, the exported values), ``eval_itm_acc``, ``eval_candidates``,
+    ``eval_seconds``."""
+    import torch.distributed as dist
+
+    from soho import SohoForPretraining
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    module = getattr(engine, "module", engine)
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
+    live = stage < 3 and next(module.parameters()).dtype == torch.float32
+    state_dict = None
+    if not live:
+        from orchestration.worker import consolidated_fp32_state_dict
+
+        state_dict = consolidated_fp32_state_dict(engine)  # collective: every rank takes part
+    record: dict[str, float] | None = None
+    if rank == 0:
+        t0 = time.perf_counter()
+        cfg = HeldoutConfig.from_run_config(run, num_candidates=run.eval_candidates)
+        key = str(heldout_data_dir(cfg))
+        if key not in _PERIODIC_IMAGES:
+            _PERIODIC_IMAGES[key], _ = prepare_heldout(cfg)
+        images = _PERIODIC_IMAGES[key]
+        if live:
+            model = module
+        else:
+            model = SohoForPretraining(module.config, load_pretrained=False)
+            model.load_state_dict(state_dict, strict=True)
+            model.to(device)
+        collator = TaskCollator(TaskDataConfig(max_image_side=cfg.image_size,
+                                               pad_multiple=model.config.encoder.total_stride,
+                                               max_text_len=cfg.max_text_len))
+        was_training = model.training
+        model.eval()
+        try:
+            itm = heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed, device)
+            result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size, device=device)
+        finally:
+            model.train(was_training)
+        export_recall(metrics, result)
+        record = {f"eval_{d}_r{k}": v / 100.0 for d, rec in result.recalls.items() for k, v in rec.items()}
+        record.update({"eval_itm_acc": itm["itm_acc"], "eval_candidates": len(images),
+                       "eval_seconds": round(time.perf_counter() - t0, 3)})
+        logger.info("held-out eval (%d candidates): ITM acc %.3f, i2t R@1 %.3f, t2i R@1 %.3f (%.1f s)", len(images),
+                    record["eval_itm_acc"], record["eval_i2t_r1"], record["eval_t2i_r1"], record["eval_seconds"])
+    if world > 1:
+        box = [record]
+        dist.broadcast_object_list(box, src=0)
+        record = box[0]
+    assert record is not None
+    return record
 
 
 def evaluate_export(model_dir: str | Path, cfg: HeldoutConfig) -> dict[str, Any]:

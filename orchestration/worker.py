@@ -485,6 +485,10 @@ class _Trainer:
                 if self.rank == 0:
                     logger.info("data exhausted after %d loader epochs at step %d", self.loader.epoch, self.step)
                 break
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:  # held-out eval (rank 0; ranks wait)
+                from orchestration.heldout_eval import periodic_heldout_eval
+
+                self.history[-1].update(periodic_heldout_eval(self.cfg, self.engine, self.metrics, self.device))
             final = self.step >= self.cfg.max_steps
             if final or self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint(final=final)
