@@ -121,6 +121,8 @@ class TransformerConfig:
     vocab_size: int = 30522
     hidden_size: int = 384
     num_layers: int = 6
+    """With a pretrained ``name_or_path`` it may be below that model's depth: its first ``num_layers`` layers
+    are loaded (truncated init, e.g. 2 of MiniLM's 6 for CPU recipes); more is an error."""
     num_heads: int = 12
     intermediate_size: int = 1536
     max_text_len: int = 512

@@ -75,6 +75,8 @@ def build_bert(cfg: TransformerConfig, load_pretrained: bool) -> BertModel:
         return BertModel(bert_config(cfg), add_pooling_layer=True)
     pretrained_cfg = BertConfig.from_pretrained(cfg.name_or_path)
     for ours, theirs in _ARCH_FIELDS.items():
+        if ours == "num_layers" and 1 <= cfg.num_layers <= pretrained_cfg.num_hidden_layers:
+            continue  # fewer layers: the first num_layers pretrained layers are loaded (truncated init)
         if getattr(cfg, ours) != getattr(pretrained_cfg, theirs):
             raise ValueError(
                 f"TransformerConfig.{ours}={getattr(cfg, ours)} does not match {theirs}="
@@ -84,6 +86,7 @@ def build_bert(cfg: TransformerConfig, load_pretrained: bool) -> BertModel:
     model = BertModel.from_pretrained(
         cfg.name_or_path,
         add_pooling_layer=True,
+        num_hidden_layers=cfg.num_layers,
         attn_implementation=cfg.attn_implementation,
         hidden_dropout_prob=cfg.hidden_dropout,
         attention_probs_dropout_prob=cfg.attention_dropout,

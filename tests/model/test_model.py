@@ -155,6 +155,24 @@ def test_small_preset_text_embeddings_are_the_minilm_weights() -> None:
     assert grid.proj.out_channels == 384 and grid.total_stride == 64
 
 
+def test_pretrained_text_model_truncated_to_fewer_layers() -> None:
+    """num_layers below the pretrained BERT's: its first num_layers layers are loaded, the rest dropped;
+    more layers than it has is an error naming the field."""
+    import dataclasses
+
+    cfg = dataclasses.replace(soho_small().transformer, num_layers=2)
+    enc = CrossModalEncoder(cfg)
+    ref = load_file(str(Path(default_text_model_path()) / "model.safetensors"))
+    bert = enc.bert.state_dict()
+    assert len(enc.bert.encoder.layer) == 2
+    assert not any(k.startswith("encoder.layer.2.") for k in bert)
+    for name in ("encoder.layer.0.attention.self.query.weight", "encoder.layer.1.output.dense.weight",
+                 "embeddings.word_embeddings.weight", "pooler.dense.weight"):
+        assert torch.equal(bert[name], ref[name]), name
+    with pytest.raises(ValueError, match="num_layers=7"):
+        CrossModalEncoder(dataclasses.replace(soho_small().transformer, num_layers=7))
+
+
 def test_pretraining_losses_are_finite_with_gradients_and_replay() -> None:
     torch.manual_seed(0)
     pt = SohoForPretraining(soho_tiny()).train()
