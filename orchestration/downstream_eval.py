@@ -208,10 +208,9 @@ def pretraining_retrieval_eval(
 
         def score(img_idx: torch.Tensor, txt_idx: torch.Tensor) -> torch.Tensor:
             v = visual[img_idx.to(device)]
-            _, pooled = soho.fuse(
-                text["input_ids"][txt_idx], text["attention_mask"][txt_idx], v.tokens, v.mask, v.grid
-            )
-            logits = model.itm_head(pooled).float()
+            ids, am = text["input_ids"][txt_idx], text["attention_mask"][txt_idx]
+            hidden, pooled = soho.fuse(ids, am, v.tokens, v.mask, v.grid)
+            logits = model.itm_head(pooled, hidden, am, v.mask).float()
             return logits[:, 1] - logits[:, 0]
 
         result, _ = exhaustive_retrieval(score, torch.tensor(owner), len(images), ks, batch_size)

@@ -188,6 +188,10 @@ class PretrainConfig:
     """Off = the swap partner is uniform over the other samples. On = partners are drawn with probability
     ∝ exp(cos-sim / temperature) between mean visual features: captions of similar-looking images."""
     hard_negative_temperature: float = 0.1
+    itm_interaction: bool = False
+    """False = the paper's ITM head φ([CLS]). True = φ([CLS]) + an MLP over the product and difference of the
+    mean text and mean visual outputs of the same pass (``soho.heads.ITMHead``): lets a randomly initialised
+    transformer leave the ITM plateau (the CPU recipe); pretrained text+vision backbones do not need it."""
     mvm_head_tied: bool = False
     """False = MVM classifier is a free k-way linear layer; True = its weights are the VD codebook (dot
     product with the current codes)."""

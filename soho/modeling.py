@@ -187,7 +187,7 @@ class SohoForPretraining(nn.Module):
         c, t = config.transformer.hidden_size, config.transformer
         self.mlm_head = MLMHead(c, t.vocab_size, t.layer_norm_eps)
         self.mvm_head = MVMHead(c, config.vd.num_codes, t.layer_norm_eps, tied=config.pretrain.mvm_head_tied)
-        self.itm_head = ITMHead(c)
+        self.itm_head = ITMHead(c, interaction=config.pretrain.itm_interaction)
 
     def forward(
         self,
@@ -240,7 +240,7 @@ class SohoForPretraining(nn.Module):
         mvm_logits = self.mvm_head(vis_h[mvm_sel], soho.visual_dictionary.codebook)
         mvm_loss, mvm_acc, mvm_n = _masked_ce(mvm_logits, vd.indices[mvm_sel])  # target: index before masking
 
-        itm_logits = self.itm_head(pooled)
+        itm_logits = self.itm_head(pooled, hidden, am, visual_mask)
         itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
         itm_acc = (itm_logits.detach().argmax(-1) == itm_labels).float().mean()
 
@@ -265,7 +265,10 @@ class SohoForPretraining(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, 2) match logits without any masking, for retrieval and evaluation."""
-        return self.itm_head(self.soho(pixel_values, pixel_mask, input_ids, attention_mask).pooled)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        out = self.soho(pixel_values, pixel_mask, input_ids, attention_mask)
+        return self.itm_head(out.pooled, out.last_hidden_state, attention_mask, out.visual_mask)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return _save(self, self.config, directory, "SohoForPretraining")

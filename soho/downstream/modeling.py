@@ -26,7 +26,7 @@ from torch import nn
 
 from soho.config import SohoConfig
 from soho.downstream.heads import ContrastiveProjection, MLPClassifier, info_nce_loss, vqa_bce_loss
-from soho.heads import ITMHead
+from soho.heads import ITMHead, masked_mean
 from soho.modeling import SohoModel
 
 logger = logging.getLogger(__name__)
@@ -231,11 +231,6 @@ class RetrievalOutput:
     itm_acc: torch.Tensor
 
 
-def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask[..., None].to(hidden.dtype)  # (B, S, 1)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1)  # (B, C)
-
-
 class SohoForRetrieval(_TaskModel):
     """Image-text retrieval: ITM score for ranking, contrastive projections for the prefilter.
 
@@ -250,7 +245,7 @@ class SohoForRetrieval(_TaskModel):
         super().__init__(config, load_pretrained)
         c = config.transformer.hidden_size
         self.embed_dim = embed_dim
-        self.itm_head = ITMHead(c)
+        self.itm_head = ITMHead(c, interaction=config.pretrain.itm_interaction)
         self.projection = ContrastiveProjection(c, c, embed_dim)
 
     def task_args(self) -> dict[str, Any]:
@@ -280,7 +275,7 @@ class SohoForRetrieval(_TaskModel):
         cfg = self.config.transformer
         ids = torch.tensor([[cfg.cls_token_id, cfg.sep_token_id]], device=dev).expand(n, 2)
         hidden, _ = self.soho.fuse(ids, torch.ones_like(ids), visual.tokens, visual.mask, visual.grid)
-        return self.projection.embed_image(_masked_mean(hidden[:, 2:], visual.mask))
+        return self.projection.embed_image(masked_mean(hidden[:, 2:], visual.mask))
 
     def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Text-only pass (one masked-out visual slot, so nothing visual is attended) → mean → projection."""
@@ -289,15 +284,15 @@ class SohoForRetrieval(_TaskModel):
         none = torch.zeros(n, 1, dtype=torch.bool, device=input_ids.device)
         hidden, _ = self.soho.fuse(input_ids, attention_mask, dummy, none, (1, 1))
         return self.projection.embed_text(
-            _masked_mean(hidden[:, : input_ids.shape[1]], attention_mask.bool())
+            masked_mean(hidden[:, : input_ids.shape[1]], attention_mask.bool())
         )
 
     def itm_score(
         self, visual: VisualTokens, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> torch.Tensor:
         """(P,) match log-odds, logit[match] − logit[no match], for aligned rows of images and texts."""
-        _, pooled = self.soho.fuse(input_ids, attention_mask, visual.tokens, visual.mask, visual.grid)
-        logits = self.itm_head(pooled).float()
+        hidden, pooled = self.soho.fuse(input_ids, attention_mask, visual.tokens, visual.mask, visual.grid)
+        logits = self.itm_head(pooled, hidden, attention_mask, visual.mask).float()
         return logits[:, 1] - logits[:, 0]
 
     # -- training -----------------------------------------------------------------------------------------
@@ -329,14 +324,14 @@ class SohoForRetrieval(_TaskModel):
         img_idx = torch.cat([rows, rows, neg_image])  # (3B,): positives, image→hard text, text→hard image
         txt_idx = torch.cat([rows, neg_text, rows])
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(input_ids.device)
-        _, pooled = self.soho.fuse(
+        hidden, pooled = self.soho.fuse(
             input_ids[txt_idx],
             attention_mask[txt_idx],
             visual.tokens[img_idx],
             visual.mask[img_idx],
             visual.grid,
         )
-        itm_logits = self.itm_head(pooled).float()
+        itm_logits = self.itm_head(pooled, hidden, attention_mask[txt_idx], visual.mask[img_idx]).float()
         # Weight positives ×2 so the classes count equally (B positives vs 2B negatives).
         itm_loss = F.cross_entropy(itm_logits, labels, weight=torch.tensor([1.0, 2.0], device=labels.device))
         itm_acc = (itm_logits.argmax(-1) == labels).float().mean().detach()

@@ -199,3 +199,47 @@ def test_pretraining_losses_are_finite_with_gradients_and_replay() -> None:
     a = pt(**batch, generator=torch.Generator().manual_seed(3))
     b = pt(**batch, generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.loss, b.loss) and torch.equal(a.itm_labels, b.itm_labels)
+
+
+def test_itm_interaction_head_uses_masked_modality_means() -> None:
+    """φ([CLS]) + MLP([t̄⊙v̄, |t̄−v̄|]) with means over real positions only; padding cannot move the logits;
+    missing inputs are an error; the option round-trips through save/load and itm_logits."""
+    from soho.heads import ITMHead
+
+    torch.manual_seed(0)
+    head = ITMHead(8, interaction=True)
+    pooled, hidden = torch.randn(2, 8), torch.randn(2, 3 + 4, 8)
+    am = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    vm = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    t = torch.stack([hidden[0, :2].mean(0), hidden[1, :3].mean(0)])
+    v = torch.stack([hidden[0, 3:6].mean(0), hidden[1, 3:].mean(0)])
+    expected = head.classifier(pooled) + head.interaction(torch.cat([t * v, (t - v).abs()], -1))
+    torch.testing.assert_close(head(pooled, hidden, am, vm), expected)
+    moved = hidden.clone()
+    moved[0, 2] += 100.0  # padded text position
+    moved[0, 6] -= 100.0  # padded visual position
+    torch.testing.assert_close(head(pooled, moved, am, vm), expected)
+    with pytest.raises(ValueError, match="interaction=True"):
+        head(pooled)
+    assert ITMHead(8).interaction is None
+
+    cfg = soho_tiny()
+    cfg.pretrain.itm_interaction = True
+    model = SohoForPretraining(cfg).eval()
+    batch = _batch(b=3)
+    out = model(**batch, generator=torch.Generator().manual_seed(1))
+    out.loss.backward()
+    assert model.itm_head.interaction[0].weight.grad.abs().sum() > 0
+    logits = model.itm_logits(**batch)
+    soho_out = model.soho(**batch)
+    torch.testing.assert_close(
+        logits, model.itm_head(soho_out.pooled, soho_out.last_hidden_state, batch["attention_mask"], soho_out.visual_mask)
+    )
+    assert logits.shape == (3, 2)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save_pretrained(d)
+        again = SohoForPretraining.from_pretrained(d).eval()
+    assert again.config.pretrain.itm_interaction
+    torch.testing.assert_close(again.itm_logits(**batch), logits)
