@@ -303,6 +303,12 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if cfg.engine == "deepspeed":
         import deepspeed
 
+        if not cfg.use_gpu:
+            # As in pre-training (orchestration.worker): skip the CPU backend's JIT-compiled shared-memory
+            # all-reduce (minutes of C++ under a file lock every starting worker waits on); gloo is enough.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, dist_init_required=False,
                                                config=build_deepspeed_config(run_cfg, world))  # fmt: skip
     else:
@@ -397,16 +403,42 @@ def _ray_entry(config: dict[str, Any]) -> None:
     finetune_worker(FinetuneConfig(**config["finetune_config"]))
 
 
+_PATH_FIELDS = ("init", "checkpoint", "data", "train_file", "eval_file", "train_annotations", "eval_annotations",
+                "image_dir", "output")
+
+
+def _absolute_paths(cfg: FinetuneConfig) -> FinetuneConfig:
+    """Local paths resolved against the driver's directory: Ray Train workers run in their own directory."""
+    changes = {name: os.path.abspath(value) for name in _PATH_FIELDS
+               if (value := getattr(cfg, name)) and "://" not in value}  # fmt: skip
+    return dataclasses.replace(cfg, **changes)
+
+
 def launch_ray(cfg: FinetuneConfig) -> dict[str, Any]:
-    """The same worker on Ray Train (gloo on CPU, NCCL on GPU); returns rank 0's results.json."""
+    """The same worker on Ray Train (gloo on CPU, NCCL on GPU); returns rank 0's results.json.
+
+    Joins an initialised Ray, else $RAY_ADDRESS, else a `ray start` cluster on this machine, else starts a
+    local one (as pre-training's launcher does)."""
     import ray
     from ray.train import RunConfig as RayRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu"}})
-    cfg = dataclasses.replace(cfg, output=os.path.abspath(cfg.output), progress=False)
+    started = not ray.is_initialized()
+    if started:
+        env_vars = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "PYTHONUNBUFFERED": "1"}
+        for key in ("SOHO_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            if key in os.environ:
+                env_vars[key] = os.environ[key]
+        kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], **kwargs)
+        else:
+            try:
+                ray.init(address="auto", **kwargs)
+            except ConnectionError:
+                ray.init(num_cpus=max(cfg.num_workers, os.cpu_count() or 1), include_dashboard=False, **kwargs)
+    cfg = dataclasses.replace(_absolute_paths(cfg), progress=False)
     trainer = TorchTrainer(
         _ray_entry,
         train_loop_config={"finetune_config": dataclasses.asdict(cfg)},
@@ -416,8 +448,12 @@ def launch_ray(cfg: FinetuneConfig) -> dict[str, Any]:
             name=f"finetune-{cfg.task}", storage_path=os.path.abspath(os.path.join(cfg.output, "ray"))
         ),
     )
-    trainer.fit()
-    return json.loads((Path(cfg.output) / RESULTS_NAME).read_text())
+    try:
+        trainer.fit()
+        return json.loads((Path(cfg.output) / RESULTS_NAME).read_text())
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
