@@ -121,11 +121,19 @@ def test_retrieval_fast_equals_exhaustive_at_k_n(synthetic: dict, tmp_path: Path
     print(f"retrieval k=4: fast {small.flat()} vs exhaustive {full.flat()}")
 
 
+# Re-measured 2026-11-28 with one thread (taskset -c 1, OMP_NUM_THREADS=1): this test ties 0.281 vs 0.281 (twice,
+# deterministic); it XPASSed in the last two full CI runs (unpinned, other thread counts), so its outcome
+# depends on the run's float rounding, not on a reliable effect. Larger budgets (same data, warm vs scratch soft accuracy) were no more conclusive:
+# pre-training 40/80/150 steps × VQA 20/40/80 steps × lr 5e-4/1e-3 tie at the answer prior (0.281 or 0.177) except
+# pre 40/VQA 80/lr 1e-3 (0.344 vs 0.281); VQA 150/300 steps: pre 40 → 0.323 vs 0.458, 0.458 vs 0.458, 0.510 vs
+# 0.469, 0.458 vs 0.510; pre 100 → 0.458 vs 0.458 (×2), 0.510 vs 0.469, 0.542 vs 0.510 (lr 1e-3, seed 0) but
+# seeds 1 and 2 of that setting give 0.479 vs 0.479 (a tie) and 0.479 vs 0.469 (one question of 96). So no
+# budget that fits a test shows a reliable strict gain yet; the assertion stays the target, the marker non-strict.
 @pytest.mark.xfail(
     strict=False,
-    reason="open (issue 6): with a 40-step pre-training and 20-step VQA budget both runs learn only the "
-    "answer prior (soft accuracy 0.177 vs 0.177, measured 2026-11-28); the assertion stays the target; an XPASS "
-    "in the summary means the marker must go",
+    reason="open (issue 6): no test-sized budget shows a reliable pre-training gain on synthetic VQA (1 thread: "
+    "0.281 vs 0.281; larger budgets and other seeds tie or flip, see the comment above); the assertion stays the "
+    "target; an XPASS alone (e.g. with another thread count) is not evidence enough to drop the marker",
 )
 def test_pretraining_helps_vqa(synthetic: dict, tmp_path: Path) -> None:
     from data_pipeline.loader import LoaderConfig, PretrainLoader
