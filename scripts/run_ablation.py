@@ -48,8 +48,11 @@ def run_variant(config: Path, name: str, overrides: list[str], data_url: str, st
     """Train one variant in a fresh process; returns its summary and step history."""
     base = RunConfig.from_dict(load_yaml(config), source=str(config))
     all_overrides = [*base.model_overrides, *overrides]
+    # With --eval-every in the recipe the run needs the embedded data (the only kind with a held-out split);
+    # its pre-training scenes are the same as data_url's (held-out scenes come from their own stream).
+    data = [] if base.eval_every else ["--data", data_url]
     cmd = [sys.executable, "-m", "soho.train", "--config", str(config), "--launcher", "local",
-           "--num-workers", "1", "--data", data_url, "--storage-path", str(storage), "--run-name", name,
+           "--num-workers", "1", *data, "--storage-path", str(storage), "--run-name", name,
            "--metrics-port", "-1", *extra_flags]
     if all_overrides:
         cmd += ["--model-overrides", ",".join(all_overrides)]
@@ -86,7 +89,8 @@ def plot_results(results: dict[str, Any], out_dir: Path, prefix: str) -> list[Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     variants = results["variants"]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), dpi=90)
+    has_eval = any("eval_itm_acc" in r for rec in variants.values() for r in rec["history"])
+    fig, axes = plt.subplots(1, 4 if has_eval else 3, figsize=(21 if has_eval else 16, 4.5), dpi=90)
     for name, rec in variants.items():
         hist = rec["history"]
         steps = [r["step"] for r in hist]
@@ -107,6 +111,15 @@ def plot_results(results: dict[str, Any], out_dir: Path, prefix: str) -> list[Pa
             if len(variants) == 1 and "vd_dead_codes" in hist[0]:
                 axes[2].plot(steps, [r["vd_dead_codes"] / k for r in hist], linestyle=":",
                              label="dead codes / k")
+        evals = [r for r in hist if "eval_itm_acc" in r]  # --eval-every entries (held-out, 0..1)
+        if has_eval and evals:
+            es = [r["step"] for r in evals]
+            axes[3].plot(es, [r["eval_itm_acc"] for r in evals], marker="o", label=f"{name}: ITM acc")
+            axes[3].plot(es, [r["eval_t2i_r1"] for r in evals], marker="s", linestyle="--", label=f"{name}: t2i R@1")
+            axes[3].plot(es, [r["eval_i2t_r1"] for r in evals], marker="^", linestyle=":", label=f"{name}: i2t R@1")
+    if has_eval:
+        axes[3].set_title("held-out scenes during training (100 candidates)")
+        axes[3].set_ylim(0, 1.02)
     axes[0].set_title("training losses (trailing mean)")
     axes[1].set_title("training-batch accuracies (trailing mean)")
     axes[2].set_title("visual dictionary health")
