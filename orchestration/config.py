@@ -23,7 +23,8 @@ from orchestration.metrics import DEFAULT_METRICS_PORT
 
 PRESETS = ("tiny", "small", "base")
 PRECISIONS = ("fp32", "bf16", "fp16")
-LR_SCHEDULES = ("cosine", "linear", "constant")
+LR_SCHEDULES = ("cosine", "linear", "constant", "step")
+BACKBONE_OPTIMIZERS = ("adamw", "sgd")
 LAUNCHERS = ("ray", "local")
 
 # Bump when the synthetic generator's output changes, so an old cache is never reused silently.
@@ -102,12 +103,34 @@ class RunConfig:
         default=None, metadata=_opt("peak learning rate of the ResNet trunk (default: --lr)")
     )
     weight_decay: float = field(default=0.01, metadata=_opt("AdamW weight decay (not on biases/norms)"))
+    backbone_optimizer: str = field(
+        default="adamw",
+        metadata=_opt("optimizer of the ResNet trunk: adamw (one AdamW for everything) or sgd (the paper: SGD with "
+                      "momentum for the trunk, AdamW for the rest, in one hybrid optimizer)",
+                      choices=BACKBONE_OPTIMIZERS),
+    )
+    backbone_momentum: float = field(default=0.9, metadata=_opt("--backbone-optimizer sgd: SGD momentum"))
+    backbone_weight_decay: float | None = field(
+        default=None,
+        metadata=_opt("weight decay of the ResNet trunk (not on biases/norms); with sgd it is added to the "
+                      "gradient as torch.optim.SGD does (paper: 1e-4); default: --weight-decay"),
+    )
     adam_beta1: float = field(default=0.9, metadata=_opt("AdamW beta1"))
     adam_beta2: float = field(default=0.98, metadata=_opt("AdamW beta2"))
     grad_clip: float = field(default=1.0, metadata=_opt("gradient norm clip (0 = off)"))
     warmup_steps: int = field(default=20, metadata=_opt("linear learning-rate warm-up steps"))
-    lr_schedule: str = field(default="cosine", metadata=_opt("decay after warm-up", choices=LR_SCHEDULES))
+    lr_schedule: str = field(
+        default="cosine",
+        metadata=_opt("decay after warm-up: cosine/linear to --min-lr-ratio, constant, or step (x --lr-step-gamma "
+                      "at each of --lr-milestones)", choices=LR_SCHEDULES),
+    )
     min_lr_ratio: float = field(default=0.1, metadata=_opt("final lr as a fraction of the peak"))
+    lr_milestones: list[int] = field(
+        default_factory=list,
+        metadata=_opt("--lr-schedule step: comma-separated optimizer steps (increasing, > 0) from which the lr is "
+                      "multiplied by --lr-step-gamma once more each (0-based step index, as torch's MultiStepLR)"),
+    )
+    lr_step_gamma: float = field(default=0.1, metadata=_opt("--lr-schedule step: lr multiplier at each milestone"))
     freeze_backbone_epochs: int = field(
         default=0, metadata=_opt("cold start: ResNet trunk frozen for the first N loader epochs")
     )
@@ -217,6 +240,19 @@ class RunConfig:
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r} must be >= 0")
         need(self.lr > 0, f"lr={self.lr!r} must be > 0")
         need(self.backbone_lr is None or self.backbone_lr >= 0, f"backbone_lr={self.backbone_lr!r} must be >= 0")
+        need(self.backbone_optimizer in BACKBONE_OPTIMIZERS,
+             f"backbone_optimizer={self.backbone_optimizer!r} must be one of {BACKBONE_OPTIMIZERS}")
+        need(0.0 <= self.backbone_momentum < 1.0, f"backbone_momentum={self.backbone_momentum!r} must be in [0, 1)")
+        need(self.backbone_weight_decay is None or self.backbone_weight_decay >= 0,
+             f"backbone_weight_decay={self.backbone_weight_decay!r} must be >= 0")
+        need(0.0 < self.lr_step_gamma <= 1.0, f"lr_step_gamma={self.lr_step_gamma!r} must be in (0, 1]")
+        need(all(m > 0 for m in self.lr_milestones), f"lr_milestones={self.lr_milestones!r} must all be > 0")
+        need(all(a < b for a, b in zip(self.lr_milestones, self.lr_milestones[1:], strict=False)),
+             f"lr_milestones={self.lr_milestones!r} must be strictly increasing")
+        need(self.lr_schedule == "step" or not self.lr_milestones,
+             f"lr_milestones={self.lr_milestones!r} only apply to lr_schedule=step (got {self.lr_schedule!r})")
+        need(self.lr_schedule != "step" or bool(self.lr_milestones),
+             "lr_milestones must be given with lr_schedule=step (e.g. --lr-milestones 25000,35000)")
         need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         need(self.vd_decay is None or 0.0 < self.vd_decay < 1.0, f"vd_decay={self.vd_decay!r} must be in (0, 1)")
         need(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs!r} must be >= 1")

@@ -1,4 +1,5 @@
-"""Optimizer groups (ResNet trunk vs the rest, decay vs no decay) and the per-step learning rate.
+"""Optimizer groups (ResNet trunk vs the rest, decay vs no decay; the trunk's optimizer kind) and the per-step
+learning rate.
 
 The schedule is a pure function of the step (and of the loader epoch for the cold start), so it needs no
 state of its own in a checkpoint: a resumed run recomputes the same learning rates.
@@ -39,8 +40,13 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: RunConfig) -> tuple[list[dict], list[GroupSpec]]:
-    """AdamW parameter groups and their specs (same order). Every parameter is included, frozen or not,
-    so that ZeRO's flat buffers cover the trunk when the cold start ends."""
+    """Optimizer parameter groups and their specs (same order). Every parameter is included, frozen or not,
+    so that ZeRO's flat buffers cover the trunk when the cold start ends.
+
+    Each group carries ``"optimizer"``: ``cfg.backbone_optimizer`` for the trunk, ``"adamw"`` for the rest
+    (read by :class:`orchestration.optim.HybridSGDAdamW`; torch's AdamW ignores it), and its weight decay:
+    ``backbone_weight_decay`` (default ``weight_decay``) for the trunk, 0 on biases/norms. SGD groups also
+    carry ``momentum``."""
     backbone = backbone_parameter_names(model)
     buckets: dict[GroupSpec, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -50,7 +56,12 @@ def param_groups(model: nn.Module, cfg: RunConfig) -> tuple[list[dict], list[Gro
     specs: list[GroupSpec] = []
     for spec in sorted(buckets, key=lambda s: (s.name, not s.decay)):
         peak = base_lr(cfg, spec)
-        groups.append({"params": buckets[spec], "lr": peak, "weight_decay": cfg.weight_decay if spec.decay else 0.0})
+        kind = cfg.backbone_optimizer if spec.name == "backbone" else "adamw"
+        group = {"params": buckets[spec], "lr": peak, "weight_decay": group_weight_decay(cfg, spec),
+                 "optimizer": kind}
+        if kind == "sgd":
+            group["momentum"] = cfg.backbone_momentum
+        groups.append(group)
         specs.append(spec)
     return groups, specs
 
@@ -61,9 +72,23 @@ def base_lr(cfg: RunConfig, spec: GroupSpec) -> float:
     return cfg.lr
 
 
+def group_weight_decay(cfg: RunConfig, spec: GroupSpec) -> float:
+    if not spec.decay:
+        return 0.0
+    if spec.name == "backbone" and cfg.backbone_weight_decay is not None:
+        return cfg.backbone_weight_decay
+    return cfg.weight_decay
+
+
 def lr_factor(cfg: RunConfig, step: int) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then
-    cosine / linear decay to ``min_lr_ratio``, or constant."""
+    cosine / linear decay to ``min_lr_ratio``, constant, or step: ``lr_step_gamma`` to the power of the
+    number of ``lr_milestones`` reached (``step >= m``, as torch's MultiStepLR; a milestone inside the
+    warm-up also scales the ramp)."""
+    if cfg.lr_schedule == "step":
+        passed = sum(1 for m in cfg.lr_milestones if step >= m)
+        ramp = (step + 1) / cfg.warmup_steps if cfg.warmup_steps and step < cfg.warmup_steps else 1.0
+        return ramp * cfg.lr_step_gamma**passed
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":

@@ -205,8 +205,14 @@ class _Trainer:
             # gives every stage the same model; the visual dictionary keeps its buffers fp32 by design.
             model = model.to(torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
         groups, self.group_specs = param_groups(model, cfg)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.weight_decay)
+        if cfg.backbone_optimizer == "sgd":  # the paper's: SGD+momentum trunk, AdamW rest, one client optimizer
+            from orchestration.optim import HybridSGDAdamW
+
+            optimizer = HybridSGDAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                       weight_decay=cfg.weight_decay, momentum=cfg.backbone_momentum)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                          weight_decay=cfg.weight_decay)
         if not cfg.use_gpu and not cfg.ds_cpu_shm_comm:
             # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`) when its
             # comm layer starts: minutes of C++ on a fresh machine, under a file lock every starting worker
