@@ -45,7 +45,13 @@ from orchestration.config import RunConfig, default_cache_dir
 from orchestration.downstream_eval import evaluate_classification, evaluate_retrieval, evaluate_vqa
 from orchestration.ds_config import build_deepspeed_config
 from orchestration.schedule import apply_lr, param_groups
-from orchestration.worker import ensure_process_group, step_generator, sum_over_ranks, unwrap
+from orchestration.worker import (
+    destroy_process_group,
+    ensure_process_group,
+    step_generator,
+    sum_over_ranks,
+    unwrap,
+)
 from soho import get_preset
 from soho.downstream.modeling import TASK_MODELS, load_task_model
 from soho.downstream.vqa import AnswerVocab
@@ -277,7 +283,7 @@ def finetune_worker(cfg: FinetuneConfig) -> dict[str, Any]:
         return _finetune(cfg)
     finally:
         if created:
-            dist.destroy_process_group()
+            destroy_process_group()
 
 
 def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:

@@ -61,7 +61,7 @@ def launch_local(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     """Train in this process (one rank of torchrun when WORLD_SIZE is set). Rank 0 writes the summary."""
     import torch.distributed as dist
 
-    from orchestration.worker import ensure_process_group, train_loop
+    from orchestration.worker import destroy_process_group, ensure_process_group, train_loop
 
     _configure_logging()
     t0 = time.perf_counter()
@@ -89,7 +89,7 @@ def launch_local(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
         return summary
     finally:
         if created:
-            dist.destroy_process_group()
+            destroy_process_group()
 
 
 # --- Ray Train --------------------------------------------------------------------------------------

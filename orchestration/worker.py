@@ -92,7 +92,30 @@ def ensure_process_group(use_gpu: bool) -> bool:
         os.environ.setdefault("LOCAL_RANK", "0")
         dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
                                 world_size=1)
+    release_deepspeed_group_cache()  # a group of an earlier run in this process may still be cached there
     return True
+
+
+def release_deepspeed_group_cache() -> None:
+    """Drop DeepSpeed's cached process-group objects (its clone of the world group, data-parallel groups).
+    They outlive ``torch.distributed.destroy_process_group``; a later group in the same process (tests, a
+    fine-tune after a pre-training) would otherwise hand DeepSpeed a destroyed group ("Group ... is not
+    registered")."""
+    try:
+        from deepspeed.utils import groups
+    except ImportError:  # pragma: no cover - deepspeed is a dependency
+        return
+    release = getattr(groups, "_release_process_group_references", None)
+    if release is not None:
+        release(group=None)
+    else:  # older DeepSpeed: the world-group clone is the cache that bites
+        groups._WORLD_GROUP = None
+
+
+def destroy_process_group() -> None:
+    """Destroy the default group made by :func:`ensure_process_group` and DeepSpeed's references to it."""
+    dist.destroy_process_group()
+    release_deepspeed_group_cache()
 
 
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -526,4 +549,4 @@ def train_loop(cfg: RunConfig, store: CheckpointStore, data_url: str, *, under_r
     finally:
         trainer.close()
         if created:
-            dist.destroy_process_group()
+            destroy_process_group()

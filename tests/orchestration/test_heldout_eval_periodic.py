@@ -35,7 +35,7 @@ def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: p
     from orchestration.checkpoint import EXPORT_DIR, TRAIN_STATE, StorageStore
     from orchestration.heldout_eval import HeldoutConfig, evaluate_model, model_from_checkpoint
     from orchestration.launch import ensure_data
-    from orchestration.worker import _Trainer, ensure_process_group
+    from orchestration.worker import _Trainer, destroy_process_group, ensure_process_group
     from soho import SohoForPretraining
 
     monkeypatch.setenv("SOHO_CACHE_DIR", str(tmp_path / "cache"))
@@ -59,7 +59,7 @@ def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: p
             trainer.close()
     finally:
         if created:
-            dist.destroy_process_group()
+            destroy_process_group()
 
     assert result.step == 6
     evals = {r["step"]: r for r in result.history if "eval_t2i_r1" in r}
