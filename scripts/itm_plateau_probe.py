@@ -4,7 +4,7 @@ Research tool behind docs/RESULTS.md ("Why ITM stayed at chance"): the run's 8,1
 into memory (no loader, no DeepSpeed), the tiny preset trains with AdamW, linear warm-up + cosine to 10 % and
 the recipe's cold start, and the held-out scenes are evaluated every --eval-every steps with the code of
 ``orchestration.heldout_eval``. About 0.35 s/step on one core. Besides model overrides (``-o
-section.key=value``) it probes: --mlm-weight / --itm-weight; --itc W, an ALBEF-style contrastive term on
+section.key=value``) it probes: --mlm-weight / --mvm-weight / --itm-weight; --itc W, an ALBEF-style contrastive term on
 single-modality passes (--itc-tied shares its projection); --vis-ln, a parameter-free LayerNorm on the
 visual content before the position embedding; --cur-steps / --cur-maxlen, a short-caption curriculum.
 Example (the recipe's ITM head):
@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--retrieval", action="store_true", help="also zero-shot retrieval at the last step")
     p.add_argument("--itm-weight", type=float, default=1.0)
     p.add_argument("--mlm-weight", type=float, default=1.0)
+    p.add_argument("--mvm-weight", type=float, default=1.0)
     p.add_argument("--itc", type=float, default=0.0)
     p.add_argument("--itc-dim", type=int, default=128)
     p.add_argument("--itc-tied", action="store_true")
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t_len = int(am.sum(1).max())
         ids, am = ids[:, :t_len], am[:, :t_len]
         out = model(data["pv"][idx], None, ids, am, generator=g)
-        loss = a.mlm_weight * out.mlm_loss + out.mvm_loss + a.itm_weight * out.itm_loss
+        loss = a.mlm_weight * out.mlm_loss + a.mvm_weight * out.mvm_loss + a.itm_weight * out.itm_loss
         itc_loss, itc_acc = torch.zeros(()), 0.0
         if a.itc > 0:
             itc_loss, itc_acc = itc(stash["vd"].quantized, ids, am)
