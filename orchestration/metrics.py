@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS_PORT = 9450
 
-LOSS_TASKS: tuple[str, ...] = ("mlm", "mvm", "itm", "total")
+LOSS_TASKS: tuple[str, ...] = ("mlm", "mvm", "itm", "itc", "total")  # itc only when pretrain.itc_weight > 0
 VD_HEALTH_KEYS: tuple[str, ...] = ("usage_ratio", "perplexity", "dead_codes", "decay")
 EVAL_DIRECTIONS: tuple[str, ...] = ("t2i", "i2t")
 

@@ -44,8 +44,8 @@ from orchestration.schedule import apply_lr, backbone_frozen, param_groups
 
 logger = logging.getLogger(__name__)
 
-LOSS_KEYS = ("loss", "mlm", "mvm", "itm")
-ACC_KEYS = ("mlm_acc", "mvm_acc", "itm_acc")
+LOSS_KEYS = ("loss", "mlm", "mvm", "itm", "itc")  # itc: 0 unless pretrain.itc_weight > 0
+ACC_KEYS = ("mlm_acc", "mvm_acc", "itm_acc", "itc_acc")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -345,15 +345,15 @@ class _Trainer:
         if self.batches_seen in self.cfg.fault_nonfinite_batches:
             loss = loss * float("nan")  # test-only fault: a poisoned batch
         stats = torch.stack([loss.detach().float(), out.mlm_loss.detach().float(), out.mvm_loss.detach().float(),
-                             out.itm_loss.detach().float(), out.mlm_acc.float(), out.mvm_acc.float(),
-                             out.itm_acc.float()])
+                             out.itm_loss.detach().float(), out.itc_loss.detach().float(), out.mlm_acc.float(),
+                             out.mvm_acc.float(), out.itm_acc.float(), out.itc_acc.float()])
         # One small all-reduce per micro-batch gives both the global loss for logging and the global
         # decision to skip: every rank must skip together or ZeRO's gradient reduction would deadlock.
         if self.world_size > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
             stats /= self.world_size
         self.batches_seen += 1
-        if not torch.isfinite(stats[:4]).all():
+        if not torch.isfinite(stats[: len(LOSS_KEYS)]).all():
             vd.load_state_dict(vd_backup)
             self.nonfinite_total += 1
             self.consecutive_nonfinite += 1
@@ -400,7 +400,10 @@ class _Trainer:
         seconds = time.perf_counter() - t0
         vals = dict(zip(LOSS_KEYS + ACC_KEYS, acc.tolist(), strict=True))
         health = visual_dictionary(self.engine).health()
-        self.metrics.observe_step({"total": vals["loss"], "mlm": vals["mlm"], "mvm": vals["mvm"], "itm": vals["itm"]},
+        losses = {"total": vals["loss"], "mlm": vals["mlm"], "mvm": vals["mvm"], "itm": vals["itm"]}
+        if self.model_cfg.pretrain.itc_weight > 0:
+            losses["itc"] = vals["itc"]
+        self.metrics.observe_step(losses,
                                   samples=self.cfg.micro_batch_size * self.cfg.grad_accum,
                                   step_seconds=seconds, data_wait_seconds=wait)
         self.metrics.set_vd_health(health)
@@ -416,10 +419,11 @@ class _Trainer:
                   "data_wait_s": round(wait, 4)}
         self.history.append(record)
         if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == 1 or self.step == self.cfg.max_steps):
+            itc = f" itc {vals['itc']:.4f}" if "itc" in losses else ""
             logger.info(
-                "step %d/%d  loss %.4f (mlm %.4f mvm %.4f itm %.4f)  itm_acc %.2f  %.1f samples/s  "
+                "step %d/%d  loss %.4f (mlm %.4f mvm %.4f itm %.4f%s)  itm_acc %.2f  %.1f samples/s  "
                 "VD usage %.2f perplexity %.1f",
-                self.step, self.cfg.max_steps, vals["loss"], vals["mlm"], vals["mvm"], vals["itm"],
+                self.step, self.cfg.max_steps, vals["loss"], vals["mlm"], vals["mvm"], vals["itm"], itc,
                 vals["itm_acc"], record["samples_per_s"], health["usage_ratio"], health["perplexity"],
             )
         return True

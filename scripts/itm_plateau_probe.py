@@ -4,8 +4,8 @@ Research tool behind docs/RESULTS.md ("Why ITM stayed at chance"): the run's 8,1
 into memory (no loader, no DeepSpeed), the tiny preset trains with AdamW, linear warm-up + cosine to 10 % and
 the recipe's cold start, and the held-out scenes are evaluated every --eval-every steps with the code of
 ``orchestration.heldout_eval``. About 0.35 s/step on one core. Besides model overrides (``-o
-section.key=value``) it probes: --mlm-weight / --mvm-weight / --itm-weight; --itc W, an ALBEF-style contrastive term on
-single-modality passes (--itc-tied shares its projection); --vis-ln, a parameter-free LayerNorm on the
+section.key=value``) it probes: --mlm-weight / --mvm-weight / --itm-weight; --itc W, the model's optional ALBEF-style contrastive
+term (``pretrain.itc_weight``); --vis-ln, a parameter-free LayerNorm on the
 visual content before the position embedding; --cur-steps / --cur-maxlen, a short-caption curriculum.
 Example (the recipe's ITM head):
 
@@ -32,7 +32,6 @@ from orchestration.config import apply_model_overrides
 from orchestration.heldout_eval import HeldoutConfig, evaluate_model, prepare_heldout
 from soho import SohoForPretraining
 from soho.config import get_preset
-from soho.heads import masked_mean
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,12 +49,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--itm-weight", type=float, default=1.0)
     p.add_argument("--mlm-weight", type=float, default=1.0)
     p.add_argument("--mvm-weight", type=float, default=1.0)
-    p.add_argument("--itc", type=float, default=0.0)
-    p.add_argument("--itc-dim", type=int, default=128)
-    p.add_argument("--itc-tied", action="store_true")
+    p.add_argument("--itc", type=float, default=0.0, help="shorthand for -o pretrain.itc_weight=W")
     p.add_argument("--vis-ln", action="store_true")
     p.add_argument("--cur-steps", type=int, default=0)
     p.add_argument("--cur-maxlen", type=int, default=14)
+    p.add_argument("--seed", type=int, default=0, help="model init, batch order and masking")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cache-dir", default="/tmp", help="decoded tensors of the data, kept between runs")
     p.add_argument("--save", help="save the final model here (SohoForPretraining.save_pretrained)")
@@ -92,33 +90,6 @@ def patch_visual_layernorm() -> None:
     emb.VisualEmbeddings.forward = forward
 
 
-class ContrastiveProbe(torch.nn.Module):
-    """--itc: InfoNCE between an image-only and a text-only pass of the same transformer (mean outputs)."""
-
-    def __init__(self, model: SohoForPretraining, dim: int, tied: bool) -> None:
-        super().__init__()
-        c = model.config.transformer.hidden_size
-        self.model = [model]  # not a sub-module: its parameters stay with the model
-        self.image_proj = torch.nn.Linear(c, dim)
-        self.text_proj = self.image_proj if tied else torch.nn.Linear(c, dim)
-        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    def forward(self, visual: torch.Tensor, ids: torch.Tensor, am: torch.Tensor) -> tuple[torch.Tensor, float]:
-        soho, tc = self.model[0].soho, self.model[0].config.transformer
-        n, side = ids.shape[0], int(math.isqrt(visual.shape[1]))
-        vmask = torch.ones(visual.shape[:2], dtype=torch.bool)
-        cls_sep = torch.tensor([[tc.cls_token_id, tc.sep_token_id]]).expand(n, 2)
-        hidden, _ = soho.fuse(cls_sep, torch.ones_like(cls_sep), visual, vmask, (side, side))
-        image = F.normalize(self.image_proj(masked_mean(hidden[:, 2:], vmask)), dim=-1)
-        none = torch.zeros(n, 1, dtype=torch.bool)
-        hidden, _ = soho.fuse(ids, am, torch.zeros(n, 1, visual.shape[-1]), none, (1, 1))
-        text = F.normalize(self.text_proj(masked_mean(hidden[:, : ids.shape[1]], am)), dim=-1)
-        logits = image @ text.t() * self.log_scale.clamp(max=4.6).exp()
-        y = torch.arange(n)
-        loss = 0.5 * (F.cross_entropy(logits, y) + F.cross_entropy(logits.t(), y))
-        return loss, float((logits.argmax(1) == y).float().mean())
-
-
 def lr_at(a: argparse.Namespace, step: int) -> float:
     if step <= a.warmup:
         return a.lr * step / max(1, a.warmup)
@@ -129,27 +100,19 @@ def lr_at(a: argparse.Namespace, step: int) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
+    torch.manual_seed(a.seed)
     hcfg = HeldoutConfig(synthetic_pairs=a.pairs, seed=0, num_candidates=a.eval_n, image_size=a.size,
                          max_text_len=48, batch_size=200)
     images, manifest = prepare_heldout(hcfg)
     if a.vis_ln:
         patch_visual_layernorm()
-    cfg = apply_model_overrides(get_preset("tiny"), a.override)
+    overrides = [*a.override, *([f"pretrain.itc_weight={a.itc}"] if a.itc > 0 else [])]
+    cfg = apply_model_overrides(get_preset("tiny"), overrides)
     model = SohoForPretraining(cfg)
     data = load_pairs(manifest, a, cfg.encoder.total_stride)
     n = data["pv"].shape[0]
-    stash: dict[str, Any] = {}
-    vd_forward = model.soho.visual_dictionary.forward
-
-    def keep_vd_output(*args: Any, **kw: Any) -> Any:
-        stash["vd"] = out = vd_forward(*args, **kw)
-        return out
-
-    model.soho.visual_dictionary.forward = keep_vd_output
-    itc = ContrastiveProbe(model, a.itc_dim, a.itc_tied)
-    opt = torch.optim.AdamW([*model.parameters(), *itc.parameters()], lr=a.lr, weight_decay=0.01)
-    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(a.seed)
     perm, pos = torch.randperm(n, generator=g), 0
     short = ((data["ids"] != 0).sum(1) <= a.cur_maxlen).nonzero().flatten()
     history: list[dict[str, Any]] = []
@@ -169,10 +132,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ids, am = ids[:, :t_len], am[:, :t_len]
         out = model(data["pv"][idx], None, ids, am, generator=g)
         loss = a.mlm_weight * out.mlm_loss + a.mvm_weight * out.mvm_loss + a.itm_weight * out.itm_loss
-        itc_loss, itc_acc = torch.zeros(()), 0.0
-        if a.itc > 0:
-            itc_loss, itc_acc = itc(stash["vd"].quantized, ids, am)
-            loss = loss + a.itc * itc_loss
+        loss = loss + cfg.pretrain.itc_weight * out.itc_loss
+        itc_loss, itc_acc = out.itc_loss, float(out.itc_acc)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -192,6 +192,15 @@ class PretrainConfig:
     """False = the paper's ITM head φ([CLS]). True = φ([CLS]) + an MLP over the product and difference of the
     mean text and mean visual outputs of the same pass (``soho.heads.ITMHead``): lets a randomly initialised
     transformer leave the ITM plateau (the CPU recipe); pretrained text+vision backbones do not need it."""
+    itc_weight: float = 0.0
+    """0 = off (the paper's three tasks). > 0 adds ALBEF's image-text contrastive term with this weight:
+    L += w·InfoNCE between an image-only and a text-only pass of the same transformer (mean outputs →
+    ``soho.heads.ContrastiveProjection``), on the uncorrupted batch. It aligns the single-modality
+    representations before the joint pass has to fuse them ("align before fuse"); on the CPU recipe it
+    brings held-out ITM out of chance within ~250 steps instead of ~500 (docs/RESULTS.md). Retrieval
+    fine-tuning starts its prefilter projection from this one."""
+    itc_embed_dim: int = 256
+    """Width of the shared ITC space (the retrieval prefilter's default)."""
     mvm_head_tied: bool = False
     """False = MVM classifier is a free k-way linear layer; True = its weights are the VD codebook (dot
     product with the current codes)."""
@@ -205,6 +214,10 @@ class PretrainConfig:
             raise ValueError("PretrainConfig.mlm_mask_ratio + mlm_random_ratio must be <= 1")
         if self.hard_negative_temperature <= 0:
             raise ValueError("PretrainConfig.hard_negative_temperature must be > 0")
+        if self.itc_weight < 0:
+            raise ValueError(f"PretrainConfig.itc_weight={self.itc_weight}: must be >= 0 (0 = off)")
+        if self.itc_embed_dim < 1:
+            raise ValueError(f"PretrainConfig.itc_embed_dim={self.itc_embed_dim}: must be positive")
 
 
 _SECTIONS = {

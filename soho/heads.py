@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,3 +98,40 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, N, C), (B, N) → (B, C): mean over positions where ``mask`` is true (zeros for an empty row)."""
     m = mask[..., None].to(x.dtype)
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class ContrastiveProjection(nn.Module):
+    """Light projections of pooled single-modality features into a shared space (ALBEF's ITC).
+
+    The paper's SOHO has no contrastive objective, so its unimodal features are not aligned with each other;
+    these two linear maps (plus a learned temperature) are trained with an in-batch InfoNCE loss — during
+    retrieval fine-tuning for the prefilter (their cosine similarity picks the top-k candidates that the full
+    ITM score reranks), and during pre-training when ``pretrain.itc_weight`` > 0.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int = 256, init_temperature: float = 0.07):
+        super().__init__()
+        self.image_proj = nn.Linear(image_dim, embed_dim)
+        self.text_proj = nn.Linear(text_dim, embed_dim)
+        # log(1/T) as in CLIP, so the temperature stays positive; clamped in `logit_scale` to avoid blow-up.
+        # Shape (1,), not a 0-dim tensor: DeepSpeed's initial parameter broadcast views every parameter as
+        # bytes, which fails on 0-dim tensors ("self.dim() cannot be 0 to view Float as Byte").
+        self.log_inv_temperature = nn.Parameter(torch.full((1,), -math.log(init_temperature)))
+
+    def embed_image(self, pooled_image: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(pooled_image), dim=-1)  # (N, D)
+
+    def embed_text(self, pooled_text: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(pooled_text), dim=-1)  # (N, D)
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.log_inv_temperature.clamp(max=4.6052).exp().squeeze(0)  # () scalar, at most 100 (CLIP's cap)
+
+
+def info_nce_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric in-batch contrastive loss: row i of each side is the positive pair, the rest negatives."""
+    if image_emb.shape != text_emb.shape:
+        raise ValueError(f"image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)} embeddings differ")
+    logits = logit_scale * image_emb @ text_emb.t()  # (B, B)
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))

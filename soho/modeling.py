@@ -19,7 +19,7 @@ from torch import nn
 
 from soho.config import SohoConfig
 from soho.encoder import GridEncoder
-from soho.heads import ITMHead, MLMHead, MVMHead
+from soho.heads import ContrastiveProjection, ITMHead, MLMHead, MVMHead, info_nce_loss, masked_mean
 from soho.masking import mask_tokens, mask_visual, sample_itm_pairs
 from soho.transformer import CrossModalEncoder
 from soho.visual_dictionary import VDOutput, VisualDictionary
@@ -49,7 +49,7 @@ class SohoModelOutput:
 @dataclass
 class PretrainOutput:
     loss: torch.Tensor
-    """mlm_loss + mvm_loss + itm_loss (equal weights)."""
+    """mlm_loss + mvm_loss + itm_loss (equal weights) + pretrain.itc_weight · itc_loss."""
     mlm_loss: torch.Tensor
     mvm_loss: torch.Tensor
     itm_loss: torch.Tensor
@@ -61,6 +61,10 @@ class PretrainOutput:
     mvm_count: torch.Tensor
     itm_labels: torch.Tensor
     """(B,) 1 = matched pair, 0 = caption swapped."""
+    itc_loss: torch.Tensor
+    """InfoNCE of the optional ITC term (0 when ``pretrain.itc_weight`` is 0; unweighted)."""
+    itc_acc: torch.Tensor
+    """In-batch image→text top-1 accuracy of the ITC similarities (0 when off)."""
 
 
 def _save(module: nn.Module, config: SohoConfig, directory: str | Path, kind: str) -> Path:
@@ -125,6 +129,23 @@ class SohoModel(nn.Module):
         """Cross-modal transformer over [text | visual]; returns (hidden (B, T+L, C), pooled (B, C))."""
         return self.transformer(input_ids, attention_mask, visual_tokens, visual_mask, grid, masked_visual)
 
+    def image_only(self, visual_tokens: torch.Tensor, visual_mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Single-modality image pass ([CLS] [SEP] + visual tokens, no caption) → mean visual output (B, C)."""
+        n, cfg = visual_tokens.shape[0], self.config.transformer
+        ids = torch.tensor([[cfg.cls_token_id, cfg.sep_token_id]], device=visual_tokens.device).expand(n, 2)
+        hidden, _ = self.fuse(ids, torch.ones_like(ids), visual_tokens, visual_mask, grid)
+        return masked_mean(hidden[:, 2:], visual_mask)
+
+    def text_only(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Single-modality text pass (one masked-out visual slot, so nothing visual is attended) → mean text
+        output (B, C)."""
+        n, c = input_ids.shape[0], self.config.transformer.hidden_size
+        dtype = self.transformer.word_embeddings.weight.dtype
+        dummy = torch.zeros(n, 1, c, device=input_ids.device, dtype=dtype)
+        none = torch.zeros(n, 1, dtype=torch.bool, device=input_ids.device)
+        hidden, _ = self.fuse(input_ids, attention_mask, dummy, none, (1, 1))
+        return masked_mean(hidden[:, : input_ids.shape[1]], attention_mask.bool())
+
     def set_backbone_trainable(self, flag: bool) -> None:
         """Cold start: False freezes the ResNet trunk (requires_grad and BatchNorm statistics)."""
         self.encoder.set_backbone_trainable(flag)
@@ -188,6 +209,18 @@ class SohoForPretraining(nn.Module):
         self.mlm_head = MLMHead(c, t.vocab_size, t.layer_norm_eps)
         self.mvm_head = MVMHead(c, config.vd.num_codes, t.layer_norm_eps, tied=config.pretrain.mvm_head_tied)
         self.itm_head = ITMHead(c, interaction=config.pretrain.itm_interaction)
+        p = config.pretrain
+        self.itc = ContrastiveProjection(c, c, p.itc_embed_dim) if p.itc_weight > 0 else None
+
+    def itc_embeddings(
+        self, visual_tokens: torch.Tensor, visual_mask: torch.Tensor, grid: tuple[int, int],
+        input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised ITC embeddings (B, D) of the image-only and text-only passes."""
+        if self.itc is None:
+            raise ValueError("itc_embeddings needs pretrain.itc_weight > 0 (the model has no ITC projection)")
+        image = self.itc.embed_image(self.soho.image_only(visual_tokens, visual_mask, grid))
+        return image, self.itc.embed_text(self.soho.text_only(input_ids, attention_mask))
 
     def forward(
         self,
@@ -244,8 +277,18 @@ class SohoForPretraining(nn.Module):
         itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
         itm_acc = (itm_logits.detach().argmax(-1) == itm_labels).float().mean()
 
+        # ITC (optional): single-modality passes on the uncorrupted images and captions of this batch.
+        itc_loss, itc_acc = torch.zeros((), device=itm_loss.device), torch.zeros((), device=itm_loss.device)
+        loss = mlm_loss + mvm_loss + itm_loss
+        if self.itc is not None:
+            image_emb, text_emb = self.itc_embeddings(vd.quantized, visual_mask, grid, input_ids, attention_mask)
+            itc_loss = info_nce_loss(image_emb.float(), text_emb.float(), self.itc.logit_scale())
+            own = torch.arange(b, device=itc_loss.device)
+            itc_acc = ((image_emb.detach() @ text_emb.detach().t()).argmax(dim=1) == own).float().mean()
+            loss = loss + cfg.pretrain.itc_weight * itc_loss
+
         return PretrainOutput(
-            loss=mlm_loss + mvm_loss + itm_loss,
+            loss=loss,
             mlm_loss=mlm_loss,
             mvm_loss=mvm_loss,
             itm_loss=itm_loss,
@@ -255,6 +298,8 @@ class SohoForPretraining(nn.Module):
             mlm_count=mlm_n,
             mvm_count=mvm_n,
             itm_labels=itm_labels,
+            itc_loss=itc_loss,
+            itc_acc=itc_acc.detach(),
         )
 
     def itm_logits(

@@ -1,4 +1,5 @@
-"""Task heads and their losses (paper §4: VQA, NLVR2, SNLI-VE; retrieval prefilter projections).
+"""Task heads and their losses (paper §4: VQA, NLVR2, SNLI-VE; the retrieval prefilter's projections and
+InfoNCE loss live in `soho.heads`, shared with the optional pre-training ITC term, and are re-exported here).
 
 Heads take pooled transformer outputs ([CLS]) and know nothing about images or text; the task models in
 `soho.downstream.modeling` wire them onto `SohoModel`.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from soho.heads import ContrastiveProjection, info_nce_loss
 
 __all__ = [
     "MLPClassifier",
@@ -56,39 +59,3 @@ def vqa_bce_loss(logits: torch.Tensor, target_scores: torch.Tensor) -> torch.Ten
         )
     bce = F.binary_cross_entropy_with_logits(logits.float(), target_scores.float(), reduction="none")
     return bce.sum(dim=1).mean()
-
-
-class ContrastiveProjection(nn.Module):
-    """Light projections of pooled single-modality features into a shared space, for the retrieval prefilter.
-
-    SOHO has no contrastive objective, so its unimodal features are not aligned with each other; these two
-    linear maps (plus a learned temperature) are trained with an in-batch InfoNCE loss during retrieval
-    fine-tuning, and their cosine similarity picks the top-k candidates that the full ITM score reranks.
-    """
-
-    def __init__(self, image_dim: int, text_dim: int, embed_dim: int = 256, init_temperature: float = 0.07):
-        super().__init__()
-        self.image_proj = nn.Linear(image_dim, embed_dim)
-        self.text_proj = nn.Linear(text_dim, embed_dim)
-        # log(1/T) as in CLIP, so the temperature stays positive; clamped in `logit_scale` to avoid blow-up.
-        self.log_inv_temperature = nn.Parameter(
-            torch.tensor(float(-torch.log(torch.tensor(init_temperature))))
-        )
-
-    def embed_image(self, pooled_image: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(pooled_image), dim=-1)  # (N, D)
-
-    def embed_text(self, pooled_text: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(pooled_text), dim=-1)  # (N, D)
-
-    def logit_scale(self) -> torch.Tensor:
-        return self.log_inv_temperature.clamp(max=4.6052).exp()  # at most 100, CLIP's cap
-
-
-def info_nce_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric in-batch contrastive loss: row i of each side is the positive pair, the rest negatives."""
-    if image_emb.shape != text_emb.shape:
-        raise ValueError(f"image {tuple(image_emb.shape)} and text {tuple(text_emb.shape)} embeddings differ")
-    logits = logit_scale * image_emb @ text_emb.t()  # (B, B)
-    target = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))

@@ -26,7 +26,7 @@ from torch import nn
 
 from soho.config import SohoConfig
 from soho.downstream.heads import ContrastiveProjection, MLPClassifier, info_nce_loss, vqa_bce_loss
-from soho.heads import ITMHead, masked_mean
+from soho.heads import ITMHead
 from soho.modeling import SohoModel
 
 logger = logging.getLogger(__name__)
@@ -253,7 +253,9 @@ class SohoForRetrieval(_TaskModel):
 
     @classmethod
     def from_backbone(cls, directory: str | Path, **task_args: Any) -> SohoForRetrieval:
-        """Backbone and, when the export has one, the pre-trained ITM head (``itm_head.*`` keys)."""
+        """Backbone and, when the export has them, the pre-trained ITM head (``itm_head.*`` keys) and the
+        pre-training ITC projection (``itc.*``, when ``pretrain.itc_weight`` > 0 and its width equals
+        ``embed_dim``) as the prefilter's starting point."""
         model = super().from_backbone(directory, **task_args)
         _, state = _read_dir(directory)
         itm = {k[len("itm_head.") :]: v for k, v in state.items() if k.startswith("itm_head.")}
@@ -261,6 +263,12 @@ class SohoForRetrieval(_TaskModel):
             model.itm_head.load_state_dict(itm, strict=True)
         else:
             logger.warning("%s has no ITM head; retrieval starts from a random one", directory)
+        itc = {k[len("itc.") :]: v for k, v in state.items() if k.startswith("itc.")}
+        if itc and itc["image_proj.weight"].shape[0] == model.embed_dim:
+            model.projection.load_state_dict(itc, strict=True)
+        elif itc:
+            logger.warning("%s: ITC width %d != embed_dim %d; the prefilter projection starts random",
+                           directory, itc["image_proj.weight"].shape[0], model.embed_dim)
         return model  # type: ignore[return-value]
 
     # -- pieces -------------------------------------------------------------------------------------------
@@ -270,22 +278,12 @@ class SohoForRetrieval(_TaskModel):
         return VisualTokens(vd.quantized, mask, grid)
 
     def image_embedding(self, visual: VisualTokens) -> torch.Tensor:
-        """Image-only pass ([CLS] [SEP] + visual tokens) → mean of the visual outputs → projection (N, D)."""
-        n, dev = visual.tokens.shape[0], visual.tokens.device
-        cfg = self.config.transformer
-        ids = torch.tensor([[cfg.cls_token_id, cfg.sep_token_id]], device=dev).expand(n, 2)
-        hidden, _ = self.soho.fuse(ids, torch.ones_like(ids), visual.tokens, visual.mask, visual.grid)
-        return self.projection.embed_image(masked_mean(hidden[:, 2:], visual.mask))
+        """Image-only pass (``SohoModel.image_only``) → projection (N, D)."""
+        return self.projection.embed_image(self.soho.image_only(visual.tokens, visual.mask, visual.grid))
 
     def text_embedding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Text-only pass (one masked-out visual slot, so nothing visual is attended) → mean → projection."""
-        n, c = input_ids.shape[0], self.config.transformer.hidden_size
-        dummy = torch.zeros(n, 1, c, device=input_ids.device, dtype=self.projection.text_proj.weight.dtype)
-        none = torch.zeros(n, 1, dtype=torch.bool, device=input_ids.device)
-        hidden, _ = self.soho.fuse(input_ids, attention_mask, dummy, none, (1, 1))
-        return self.projection.embed_text(
-            masked_mean(hidden[:, : input_ids.shape[1]], attention_mask.bool())
-        )
+        """Text-only pass (``SohoModel.text_only``) → projection (N, D)."""
+        return self.projection.embed_text(self.soho.text_only(input_ids, attention_mask))
 
     def itm_score(
         self, visual: VisualTokens, input_ids: torch.Tensor, attention_mask: torch.Tensor

@@ -243,3 +243,54 @@ def test_itm_interaction_head_uses_masked_modality_means() -> None:
         again = SohoForPretraining.from_pretrained(d).eval()
     assert again.config.pretrain.itm_interaction
     torch.testing.assert_close(again.itm_logits(**batch), logits)
+
+
+def test_itc_term_is_infonce_of_the_single_modality_passes(tmp_path: Path) -> None:
+    """pretrain.itc_weight > 0 adds w · InfoNCE(image-only pass, text-only pass) on the uncorrupted batch:
+    the value equals a recomputation from the model's own pieces, the total is the weighted sum, the
+    gradient of ITC alone reaches the trunk (through the VD's straight-through path), and the projection
+    survives save/load and seeds the retrieval prefilter. Off (the default) adds no parameters and 0."""
+    from soho.downstream.modeling import SohoForRetrieval
+    from soho.heads import info_nce_loss
+
+    off = SohoForPretraining(soho_tiny())
+    assert off.itc is None and not any(k.startswith("itc.") for k in off.state_dict())
+    assert off(**_batch(b=3), generator=torch.Generator().manual_seed(0)).itc_loss.item() == 0.0
+
+    cfg = soho_tiny()
+    cfg.pretrain.itc_weight = 0.5
+    model = SohoForPretraining(cfg).eval()  # eval: the VD leaves its codebook alone, so a recomputation matches
+    batch = _batch(b=4)
+    out = model(**batch, generator=torch.Generator().manual_seed(0))
+    feats, vmask, grid = model.soho.encode_image_grid(batch["pixel_values"], batch["pixel_mask"])
+    tokens = model.soho.visual_dictionary(feats, vmask).quantized
+    img = model.itc.embed_image(model.soho.image_only(tokens, vmask, grid))
+    txt = model.itc.embed_text(model.soho.text_only(batch["input_ids"], batch["attention_mask"]))
+    assert img.shape == txt.shape == (4, cfg.pretrain.itc_embed_dim)
+    torch.testing.assert_close(out.itc_loss, info_nce_loss(img, txt, model.itc.logit_scale()))
+    torch.testing.assert_close(out.loss, out.mlm_loss + out.mvm_loss + out.itm_loss + 0.5 * out.itc_loss)
+    own = (img @ txt.t()).argmax(1) == torch.arange(4)
+    assert out.itc_acc.item() == pytest.approx(own.float().mean().item())
+    # one image's tokens change → only its row of the image-only pass changes (rows are independent)
+    moved = tokens.clone()
+    moved[0] += 1.0
+    before, after = model.soho.image_only(tokens, vmask, grid), model.soho.image_only(moved, vmask, grid)
+    assert not torch.allclose(after[0], before[0]) and torch.allclose(after[1:], before[1:], atol=1e-6)
+
+    model.train()
+    model.soho.set_backbone_trainable(True)
+    model(**batch, generator=torch.Generator().manual_seed(0)).itc_loss.backward()
+    trunk = [p.grad for n, p in model.soho.encoder.named_parameters() if p.requires_grad]
+    assert trunk and any(g is not None and g.abs().sum() > 0 for g in trunk)
+    assert model.itc.log_inv_temperature.grad is not None
+
+    model.save_pretrained(tmp_path / "pre")
+    again = SohoForPretraining.from_pretrained(tmp_path / "pre")
+    assert again.config.pretrain.itc_weight == 0.5
+    for name, tensor in model.itc.state_dict().items():
+        assert torch.equal(again.itc.state_dict()[name], tensor)
+    retrieval = SohoForRetrieval.from_backbone(tmp_path / "pre", embed_dim=cfg.pretrain.itc_embed_dim)
+    for name, tensor in model.itc.state_dict().items():
+        assert torch.equal(retrieval.projection.state_dict()[name], tensor)
+    with pytest.raises(ValueError, match="itc_weight"):
+        off.itc_embeddings(tokens, vmask, grid, batch["input_ids"], batch["attention_mask"])
