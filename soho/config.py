@@ -186,7 +186,9 @@ class PretrainConfig:
     """Probability that a sample's caption is swapped with another sample's (ITM negative)."""
     hard_negatives: bool = False
     """Off = the swap partner is uniform over the other samples. On = partners are drawn with probability
-    ∝ exp(cos-sim / temperature) between mean visual features: captions of similar-looking images."""
+    ∝ exp(cos-sim / temperature): with ITC on (``itc_weight`` > 0) the ITC similarity of image i and caption j
+    (ALBEF's mining: captions the contrastive space confuses with the image's own); without it, that of the
+    two images' mean visual features (captions of similar-looking images)."""
     hard_negative_temperature: float = 0.1
     itm_interaction: bool = False
     """False = the paper's ITM head φ([CLS]). True = φ([CLS]) + an MLP over the product and difference of the

@@ -237,9 +237,17 @@ class SohoForPretraining(nn.Module):
         features, visual_mask, grid = soho.encode_image_grid(pixel_values, pixel_mask)  # (B, L, C), (B, L)
         vd = soho.visual_dictionary(features, visual_mask)
 
-        # ITM: swap captions in-batch; hard negatives by similarity of mean visual features.
+        # ITC (optional): single-modality passes on the uncorrupted images and captions of this batch.
+        image_emb = text_emb = None
+        if self.itc is not None:
+            image_emb, text_emb = self.itc_embeddings(vd.quantized, visual_mask, grid, input_ids, attention_mask)
+
+        # ITM: swap captions in-batch. Hard negatives: captions drawn ∝ exp(sim / T) — with ITC on, sim is
+        # the ITC image-text similarity (ALBEF); without it, that of the images' mean visual features.
         similarity = None
-        if cfg.pretrain.hard_negatives:
+        if cfg.pretrain.hard_negatives and image_emb is not None:
+            similarity = image_emb.detach().float() @ text_emb.detach().float().t()  # (B images, B captions)
+        elif cfg.pretrain.hard_negatives:
             m = visual_mask[..., None].to(features.dtype)
             mean = (features.detach() * m).sum(1) / m.sum(1).clamp(min=1)  # (B, C)
             mean = F.normalize(mean.float(), dim=-1)
@@ -277,11 +285,9 @@ class SohoForPretraining(nn.Module):
         itm_loss = F.cross_entropy(itm_logits.float(), itm_labels)
         itm_acc = (itm_logits.detach().argmax(-1) == itm_labels).float().mean()
 
-        # ITC (optional): single-modality passes on the uncorrupted images and captions of this batch.
         itc_loss, itc_acc = torch.zeros((), device=itm_loss.device), torch.zeros((), device=itm_loss.device)
         loss = mlm_loss + mvm_loss + itm_loss
         if self.itc is not None:
-            image_emb, text_emb = self.itc_embeddings(vd.quantized, visual_mask, grid, input_ids, attention_mask)
             itc_loss = info_nce_loss(image_emb.float(), text_emb.float(), self.itc.logit_scale())
             own = torch.arange(b, device=itc_loss.device)
             itc_acc = ((image_emb.detach() @ text_emb.detach().t()).argmax(dim=1) == own).float().mean()

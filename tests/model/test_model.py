@@ -294,3 +294,35 @@ def test_itc_term_is_infonce_of_the_single_modality_passes(tmp_path: Path) -> No
         assert torch.equal(retrieval.projection.state_dict()[name], tensor)
     with pytest.raises(ValueError, match="itc_weight"):
         off.itc_embeddings(tokens, vmask, grid, batch["input_ids"], batch["attention_mask"])
+
+
+def test_hard_negatives_with_itc_follow_the_itc_similarity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pretrain.hard_negatives with ITC on mines ALBEF-style: the swap partners are drawn from the ITC
+    image-text similarity of the batch (not from the visual features), and at a low temperature image i
+    gets the caption the ITC space puts closest to it."""
+    import soho.modeling as modeling
+
+    cfg = soho_tiny()
+    cfg.pretrain.itc_weight = 1.0
+    cfg.pretrain.hard_negatives = True
+    cfg.pretrain.hard_negative_temperature = 1e-4
+    cfg.pretrain.itm_neg_prob = 1.0  # every row a negative
+    model = SohoForPretraining(cfg).eval()  # eval: the VD codebook stays put between passes
+    batch = _batch(b=6, seed=4)
+    feats, vmask, grid = model.soho.encode_image_grid(batch["pixel_values"], batch["pixel_mask"])
+    tokens = model.soho.visual_dictionary(feats, vmask).quantized
+    img, txt = model.itc_embeddings(tokens, vmask, grid, batch["input_ids"], batch["attention_mask"])
+    seen: dict[str, torch.Tensor] = {}
+    original = modeling.sample_itm_pairs
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        out = original(*args, **kwargs)
+        seen["similarity"], seen["text_index"] = args[4], out[0]
+        return out
+
+    monkeypatch.setattr(modeling, "sample_itm_pairs", spy)
+    out = model(**batch, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen["similarity"], (img @ txt.t()).detach())
+    assert out.itm_labels.tolist() == [0] * 6
+    nearest = (img @ txt.t()).detach().fill_diagonal_(-float("inf")).argmax(dim=1)
+    assert seen["text_index"].tolist() == nearest.tolist()
