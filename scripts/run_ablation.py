@@ -98,9 +98,10 @@ def plot_results(results: dict[str, Any], out_dir: Path, prefix: str) -> list[Pa
         w = max(1, len(hist) // 40)
         axes[0].plot(steps, _smooth([r["loss"] for r in hist], w), label=f"{name}: total")
         if len(variants) == 1:
-            for key in ("mlm", "mvm", "itm"):
+            itc = any(r.get("itc", 0.0) for r in hist)  # runs with pretrain.itc_weight > 0
+            for key in ("mlm", "mvm", "itm", *(("itc",) if itc else ())):
                 axes[0].plot(steps, _smooth([r[key] for r in hist], w), label=key.upper(), linewidth=1)
-            for key in ("itm_acc", "mvm_acc", "mlm_acc"):
+            for key in ("itm_acc", "mvm_acc", "mlm_acc", *(("itc_acc",) if itc else ())):
                 axes[1].plot(steps, _smooth([r[key] for r in hist], w), label=key)
         else:
             axes[1].plot(steps, _smooth([r["itm_acc"] for r in hist], w), label=f"{name}: itm_acc")
