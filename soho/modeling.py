@@ -238,15 +238,16 @@ class SohoForPretraining(nn.Module):
         vd = soho.visual_dictionary(features, visual_mask)
 
         # ITC (optional): single-modality passes on the uncorrupted images and captions of this batch.
-        image_emb = text_emb = None
+        image_emb = text_emb = itc_sim = None
         if self.itc is not None:
             image_emb, text_emb = self.itc_embeddings(vd.quantized, visual_mask, grid, input_ids, attention_mask)
+            itc_sim = image_emb.detach().float() @ text_emb.detach().float().t()  # (B images, B captions)
 
         # ITM: swap captions in-batch. Hard negatives: captions drawn ∝ exp(sim / T) — with ITC on, sim is
         # the ITC image-text similarity (ALBEF); without it, that of the images' mean visual features.
         similarity = None
-        if cfg.pretrain.hard_negatives and image_emb is not None:
-            similarity = image_emb.detach().float() @ text_emb.detach().float().t()  # (B images, B captions)
+        if cfg.pretrain.hard_negatives and itc_sim is not None:
+            similarity = itc_sim
         elif cfg.pretrain.hard_negatives:
             m = visual_mask[..., None].to(features.dtype)
             mean = (features.detach() * m).sum(1) / m.sum(1).clamp(min=1)  # (B, C)
@@ -289,8 +290,7 @@ class SohoForPretraining(nn.Module):
         loss = mlm_loss + mvm_loss + itm_loss
         if self.itc is not None:
             itc_loss = info_nce_loss(image_emb.float(), text_emb.float(), self.itc.logit_scale())
-            own = torch.arange(b, device=itc_loss.device)
-            itc_acc = ((image_emb.detach() @ text_emb.detach().t()).argmax(dim=1) == own).float().mean()
+            itc_acc = (itc_sim.argmax(dim=1) == torch.arange(b, device=itc_sim.device)).float().mean()
             loss = loss + cfg.pretrain.itc_weight * itc_loss
 
         return PretrainOutput(
@@ -305,7 +305,7 @@ class SohoForPretraining(nn.Module):
             mvm_count=mvm_n,
             itm_labels=itm_labels,
             itc_loss=itc_loss,
-            itc_acc=itc_acc.detach(),
+            itc_acc=itc_acc,
         )
 
     def itm_logits(
