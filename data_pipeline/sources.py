@@ -196,7 +196,8 @@ class Source:
     def _table_parts(self) -> list[tuple[str, str]]:
         if _is_glob(self.source):
             paths = sorted(self.fs.glob(self.path))
-            base = posixpath.dirname(self.path.split("*")[0].split("?")[0].split("[")[0].rstrip("/") + "x")
+            prefix = self.path[: min(self.path.find(c) % (len(self.path) + 1) for c in "*?[")]
+            base = posixpath.dirname(prefix)  # the folder above the first wildcard
         elif self.fs.isdir(self.path):
             paths = sorted(p for p in self.fs.find(self.path) if _table_format(p) == self.fmt)
             base = self.path.rstrip("/")
