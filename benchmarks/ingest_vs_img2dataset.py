@@ -17,7 +17,9 @@ side ≤ --size, never upscaled, JPEG quality 90), retries (0), timeout and WebD
 The URLs are served on 127.0.0.1 by a threaded HTTP/1.1 keep-alive server of this file in its own process
 (``--serve``; listen backlog 128, so no SYN is dropped as with ``python -m http.server``'s 5). We print
 samples/s of each tool, the ratio (target ≥ 1.5×) and the 1-minute load average at each figure: the
-machine's load decides these numbers, compare only figures taken on a quiet machine.
+machine's load decides these numbers, compare only figures taken on a quiet machine. CPU-ms per sample
+(user + sys of the tool's whole process tree, the server excluded) is printed too: it depends much less on
+what else the machine runs.
 
 ``profile``: one process, every stage in one thread under cProfile (fetch, decode, resize, encode, tar,
 hash, other), milliseconds per sample and share of the total.
@@ -89,6 +91,14 @@ def run_timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float,
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     return time.perf_counter() - t, r
+
+
+def children_cpu() -> float:
+    """CPU seconds (user + sys) of every reaped child process tree so far (the server is reaped last)."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def load() -> str:
@@ -207,6 +217,7 @@ def compare(a: argparse.Namespace, work: Path, port: int, variant: str) -> dict[
     for d in (out_i2d, out_ours):
         subprocess.run(["rm", "-rf", str(d)], check=True)
     load_i2d = load()
+    cpu0 = children_cpu()
     t_i2d, r = run_timed([str(exe), "--url_list", str(urls), "--input_format", "csv", "--url_col", "url",
                           "--caption_col", "caption", "--output_format", "webdataset",
                           "--output_folder", str(out_i2d), "--processes_count", str(a.processes),
@@ -218,8 +229,10 @@ def compare(a: argparse.Namespace, work: Path, port: int, variant: str) -> dict[
                          env=env)
     if r.returncode != 0:
         raise RuntimeError(f"img2dataset failed:\n{r.stderr[-3000:]}")
+    cpu_i2d = children_cpu() - cpu0
     n_i2d = count_wds(out_i2d)
     load_ours = load()
+    cpu0 = children_cpu()
     t_ours, r = run_timed([sys.executable, "-m", "data_pipeline", "shard", "--source", str(urls),
                            "--image-column", "url", "--caption-column", "caption",
                            "--output", str(out_ours), "--samples-per-shard", str(a.samples_per_shard),
@@ -228,17 +241,22 @@ def compare(a: argparse.Namespace, work: Path, port: int, variant: str) -> dict[
                            "--max-image-side", str(a.size), "--jpeg-quality", "90", "--no-progress"], env=env)
     if r.returncode != 0:
         raise RuntimeError(f"data_pipeline shard failed:\n{r.stderr[-3000:]}")
+    cpu_ours = children_cpu() - cpu0
     m = json.loads((out_ours / "manifest.json").read_text())
     n_ours = m["totals"]["samples"]
     s_i2d, s_ours = n_i2d / t_i2d, n_ours / t_ours
     print(f"[{variant}] {a.num} URLs ({good} good), 640x480 JPEGs over http://127.0.0.1, {a.processes} processes "
           f"× {a.threads} threads, longest side ≤ {a.size}, timeout {a.url_timeout:g}s, webdataset output")
-    print(f"  img2dataset 1.47   : {n_i2d:5d} samples in {t_i2d:6.1f}s = {s_i2d:7.1f} samples/s  ({load_i2d} at start)")
-    print(f"  data_pipeline shard: {n_ours:5d} samples in {t_ours:6.1f}s = {s_ours:7.1f} samples/s  ({load_ours} at start)")
+    print(f"  img2dataset 1.47   : {n_i2d:5d} samples in {t_i2d:6.1f}s = {s_i2d:7.1f} samples/s, "
+          f"{1000 * cpu_i2d / max(n_i2d, 1):5.1f} CPU-ms/sample  ({load_i2d} at start)")
+    print(f"  data_pipeline shard: {n_ours:5d} samples in {t_ours:6.1f}s = {s_ours:7.1f} samples/s, "
+          f"{1000 * cpu_ours / max(n_ours, 1):5.1f} CPU-ms/sample  ({load_ours} at start)")
     if variant == "bad":
         print(f"  ours rejected: {m['totals']['rejected_by_reason']}")
-    print(f"  ratio (ours / img2dataset): {s_ours / s_i2d:.2f}×  (target ≥ 1.5×; {load()} at the end)", flush=True)
-    return {"img2dataset": s_i2d, "ours": s_ours, "ratio": s_ours / s_i2d}
+    cpu_ratio = (cpu_i2d / max(n_i2d, 1)) / max(cpu_ours / max(n_ours, 1), 1e-9)
+    print(f"  ratio (ours / img2dataset): {s_ours / s_i2d:.2f}× samples/s (target ≥ 1.5×), {cpu_ratio:.2f}× less "
+          f"CPU per sample  ({load()} at the end)", flush=True)
+    return {"img2dataset": s_i2d, "ours": s_ours, "ratio": s_ours / s_i2d, "cpu_ratio": cpu_ratio}
 
 
 # ------------------------------------------------------------------------------------------ profile

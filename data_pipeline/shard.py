@@ -276,13 +276,28 @@ class _LRU:
             self.d.popitem(last=False)
 
 
+WORKER_CRASHED = "worker_crashed"
+
+
 @dataclass
 class _PendingShard:
     index: int
     rows: tuple[int, int]  # [start, end)
     record: dict[str, Any] | None = None  # set when the shard was committed by an earlier run
     futures: list[cf.Future] = field(default_factory=list)
-    tasks: list[tuple[int, list[str]]] = field(default_factory=list)  # per future: first row, source ids
+    tasks: list[_Task] = field(default_factory=list)  # one per future
+
+
+@dataclass
+class _Task:
+    """A chunk in flight. Its rows are kept until it succeeds, to be redone if its worker process dies."""
+
+    r0: int
+    rows: list[SourceRow] | None
+
+    def done(self, fut: cf.Future) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.rows = None
 
 
 @dataclass
@@ -387,11 +402,46 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
 
     summary = ShardSummary()
     keys_seen, digests_seen = _LRU(cfg.dedupe_window), _LRU(cfg.dedupe_window)
-    executor: Any = (
-        _InProcessExecutor(cfg) if cfg.workers <= 0 else
-        cf.ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                               initargs=(cfg,))
-    )
+    def new_pool(workers: int) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                                      initargs=(cfg,))
+
+    executor: Any = _InProcessExecutor(cfg) if cfg.workers <= 0 else new_pool(cfg.workers)
+
+    def submit(r0: int, rows: list[SourceRow]) -> cf.Future:
+        nonlocal executor
+        try:
+            return executor.submit(process_chunk, r0, rows)
+        except BrokenProcessPool:  # a worker died (killed for memory, a crash in a decoder): start afresh
+            logger.warning("a worker process died; starting a new pool (the rows it had are redone)")
+            executor.shutdown(wait=False, cancel_futures=True)
+            executor = new_pool(cfg.workers)
+            return executor.submit(process_chunk, r0, rows)
+
+    def redo(task: _Task, sids: list[str]) -> list[RowResult]:
+        """Rows of a task whose worker died: again in a pool of their own, then one by one; the row that
+        kills its worker every time is reported as ``worker_crashed`` and the job goes on."""
+        assert task.rows is not None
+        pool = new_pool(1)
+        try:
+            try:
+                return pool.submit(process_chunk, task.r0, task.rows).result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = new_pool(1)
+            out: list[RowResult] = []
+            for j, row in enumerate(task.rows):
+                try:
+                    out.extend(pool.submit(process_chunk, task.r0 + j, [row]).result())
+                except BrokenProcessPool:
+                    out.append(RowResult(task.r0 + j, sids[j], row.key, bad=WORKER_CRASHED,
+                                         detail="the worker process died on this input twice (killed for "
+                                                "memory, or a crash in a decoder)"))
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = new_pool(1)
+            return out
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
     max_inflight = max(4, 4 * max(1, cfg.workers))
     pending: deque[_PendingShard] = deque()
     open_futures: deque[cf.Future] = deque()
@@ -407,15 +457,23 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
         nonlocal processed_samples
         if ps.record is None:
             results: list[RowResult] = []
-            for fut, (r0, sids) in zip(ps.futures, ps.tasks, strict=True):
+            for fut, task in zip(ps.futures, ps.tasks, strict=True):
                 try:
                     results.extend(fut.result())
+                    continue
                 except BrokenProcessPool:
-                    raise
-                except Exception as e:  # the task itself failed (e.g. a result that would not pickle)
-                    reason, detail = _unexpected(e)
-                    results.extend(RowResult(r0 + j, sid, None, bad=reason, detail=f"worker task: {detail}")
-                                   for j, sid in enumerate(sids))
+                    if task.rows is not None:
+                        results.extend(redo(task, [r.source_id for r in task.rows]))
+                        task.rows = None
+                        continue
+                    e: Exception = RuntimeError("worker died")
+                except Exception as exc:  # the task itself failed (e.g. a result that would not pickle)
+                    e = exc
+                reason, detail = _unexpected(e)
+                rows = task.rows or []
+                results.extend(RowResult(task.r0 + j, r.source_id, None, bad=reason, detail=f"worker task: {detail}")
+                               for j, r in enumerate(rows))
+                task.rows = None
             rec = storage(f"writing shard {ps.index}", _commit_shard, fs, root, cfg, ps, results, keys_seen,
                           digests_seen)
             processed_samples += rec["samples"]
@@ -457,9 +515,11 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
                 ps = pending[-1]
                 ps.rows = (ps.rows[0], r0 + take)
                 if ps.record is None:
-                    fut = executor.submit(process_chunk, r0, part)
+                    fut = submit(r0, part)
+                    task = _Task(r0, part)
+                    fut.add_done_callback(task.done)
                     ps.futures.append(fut)
-                    ps.tasks.append((r0, [r.source_id for r in part]))
+                    ps.tasks.append(task)
                     open_futures.append(fut)
                 # Backpressure: at most max_inflight unfinished tasks (bounded memory, any source size).
                 while len(open_futures) > max_inflight:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import jpeg_bytes
+from helpers import jpeg_bytes, read_shards
 from PIL import Image
 from web_server import web_server
 
@@ -152,3 +152,22 @@ def test_crawl_of_real_formats_survives_every_bad_input(tmp_path: Path) -> None:
     m = json.loads((tmp_path / "out_jl" / "manifest.json").read_text())
     assert m["totals"]["rejected_by_reason"] == {"bad_image_reference": 1, "caption_not_string": 2,
                                                  "missing_caption": 1, "unexpected_error": 1, "unparseable_row": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_worker_killed_on_one_input_costs_only_that_input(tmp_path: Path) -> None:
+    """The worker fetching /kill/... is SIGKILLed (as by the OOM killer) every time it asks: its chunk is
+    redone in a fresh process, then row by row, and only that row is reported (worker_crashed)."""
+    with web_server(IMG) as srv:
+        rows = [{"image": f"{srv.url}/img/g{i}.jpg", "caption": f"good {i}"} for i in range(10)]
+        rows.insert(5, {"image": f"{srv.url}/kill/x.jpg", "caption": "kills its worker"})
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        summary = run_shard_job(ShardJobConfig(source=str(tmp_path / "t.jsonl"), output=str(tmp_path / "out"),
+                                               samples_per_shard=4, chunk_size=3, workers=1, fetch_threads=2,
+                                               max_image_side=32, url_timeout=2.0, url_retries=0, progress=False))
+        kills = srv.requests("kill")
+    assert len(kills) >= 2 and all(k["pids"] for k in kills)  # the first run and the row-by-row redo
+    assert summary.rejected == {"worker_crashed": 1}
+    assert _bad(tmp_path / "out") == {"t.jsonl:row5": "worker_crashed"}
+    assert {v["txt"].decode() for v in read_shards(tmp_path / "out").values()} == {f"good {i}" for i in range(10)}
