@@ -43,8 +43,8 @@ def test_fetcher_reasons_deadline_reuse_and_retry() -> None:
         # The drip sends a byte every 0.2 s, so no single read ever times out: only a total deadline cuts it.
         t = time.monotonic()
         assert _reason(f, f"{srv.url}/drip/a.jpg") == "url_timeout"
-        assert 0.9 <= time.monotonic() - t < 2.0  # (1 s deadline + slack for a loaded machine)
-        deadline = time.monotonic() + 3
+        assert 0.9 <= time.monotonic() - t < 3.0  # 1 s deadline + slack for a loaded machine (no deadline: 5.5 h)
+        deadline = time.monotonic() + 10
         while not srv.requests("huge") and time.monotonic() < deadline:  # logged once its writes fail
             time.sleep(0.02)
     # The server stopped sending the oversized body soon after the cap (it was not read to the end).
