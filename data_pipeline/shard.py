@@ -28,11 +28,12 @@ import math
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from data_pipeline import images as im
@@ -408,15 +409,66 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
 
     executor: Any = _InProcessExecutor(cfg) if cfg.workers <= 0 else new_pool(cfg.workers)
 
-    def submit(r0: int, rows: list[SourceRow]) -> cf.Future:
+    pool_lock = threading.Lock()
+
+    def pool_submit(r0: int, rows: list[SourceRow]) -> cf.Future:
         nonlocal executor
-        try:
-            return executor.submit(process_chunk, r0, rows)
-        except BrokenProcessPool:  # a worker died (killed for memory, a crash in a decoder): start afresh
-            logger.warning("a worker process died; starting a new pool (the rows it had are redone)")
-            executor.shutdown(wait=False, cancel_futures=True)
-            executor = new_pool(cfg.workers)
-            return executor.submit(process_chunk, r0, rows)
+        with pool_lock:
+            try:
+                return executor.submit(process_chunk, r0, rows)
+            except BrokenProcessPool:  # a worker died (killed for memory, a crash in a decoder): start afresh
+                logger.warning("a worker process died; starting a new pool (the rows it had are redone)")
+                executor.shutdown(wait=False, cancel_futures=True)
+                executor = new_pool(cfg.workers)
+                return executor.submit(process_chunk, r0, rows)
+
+    # URLs are fetched here, by threads of this process, and only chunks whose downloads are all finished
+    # go to the worker processes: a worker never sits idle on a slow server (a URL may take the whole
+    # --url-timeout), so CPU work goes on while up to workers × --fetch-threads downloads wait.
+    n_fetch = max(1, cfg.fetch_threads) * max(1, cfg.workers)
+    loader = cf.ThreadPoolExecutor(n_fetch, thread_name_prefix="fetch") if cfg.workers > 0 else None
+    fetcher = (Fetcher(cfg.url_timeout, cfg.url_retries, cfg.max_image_bytes, pool_size=n_fetch,
+                       user_agent=cfg.user_agent, respect_noai=cfg.respect_noai) if loader else None)
+
+    def submit(r0: int, rows: list[SourceRow]) -> cf.Future:
+        urls = [j for j, r in enumerate(rows) if r.bad is None and isinstance(r.image, str)
+                and r.image.startswith(("http://", "https://"))]
+        if loader is None or fetcher is None or not urls:
+            return pool_submit(r0, rows)
+        final: cf.Future = cf.Future()
+        loaded = list(rows)
+        left = [len(urls)]
+        lock = threading.Lock()
+
+        def forward(inner: cf.Future) -> None:
+            if inner.cancelled():
+                final.cancel()
+            elif inner.exception() is not None:
+                final.set_exception(inner.exception())  # type: ignore[arg-type]
+            else:
+                final.set_result(inner.result())
+
+        def fetch(j: int) -> None:
+            r = rows[j]
+            try:
+                loaded[j] = replace(r, image=fetcher.fetch(r.image))  # type: ignore[arg-type]
+            except im.BadSample as e:
+                loaded[j] = replace(r, bad=e.reason, detail=e.detail)
+            except Exception as e:  # one input never stops the job
+                reason, detail = _unexpected(e)
+                loaded[j] = replace(r, bad=reason, detail=detail)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                try:
+                    pool_submit(r0, loaded).add_done_callback(forward)
+                except Exception as e:  # the pool is shut down (the job is ending) or cannot start
+                    final.set_exception(e)
+
+        for j in urls:
+            loader.submit(fetch, j)
+        return final
 
     def redo(task: _Task, sids: list[str]) -> list[RowResult]:
         """Rows of a task whose worker died: again in a pool of their own, then one by one; the row that
@@ -442,7 +494,7 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
             return out
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-    max_inflight = max(4, 4 * max(1, cfg.workers))
+    max_inflight = max(6, 6 * max(1, cfg.workers))  # chunks: enough rows to cover a URL's whole deadline
     pending: deque[_PendingShard] = deque()
     open_futures: deque[cf.Future] = deque()
     written: list[int] = []
@@ -530,6 +582,10 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
         while pending:
             finalize(pending.popleft())
     finally:
+        if loader is not None:
+            loader.shutdown(wait=True, cancel_futures=True)
+        if fetcher is not None:
+            fetcher.close()
         executor.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()

@@ -4,15 +4,13 @@ Paths: ``/img/NAME`` (a good image, keep-alive), ``/early-close/NAME`` (promises
 then closes: ``IncompleteRead``), ``/banner/NAME`` (answers with an SSH banner: ``BadStatusLine``),
 ``/drip/NAME`` (one byte every ``drip_interval`` s), ``/huge/NAME`` (``huge_bytes`` of body, no
 Content-Length, streamed), ``/huge-declared/NAME`` (Content-Length of 1 GB), ``/noai/NAME`` (a good image
-with ``X-Robots-Tag: noai``), ``/flaky/NAME`` (503 on the first request for NAME, then the image),
-``/kill/NAME`` (SIGKILLs the process that asked, as the OOM killer would); anything else is a 404. ``WebServer.log`` records what each request did (for assertions).
+with ``X-Robots-Tag: noai``), ``/flaky/NAME`` (503 on the first request for NAME, then the image);
+anything else is a 404. ``WebServer.log`` records what each request did (for assertions).
 """
 
 from __future__ import annotations
 
 import http.server
-import os
-import signal
 import socket
 import threading
 import time
@@ -139,15 +137,6 @@ def _handler(state: WebServer) -> type[http.server.BaseHTTPRequestHandler]:
                     self.wfile.write(b"\0" * 65536)
                 except OSError:
                     pass
-            elif kind == "kill":  # what the OOM killer does to a worker: SIGKILL the requesting process
-                import psutil
-
-                pids = {p.pid for p in psutil.Process().children(recursive=True)  # only our own children
-                        if any(c.laddr and c.laddr.port == port for c in p.net_connections(kind="tcp"))}
-                state.record(kind=kind, name=name, port=port, pids=sorted(pids))
-                for pid in pids:
-                    os.kill(pid, signal.SIGKILL)
-                self.close_connection = True
             else:
                 state.record(kind="404", name=self.path, port=port)
                 self.send_error(404)
