@@ -4,8 +4,9 @@ How work is laid out (this is what makes resume and parallel jobs simple):
 
 * Row ``r`` of the source (one table row / annotation / file / tar sample) belongs to shard
   ``r // samples_per_shard``; shard ``k`` therefore always covers the same rows, whatever happened before.
-* Worker processes fetch, decode, repair, resize and re-encode chunks of rows; the main process takes the
-  results in row order, drops duplicates (a bounded LRU of image+caption digests and of source keys),
+* Threads of the main process download a chunk's URLs (``fetch.Fetcher``: total deadline, size cap);
+  worker processes then read local/fsspec files, decode, repair, resize and re-encode the chunk; the main
+  process takes the results in row order, drops duplicates (a bounded LRU of image+caption digests and of source keys),
   writes the shard (temporary name, then move) and then a small record ``_work/{prefix}-{k:06d}.json``
   (counts, sha256, rejected rows, repairs, the digests it accepted). The record is the commit: a rerun
   skips every shard that has one (replaying its digests into the LRU so that later shards dedupe exactly
@@ -14,6 +15,10 @@ How work is laid out (this is what makes resume and parallel jobs simple):
   coordinator. Each job writes ``_work/job-{I:05d}-of-{N:05d}.json`` when done; the job that finds all N
   parts present writes ``manifest.json`` (or run ``python -m data_pipeline merge-manifests``). Dedupe is
   per job: identical pairs owned by different jobs are both kept.
+* One input never stops the job: any failure on one row becomes a ``bad_samples.jsonl`` record (its own
+  reason, else ``unexpected_error`` with the exception); a worker process that dies (OOM killer, a crash
+  in a decoder) has its chunk redone in a fresh process, then row by row (``worker_crashed``). Only a
+  failure to write the output raises (``OutputStorageError``, naming the output); a relaunch resumes.
 * ``manifest.json`` and ``bad_samples.jsonl`` are rebuilt from the records, so they are right after any
   number of interruptions and identical to those of an uninterrupted run.
 """
@@ -760,7 +765,8 @@ def add_cli_subcommands(sub: Any, add_storage_flags: Callable[[argparse.Argument
     p.add_argument("--ignore-noai", action="store_true",
                    help="fetch images whose X-Robots-Tag says noai/noimageai (skipped and reported by default)")
     p.add_argument("--user-agent", default=d.user_agent)
-    p.add_argument("--fetch-threads", type=int, default=d.fetch_threads)
+    p.add_argument("--fetch-threads", type=int, default=d.fetch_threads,
+                   help="concurrent downloads per worker process (run by the main process: workers × this)")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="rows per worker task")
     p.add_argument("--dedupe-window", type=int, default=d.dedupe_window)
     p.add_argument("--num-jobs", type=int, default=1, help="parallel jobs sharing this output")
