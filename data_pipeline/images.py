@@ -23,6 +23,9 @@ DECOMPRESSION_BOMB = "decompression_bomb"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
 EMPTY_CAPTION = "empty_caption"
 MISSING_CAPTION = "missing_caption"
+CAPTION_NOT_STRING = "caption_not_string"  # a number, list, ... where a caption belongs
+BAD_IMAGE_REFERENCE = "bad_image_reference"  # the image column holds no usable path/URL
+UNEXPECTED_ERROR = "unexpected_error"  # any other failure on one input: detail has the type and message
 DUPLICATE_SAMPLE = "duplicate_sample"
 DUPLICATE_KEY = "duplicate_key"
 URL_HTTP_ERROR = "url_http_{code}"
@@ -145,10 +148,12 @@ def encode_jpeg(img: Image.Image, quality: int = 90) -> bytes:
     return out.getvalue()
 
 
-def process_caption(raw: bytes | str | None, max_chars: int) -> tuple[str, list[str]]:
+def process_caption(raw: object, max_chars: int) -> tuple[str, list[str]]:
     """Validate a caption (UTF-8, not blank) and truncate overlong ones at a word boundary."""
     if raw is None:
         raise BadSample(MISSING_CAPTION, "no caption")
+    if not isinstance(raw, (str, bytes)):
+        raise BadSample(CAPTION_NOT_STRING, f"caption is a {type(raw).__name__} ({str(raw)[:80]!r}), not text")
     if isinstance(raw, str):
         # Tabular readers decode with surrogateescape: undecodable bytes survive as lone surrogates.
         raw = raw.encode("utf-8", "surrogateescape")

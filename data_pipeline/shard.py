@@ -4,8 +4,9 @@ How work is laid out (this is what makes resume and parallel jobs simple):
 
 * Row ``r`` of the source (one table row / annotation / file / tar sample) belongs to shard
   ``r // samples_per_shard``; shard ``k`` therefore always covers the same rows, whatever happened before.
-* Worker processes fetch, decode, repair, resize and re-encode chunks of rows; the main process takes the
-  results in row order, drops duplicates (a bounded LRU of image+caption digests and of source keys),
+* Threads of the main process download a chunk's URLs (``fetch.Fetcher``: total deadline, size cap);
+  worker processes then read local/fsspec files, decode, repair, resize and re-encode the chunk; the main
+  process takes the results in row order, drops duplicates (a bounded LRU of image+caption digests and of source keys),
   writes the shard (temporary name, then move) and then a small record ``_work/{prefix}-{k:06d}.json``
   (counts, sha256, rejected rows, repairs, the digests it accepted). The record is the commit: a rerun
   skips every shard that has one (replaying its digests into the LRU so that later shards dedupe exactly
@@ -14,6 +15,10 @@ How work is laid out (this is what makes resume and parallel jobs simple):
   coordinator. Each job writes ``_work/job-{I:05d}-of-{N:05d}.json`` when done; the job that finds all N
   parts present writes ``manifest.json`` (or run ``python -m data_pipeline merge-manifests``). Dedupe is
   per job: identical pairs owned by different jobs are both kept.
+* One input never stops the job: any failure on one row becomes a ``bad_samples.jsonl`` record (its own
+  reason, else ``unexpected_error`` with the exception); a worker process that dies (OOM killer, a crash
+  in a decoder) has its chunk redone in a fresh process, then row by row (``worker_crashed``). Only a
+  failure to write the output raises (``OutputStorageError``, naming the output); a relaunch resumes.
 * ``manifest.json`` and ``bad_samples.jsonl`` are rebuilt from the records, so they are right after any
   number of interruptions and identical to those of an uninterrupted run.
 """
@@ -24,19 +29,20 @@ import argparse
 import concurrent.futures as cf
 import hashlib
 import logging
+import math
 import multiprocessing as mp
 import os
-import socket
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from data_pipeline import images as im
+from data_pipeline.fetch import DEFAULT_MAX_BYTES, USER_AGENT, Fetcher
 from data_pipeline.sources import FORMATS, Source, SourceRow
 from data_pipeline.storage import get_fs, join, read_json, write_json
 from data_pipeline.writer import (
@@ -69,9 +75,14 @@ class ShardJobConfig:
     max_pixels: int = im.DEFAULT_MAX_PIXELS
     jpeg_quality: int = 90
     max_caption_chars: int = 1000
-    url_timeout: float = 10.0
+    url_timeout: float = 10.0  # total per-URL deadline (all attempts, redirects and body bytes)
     url_retries: int = 2
     fetch_threads: int = 16  # concurrent URL fetches per worker process
+    max_image_bytes: int = DEFAULT_MAX_BYTES  # larger downloads are refused while streaming
+    respect_noai: bool = True  # X-Robots-Tag: noai / noimageai → skipped and reported
+    user_agent: str = USER_AGENT
+    columns: list[str] | None = None  # header-less CSV/TSV: column names in file order
+    vg_max_regions: int = 10  # --source-format vg: region phrases (pairs) kept per image
     dedupe_window: int = 1_000_000  # digests remembered for dedupe (bounded memory; ~100 B each)
     chunk_size: int = 64  # rows per worker task
     num_jobs: int = 1
@@ -83,8 +94,43 @@ class ShardJobConfig:
         """Settings that decide shard contents: a rerun with different ones must not mix outputs."""
         keys = ("source", "source_format", "image_column", "caption_column", "key_column", "image_root",
                 "samples_per_shard", "max_image_side", "prefix", "max_pixels", "jpeg_quality",
-                "max_caption_chars", "dedupe_window", "num_jobs")
+                "max_caption_chars", "dedupe_window", "num_jobs", "columns", "vg_max_regions")
         return {k: getattr(self, k) for k in keys}
+
+    def validate(self) -> None:
+        """Every numeric setting against its accepted range; the message names the flag (ValueError)."""
+        def need(flag: str, value: Any, ok: bool, accepted: str) -> None:
+            if not ok:
+                raise ValueError(f"{flag} must be {accepted} (got {value})")
+
+        ints = [("--samples-per-shard", self.samples_per_shard, 1, None),
+                ("--workers", self.workers, 0, 1024),
+                ("--max-image-side", self.max_image_side, 16, 65_536),
+                ("--max-pixels", self.max_pixels, 256, None),
+                ("--jpeg-quality", self.jpeg_quality, 1, 100),
+                ("--max-caption-chars", self.max_caption_chars, 1, None),
+                ("--url-retries", self.url_retries, 0, 20),
+                ("--fetch-threads", self.fetch_threads, 1, 1024),
+                ("--max-image-bytes", self.max_image_bytes, 1024, None),
+                ("--dedupe-window", self.dedupe_window, 1, None),
+                ("--chunk-size", self.chunk_size, 1, 100_000),
+                ("--num-jobs", self.num_jobs, 1, None),
+                ("--vg-max-regions", self.vg_max_regions, 1, None)]
+        for flag, v, lo, hi in ints:
+            accepted = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
+            need(flag, v, isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi),
+                 accepted)
+        need("--url-timeout", self.url_timeout, isinstance(self.url_timeout, (int, float))
+             and math.isfinite(self.url_timeout) and 0 < self.url_timeout <= 3600, "in (0, 3600] seconds")
+        need("--job-index", self.job_index, isinstance(self.job_index, int) and 0 <= self.job_index < self.num_jobs,
+             f"in [0, --num-jobs {self.num_jobs})")
+        if self.columns is not None:
+            need("--columns", ",".join(self.columns), len(self.columns) > 0 and all(self.columns)
+                 and len(set(self.columns)) == len(self.columns), "a comma-separated list of distinct names")
+
+
+class OutputStorageError(RuntimeError):
+    """Writing to the output failed: the one failure that ends a job (a relaunch resumes)."""
 
 
 # ----------------------------------------------------------------------------------- worker processes
@@ -108,40 +154,24 @@ class RowResult:
 
 _WCFG: ShardJobConfig | None = None
 _FETCH_POOL: cf.ThreadPoolExecutor | None = None
+_FETCHER: Fetcher | None = None
 
 
 def _init_worker(cfg: ShardJobConfig) -> None:
-    global _WCFG, _FETCH_POOL
+    global _WCFG, _FETCH_POOL, _FETCHER
     _WCFG = cfg
     _FETCH_POOL = cf.ThreadPoolExecutor(max_workers=max(1, cfg.fetch_threads))
+    _FETCHER = Fetcher(cfg.url_timeout, cfg.url_retries, cfg.max_image_bytes, pool_size=cfg.fetch_threads,
+                       user_agent=cfg.user_agent, respect_noai=cfg.respect_noai)
 
 
-def fetch_url(url: str, timeout: float, retries: int) -> bytes:
-    """GET with a timeout and bounded retries (timeouts, refused connections, 5xx, 429)."""
-    last: im.BadSample | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(min(2.0, 0.2 * 2 ** (attempt - 1)))
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as r:
-                return r.read()
-        except urllib.error.HTTPError as e:
-            last = im.BadSample(im.URL_HTTP_ERROR.format(code=e.code), url)
-            if e.code < 500 and e.code != 429:
-                break
-        except urllib.error.URLError as e:
-            if isinstance(e.reason, ConnectionRefusedError):
-                last = im.BadSample(im.URL_CONNECTION_REFUSED, url)
-            elif isinstance(e.reason, (TimeoutError, socket.timeout)):
-                last = im.BadSample(im.URL_TIMEOUT, url)
-            else:
-                last = im.BadSample(im.URL_ERROR, f"{url}: {e.reason}")
-        except TimeoutError:
-            last = im.BadSample(im.URL_TIMEOUT, url)
-        except (ConnectionError, OSError, ValueError) as e:
-            last = im.BadSample(im.URL_ERROR, f"{url}: {type(e).__name__}: {e}")
-    assert last is not None
-    raise last
+def fetch_url(url: str, timeout: float, retries: int, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """One-off GET through a fresh ``Fetcher`` (the shard job keeps one per worker process)."""
+    f = Fetcher(timeout, retries, max_bytes, pool_size=1)
+    try:
+        return f.fetch(url)
+    finally:
+        f.close()
 
 
 def _read_path(path: str, opts: dict[str, Any]) -> bytes:
@@ -165,9 +195,18 @@ def _load_image_bytes(image: str | bytes | None, cfg: ShardJobConfig) -> bytes:
         raise im.BadSample(im.MISSING_FILE, "no image reference")
     if isinstance(image, bytes):
         return image
+    if not isinstance(image, str):
+        raise im.BadSample(im.BAD_IMAGE_REFERENCE, f"image reference is a {type(image).__name__}, not a string")
     if image.startswith(("http://", "https://")):
-        return fetch_url(image, cfg.url_timeout, cfg.url_retries)
+        assert _FETCHER is not None, "worker not initialised"
+        return _FETCHER.fetch(image)
     return _read_path(image, cfg.storage_options)
+
+
+def _unexpected(e: BaseException) -> tuple[str, str]:
+    """A failure nobody foresaw, for one input: reported with its type and message; the job goes on."""
+    logger.debug("unexpected error on one input", exc_info=e)
+    return im.UNEXPECTED_ERROR, f"{type(e).__name__}: {e}"[:2000]
 
 
 def process_chunk(start_row: int, rows: list[SourceRow]) -> list[RowResult]:
@@ -191,6 +230,8 @@ def process_chunk(start_row: int, rows: list[SourceRow]) -> list[RowResult]:
             captions[i] = im.process_caption(raw_caption, cfg.max_caption_chars)
         except im.BadSample as e:
             res.bad, res.detail = e.reason, e.detail
+        except Exception as e:  # one input never stops the job
+            res.bad, res.detail = _unexpected(e)
     # Fetch the images of rows still good concurrently (URLs are I/O bound) and transform them in row
     # order as they arrive. The first connections are staggered by a couple of milliseconds: a burst of
     # simultaneous connects overflows small listen backlogs (python's http.server has 5) and each dropped
@@ -205,14 +246,18 @@ def process_chunk(start_row: int, rows: list[SourceRow]) -> list[RowResult]:
         try:
             data = fut.result()
             out = im.process_image(data, cfg.max_image_side, cfg.max_pixels, cfg.jpeg_quality)
+            text, cap_repairs = captions[i]
+            h = hashlib.blake2b(digest_size=8)
+            h.update(data)
+            h.update(b"\0")
+            h.update(text.encode("utf-8"))
         except im.BadSample as e:
             res.bad, res.detail = e.reason, e.detail
             continue
-        text, cap_repairs = captions[i]
-        h = hashlib.blake2b(digest_size=8)
-        h.update(data)
-        h.update(b"\0")
-        h.update(text.encode("utf-8"))
+        except Exception as e:  # one input never stops the job
+            res.bad, res.detail = _unexpected(e)
+            continue
+        del data
         res.caption, res.jpeg, res.width, res.height = text, out.jpeg, out.width, out.height
         res.original_size = (out.original_width, out.original_height)
         res.repairs, res.digest = out.repairs + cap_repairs, h.hexdigest()
@@ -237,12 +282,28 @@ class _LRU:
             self.d.popitem(last=False)
 
 
+WORKER_CRASHED = "worker_crashed"
+
+
 @dataclass
 class _PendingShard:
     index: int
     rows: tuple[int, int]  # [start, end)
     record: dict[str, Any] | None = None  # set when the shard was committed by an earlier run
     futures: list[cf.Future] = field(default_factory=list)
+    tasks: list[_Task] = field(default_factory=list)  # one per future
+
+
+@dataclass
+class _Task:
+    """A chunk in flight. Its rows are kept until it succeeds, to be redone if its worker process dies."""
+
+    r0: int
+    rows: list[SourceRow] | None
+
+    def done(self, fut: cf.Future) -> None:
+        if not fut.cancelled() and fut.exception() is None:
+            self.rows = None
 
 
 @dataclass
@@ -296,7 +357,10 @@ class _InProcessExecutor:
 
     def submit(self, fn: Callable, *args: Any) -> cf.Future:
         fut: cf.Future = cf.Future()
-        fut.set_result(fn(*args))
+        try:
+            fut.set_result(fn(*args))
+        except Exception as e:  # as a process pool would: the failure surfaces from result()
+            fut.set_exception(e)
         return fut
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
@@ -305,25 +369,33 @@ class _InProcessExecutor:
 
 def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
     """Run (or resume) one shard job; see the module docstring. Returns the summary of this run."""
-    if cfg.samples_per_shard < 1:
-        raise ValueError(f"--samples-per-shard must be ≥ 1, got {cfg.samples_per_shard}")
-    if not 0 <= cfg.job_index < cfg.num_jobs:
-        raise ValueError(f"--job-index {cfg.job_index} must be in [0, --num-jobs {cfg.num_jobs})")
+    cfg.validate()
     t0 = time.time()
     source = Source(cfg.source, cfg.source_format, cfg.image_column, cfg.caption_column, cfg.key_column,
-                    cfg.image_root, cfg.storage_options)
+                    cfg.image_root, cfg.storage_options, columns=cfg.columns, vg_max_regions=cfg.vg_max_regions)
+
+    def storage(what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except Exception as e:
+            raise OutputStorageError(
+                f"output {cfg.output!r}: {what} failed ({type(e).__name__}: {e}); the job stopped, rerun the "
+                "same command to resume from the last committed shard") from e
+
     fs, root = get_fs(cfg.output, cfg.storage_options)
-    fs.makedirs(join(root, WORK_DIR), exist_ok=True)
+    storage("creating the work folder", fs.makedirs, join(root, WORK_DIR), True)
     settings_path = join(root, WORK_DIR, "settings.json")
-    settings = {**cfg.fingerprint(), "source_format": source.fmt}
+    settings = {**cfg.fingerprint(), "source_format": source.fmt, **source.identity()}
+    if source.fmt != "vg":
+        settings.pop("vg_max_regions")
     if fs.exists(settings_path):
         old = read_json(fs, settings_path)
-        if old != settings:
-            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if diff:  # (settings added since that output was written compare as unset)
             raise ValueError(f"output {cfg.output!r} holds a shard job with other settings {diff}; "
                              "use a new output location")
     else:
-        write_json(fs, settings_path, settings)
+        storage(f"writing {settings_path}", write_json, fs, settings_path, settings)
     mine = lambda k: k % cfg.num_jobs == cfg.job_index  # noqa: E731 - a one-line ownership rule
     done = {}
     for p in fs.glob(join(root, WORK_DIR, f"{cfg.prefix}-*.json")):
@@ -336,12 +408,98 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
 
     summary = ShardSummary()
     keys_seen, digests_seen = _LRU(cfg.dedupe_window), _LRU(cfg.dedupe_window)
-    executor: Any = (
-        _InProcessExecutor(cfg) if cfg.workers <= 0 else
-        cf.ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
-                               initargs=(cfg,))
-    )
-    max_inflight = max(4, 4 * max(1, cfg.workers))
+    def new_pool(workers: int) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_init_worker,
+                                      initargs=(cfg,))
+
+    executor: Any = _InProcessExecutor(cfg) if cfg.workers <= 0 else new_pool(cfg.workers)
+
+    pool_lock = threading.Lock()
+
+    def pool_submit(r0: int, rows: list[SourceRow]) -> cf.Future:
+        nonlocal executor
+        with pool_lock:
+            try:
+                return executor.submit(process_chunk, r0, rows)
+            except BrokenProcessPool:  # a worker died (killed for memory, a crash in a decoder): start afresh
+                logger.warning("a worker process died; starting a new pool (the rows it had are redone)")
+                executor.shutdown(wait=False, cancel_futures=True)
+                executor = new_pool(cfg.workers)
+                return executor.submit(process_chunk, r0, rows)
+
+    # URLs are fetched here, by threads of this process, and only chunks whose downloads are all finished
+    # go to the worker processes: a worker never sits idle on a slow server (a URL may take the whole
+    # --url-timeout), so CPU work goes on while up to workers × --fetch-threads downloads wait.
+    n_fetch = max(1, cfg.fetch_threads) * max(1, cfg.workers)
+    loader = cf.ThreadPoolExecutor(n_fetch, thread_name_prefix="fetch") if cfg.workers > 0 else None
+    fetcher = (Fetcher(cfg.url_timeout, cfg.url_retries, cfg.max_image_bytes, pool_size=n_fetch,
+                       user_agent=cfg.user_agent, respect_noai=cfg.respect_noai) if loader else None)
+
+    def submit(r0: int, rows: list[SourceRow]) -> cf.Future:
+        urls = [j for j, r in enumerate(rows) if r.bad is None and isinstance(r.image, str)
+                and r.image.startswith(("http://", "https://"))]
+        if loader is None or fetcher is None or not urls:
+            return pool_submit(r0, rows)
+        final: cf.Future = cf.Future()
+        loaded = list(rows)
+        left = [len(urls)]
+        lock = threading.Lock()
+
+        def forward(inner: cf.Future) -> None:
+            if inner.cancelled():
+                final.cancel()
+            elif inner.exception() is not None:
+                final.set_exception(inner.exception())  # type: ignore[arg-type]
+            else:
+                final.set_result(inner.result())
+
+        def fetch(j: int) -> None:
+            r = rows[j]
+            try:
+                loaded[j] = replace(r, image=fetcher.fetch(r.image))  # type: ignore[arg-type]
+            except im.BadSample as e:
+                loaded[j] = replace(r, bad=e.reason, detail=e.detail)
+            except Exception as e:  # one input never stops the job
+                reason, detail = _unexpected(e)
+                loaded[j] = replace(r, bad=reason, detail=detail)
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                try:
+                    pool_submit(r0, loaded).add_done_callback(forward)
+                except Exception as e:  # the pool is shut down (the job is ending) or cannot start
+                    final.set_exception(e)
+
+        for j in urls:
+            loader.submit(fetch, j)
+        return final
+
+    def redo(task: _Task, sids: list[str]) -> list[RowResult]:
+        """Rows of a task whose worker died: again in a pool of their own, then one by one; the row that
+        kills its worker every time is reported as ``worker_crashed`` and the job goes on."""
+        assert task.rows is not None
+        pool = new_pool(1)
+        try:
+            try:
+                return pool.submit(process_chunk, task.r0, task.rows).result()
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                pool = new_pool(1)
+            out: list[RowResult] = []
+            for j, row in enumerate(task.rows):
+                try:
+                    out.extend(pool.submit(process_chunk, task.r0 + j, [row]).result())
+                except BrokenProcessPool:
+                    out.append(RowResult(task.r0 + j, sids[j], row.key, bad=WORKER_CRASHED,
+                                         detail="the worker process died on this input twice (killed for "
+                                                "memory, or a crash in a decoder)"))
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    pool = new_pool(1)
+            return out
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    max_inflight = max(6, 6 * max(1, cfg.workers))  # chunks: enough rows to cover a URL's whole deadline
     pending: deque[_PendingShard] = deque()
     open_futures: deque[cf.Future] = deque()
     written: list[int] = []
@@ -355,8 +513,26 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
     def finalize(ps: _PendingShard) -> None:
         nonlocal processed_samples
         if ps.record is None:
-            results = [r for fut in ps.futures for r in fut.result()]
-            rec = _commit_shard(fs, root, cfg, ps, results, keys_seen, digests_seen)
+            results: list[RowResult] = []
+            for fut, task in zip(ps.futures, ps.tasks, strict=True):
+                try:
+                    results.extend(fut.result())
+                    continue
+                except BrokenProcessPool:
+                    if task.rows is not None:
+                        results.extend(redo(task, [r.source_id for r in task.rows]))
+                        task.rows = None
+                        continue
+                    e: Exception = RuntimeError("worker died")
+                except Exception as exc:  # the task itself failed (e.g. a result that would not pickle)
+                    e = exc
+                reason, detail = _unexpected(e)
+                rows = task.rows or []
+                results.extend(RowResult(task.r0 + j, r.source_id, None, bad=reason, detail=f"worker task: {detail}")
+                               for j, r in enumerate(rows))
+                task.rows = None
+            rec = storage(f"writing shard {ps.index}", _commit_shard, fs, root, cfg, ps, results, keys_seen,
+                          digests_seen)
             processed_samples += rec["samples"]
             written.append(ps.index)
         else:
@@ -396,23 +572,31 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
                 ps = pending[-1]
                 ps.rows = (ps.rows[0], r0 + take)
                 if ps.record is None:
-                    fut = executor.submit(process_chunk, r0, part)
+                    fut = submit(r0, part)
+                    task = _Task(r0, part)
+                    fut.add_done_callback(task.done)
                     ps.futures.append(fut)
+                    ps.tasks.append(task)
                     open_futures.append(fut)
                 # Backpressure: at most max_inflight unfinished tasks (bounded memory, any source size).
                 while len(open_futures) > max_inflight:
-                    open_futures.popleft().result()
+                    open_futures.popleft().exception()  # waits; a failure is reported by finalize
                 # Commit, in order, every closed shard (a later one has started) whose tasks are done.
                 while len(pending) > 1 and all(f.done() for f in pending[0].futures):
                     finalize(pending.popleft())
         while pending:
             finalize(pending.popleft())
     finally:
+        if loader is not None:
+            loader.shutdown(wait=True, cancel_futures=True)
+        if fetcher is not None:
+            fetcher.close()
         executor.shutdown(wait=True, cancel_futures=True)
         if bar is not None:
             bar.close()
 
-    write_json(fs, _job_part_path(root, cfg.job_index, cfg.num_jobs), {
+    part_path = _job_part_path(root, cfg.job_index, cfg.num_jobs)
+    storage(f"writing {part_path}", write_json, fs, part_path, {
         "job_index": cfg.job_index, "num_jobs": cfg.num_jobs, "rows": summary.rows,
         "shards": sorted(k for k in set(done) | set(written) if mine(k)),
     })
@@ -420,7 +604,7 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
     summary.samples_per_second = processed_samples / max(summary.seconds, 1e-9)
     parts = [_job_part_path(root, i, cfg.num_jobs) for i in range(cfg.num_jobs)]
     if all(fs.exists(p) for p in parts):  # the last job to finish writes the one manifest
-        merge_manifests(cfg.output, cfg.storage_options)
+        storage("writing manifest.json", merge_manifests, cfg.output, cfg.storage_options)
         summary.manifest = join(cfg.output, MANIFEST_NAME)
     else:
         logger.info("job %d/%d done; manifest.json is written when every job has finished",
@@ -510,7 +694,9 @@ def _config_from_args(a: argparse.Namespace, storage_options: dict[str, Any]) ->
         max_pixels=a.max_pixels, jpeg_quality=a.jpeg_quality, max_caption_chars=a.max_caption_chars,
         url_timeout=a.url_timeout, url_retries=a.url_retries, fetch_threads=a.fetch_threads,
         dedupe_window=a.dedupe_window, num_jobs=a.num_jobs, job_index=a.job_index, progress=not a.no_progress,
-        storage_options=storage_options,
+        storage_options=storage_options, max_image_bytes=a.max_image_bytes, respect_noai=not a.ignore_noai,
+        user_agent=a.user_agent, vg_max_regions=a.vg_max_regions, chunk_size=a.chunk_size,
+        columns=None if a.columns is None else [c.strip() for c in a.columns.split(",")],
     )
 
 
@@ -518,9 +704,16 @@ def _run_shard(a: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     from data_pipeline.sources import SourceError
 
     if a.job_index is None:  # Kubernetes indexed Jobs expose the index as JOB_COMPLETION_INDEX
-        a.job_index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
+        env = os.environ.get("JOB_COMPLETION_INDEX", "0")
+        if not env.isdigit():
+            print(f"error: $JOB_COMPLETION_INDEX must be a non-negative integer (got {env!r})", file=sys.stderr)
+            return 2
+        a.job_index = int(env)
     try:
         summary = run_shard_job(_config_from_args(a, storage_options))
+    except OutputStorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     except (SourceError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -543,7 +736,9 @@ def _run_merge(a: argparse.Namespace, storage_options: dict[str, Any]) -> int:
 def add_cli_subcommands(sub: Any, add_storage_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     d = ShardJobConfig(source="", output="")
     p = sub.add_parser("shard", help="image-text sources → WebDataset shards + manifest")
-    p.add_argument("--source", required=True, help="table / COCO json / folder / tar(s), path or URL")
+    p.add_argument("--source", required=True,
+                   help="table, a folder or glob of table parts, COCO json, VG region_descriptions.json, "
+                        "image folder, tar(s); path or URL")
     p.add_argument("--output", required=True, help="output URL or path (file://, s3://bucket/prefix, memory://)")
     p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
     p.add_argument("--workers", type=int, default=d.workers, help="worker processes (0: in this process)")
@@ -557,9 +752,22 @@ def add_cli_subcommands(sub: Any, add_storage_flags: Callable[[argparse.Argument
     p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="decompression-bomb limit")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
     p.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars)
-    p.add_argument("--url-timeout", type=float, default=d.url_timeout)
-    p.add_argument("--url-retries", type=int, default=d.url_retries)
-    p.add_argument("--fetch-threads", type=int, default=d.fetch_threads)
+    p.add_argument("--columns", default=None,
+                   help="header-less CSV/TSV: column names in file order, e.g. caption,url (CC3M)")
+    p.add_argument("--vg-max-regions", type=int, default=d.vg_max_regions,
+                   help="--source-format vg: at most this many region phrases (pairs) per image")
+    p.add_argument("--url-timeout", type=float, default=d.url_timeout,
+                   help="total seconds per URL: every attempt, redirect and body byte")
+    p.add_argument("--url-retries", type=int, default=d.url_retries,
+                   help="retries of connect/read errors, 429 and 5xx (within --url-timeout)")
+    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes,
+                   help="larger downloads are refused while streaming (url_too_large)")
+    p.add_argument("--ignore-noai", action="store_true",
+                   help="fetch images whose X-Robots-Tag says noai/noimageai (skipped and reported by default)")
+    p.add_argument("--user-agent", default=d.user_agent)
+    p.add_argument("--fetch-threads", type=int, default=d.fetch_threads,
+                   help="concurrent downloads per worker process (run by the main process: workers × this)")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="rows per worker task")
     p.add_argument("--dedupe-window", type=int, default=d.dedupe_window)
     p.add_argument("--num-jobs", type=int, default=1, help="parallel jobs sharing this output")
     p.add_argument("--job-index", type=int, default=None, help="this job's index (default $JOB_COMPLETION_INDEX or 0)")

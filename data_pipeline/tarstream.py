@@ -130,7 +130,8 @@ def _read_body(f: IO[bytes], size: int) -> bytes:
 def iter_tar(fileobj: IO[bytes], shard: str, on_bad: Callable[[str, str], None]) -> Iterator[RawSample]:
     """Yield samples of one tar stream; problems are reported via ``on_bad(reason, detail)``, never raised.
 
-    A truncated or corrupt tar yields every complete sample before the damage; the partial one is dropped.
+    A truncated or corrupt tar yields every complete sample before the damage (also when the cut falls in
+    a member header); a sample whose member body is cut is dropped.
     """
     current: RawSample | None = None
     try:
@@ -139,7 +140,11 @@ def iter_tar(fileobj: IO[bytes], shard: str, on_bad: Callable[[str, str], None])
             if current is not None and current.key != key:
                 yield current
                 current = None
-            data = read()
+            try:
+                data = read()
+            except (_TarError, OSError, ValueError):
+                current = None  # this member's body is cut: its sample is incomplete
+                raise
             if is_unsafe_name(name):
                 on_bad(UNSAFE_MEMBER, f"{shard}: {name!r}")
                 continue
@@ -150,6 +155,6 @@ def iter_tar(fileobj: IO[bytes], shard: str, on_bad: Callable[[str, str], None])
             current.members[ext] = data
     except (_TarError, OSError, ValueError) as e:
         on_bad(TRUNCATED_TAR, f"{shard}: {e}")
-        return
+        # Cut (or corrupt) inside a header: every member of the sample read so far was complete.
     if current is not None:
         yield current
