@@ -42,12 +42,12 @@ Verification (``LoaderConfig.verify``, on by default; nothing changed after shar
   per-sample check would be what protects the samples yielded before the shard's end.) Shards from a brace
   pattern or a list have no recorded hash: only the per-sample check applies.
 * A rejected shard is logged with its name and the reason and remembered (``rejected_shards()``, saved in
-  ``state_dict()``); later passes skip it without reading it. Each DataLoader worker process finds
+  ``state_dict()``); later passes skip it without reading it (unless ``verify`` is off). Each DataLoader worker process finds
   rejections in its own shards; they reach this process with the batches, and the next pass's workers
   start with all of them. Skipping a known-bad shard and reading-then-rejecting it give the same window
   (no samples, the same position), so shard assignment, windows and batches are a function of the shard
-  bytes alone: what this process happens to know never changes the batch sequence, and resume stays exact
-  (only I/O is saved). Ranks do not share what they found; the split of shards by rank and worker is that
+  bytes alone (while they do not change during the run): what this process happens to know never changes
+  the batch sequence, and resume stays exact (only I/O is saved). Ranks do not share what they found; the split of shards by rank and worker is that
   of the full list, as without verification. A resampled stream's worker keeps its own findings only.
   Counts are per detection: a shard is counted again when another process reads it.
 
@@ -390,14 +390,14 @@ class WorkerStream:
 
     def _read_shard(self, url: str, count_bad: bool) -> tuple[list[RawSample], str]:
         """The shard's samples that pass the checks, and (if there are none) why it gave nothing."""
-        if url in self.rejected:
+        if self.cfg.verify and url in self.rejected:
             return [], f"rejected earlier: {self.rejected[url]}"
         problems: list[str] = []
 
         def on_bad(reason: str, detail: str) -> None:
             if count_bad:
                 self.bad[reason] += 1
-            problems.append(f"{reason} ({detail})" if len(problems) < 3 else reason)
+            problems.append(f"{reason} ({detail})")
             logger.warning("shard %s: skipping bad content (%s): %s", url, reason, detail)
 
         def reject(reason: str, detail: str) -> tuple[list[RawSample], str]:
@@ -437,7 +437,11 @@ class WorkerStream:
         except (OSError, ValueError) as e:  # missing object, permission, bad URL: skip the shard
             on_bad(UNREADABLE_SHARD, f"{type(e).__name__}: {e}")
             return [], problems[-1]
-        return out, ("; ".join(problems) or "no samples in the tar") if not out else ""
+        if out:
+            return out, ""
+        if not problems:
+            return [], "no samples in the tar"
+        return [], "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more problems" if len(problems) > 3 else "")
 
     def _read_window(self, pos: int, mine: list[str] | None, count_bad: bool) -> tuple[list[RawSample], int]:
         """Raw samples of the window starting at shard ``pos``; returns them and the next window's pos."""
