@@ -650,5 +650,6 @@ class PretrainLoader:
             failed = list(self._pass_failed.items())
             raise DataUnreadableError(
                 f"epoch {self.epoch} of rank {self.rank} gave no batch from {len(self.shards)} shard(s) of "
-                f"{self.cfg.urls!r}; samples skipped by reason: {dict(self._bad)}; shards that gave nothing: "
+                f"{self.cfg.urls if isinstance(self.cfg.urls, str) else 'the configured list'}; samples "
+                f"skipped by reason: {dict(self._bad)}; shards that gave nothing: "
                 f"{_name_shards(failed) if failed else 'none'}")

@@ -210,3 +210,19 @@ def test_no_readable_shard_raises_within_seconds(
         assert "epoch 0 of rank 0 gave no batch from 8 shard(s)" in msg and len(named) == 8
     for s in named:
         assert (f"{s}: unreadable_shard (FileNotFoundError" in msg) or (f"{s}: shard_size_mismatch" in msg)
+
+
+def test_a_pass_without_a_batch_raises_instead_of_looping(tmp_path: Path) -> None:
+    """Readable tars whose images all fail to decode: before, epochs=None looped over empty epochs forever."""
+    urls = []
+    for s in range(3):
+        _tar(tmp_path / f"{s}.tar", [m for i in range(2) for m in ((f"k{s}{i}.jpg", b"not a jpeg"),
+                                                                  (f"k{s}{i}.txt", b"caption"))])
+        urls.append(str(tmp_path / f"{s}.tar"))
+    t = time.perf_counter()
+    with pytest.raises(DataUnreadableError, match=r"epoch 0 of rank 0 gave no batch from 3 shard\(s\) of "
+                                                  r"the configured list; .*\{'undecodable_image': 6\}"):
+        next(iter(PretrainLoader(_cfg(urls, epochs=None))))
+    assert time.perf_counter() - t < 15.0
+    with pytest.raises(ValueError, match="max_bad_shards_in_row must be ≥ 1, got 0"):
+        PretrainLoader(_cfg(urls, max_bad_shards_in_row=0))
