@@ -24,10 +24,44 @@ once ``loader.epoch == n``. A worker's last batch of an epoch may be short unles
 With ``num_workers > 0`` batches are built inside torch DataLoader workers and re-ordered round-robin by
 worker in this process, so the global batch order is the same whatever the processes' timing, and
 ``state_dict()`` (each worker's position + whose turn is next) restores it exactly.
+
+Verification (``LoaderConfig.verify``, on by default; nothing changed after sharding is trained on silently):
+
+* Per sample, before it enters a window: the sha256 of the ``jpg`` and of the ``txt`` bytes (already in
+  memory, no second read) against ``sha256`` / ``txt_sha256`` in the sample's ``.json``, as the writer
+  recorded them. A mismatch drops the sample (``sample_hash_mismatch``). In a shard listed by a
+  ``soho-webdataset`` manifest every sample must carry ``sha256`` (else ``sample_hash_missing``); shards
+  written before ``txt_sha256`` existed have only the jpg checked. Outside our manifests (brace pattern,
+  list, img2dataset output) ``sha256`` is checked only when ``txt_sha256`` marks the json as our writer's:
+  img2dataset's ``sha256`` is the hash of the *downloaded* file, not of the resized jpg it stores.
+* Per shard listed in a manifest: its size (before reading, where the stream knows it) and its sha256
+  (computed as the bytes stream through the tar reader, compared after the last member) against the
+  manifest. A mismatch (``shard_size_mismatch`` / ``shard_hash_mismatch``) rejects the *whole* shard: a
+  window always holds whole shards, so the verdict is known before any of its samples is yielded and none
+  of them is used — not even ones whose own hashes match. (If a window ever streamed part of a shard, the
+  per-sample check would be what protects the samples yielded before the shard's end.) Shards from a brace
+  pattern or a list have no recorded hash: only the per-sample check applies.
+* A rejected shard is logged with its name and the reason and remembered (``rejected_shards()``, saved in
+  ``state_dict()``); later passes skip it without reading it (unless ``verify`` is off). Each DataLoader worker process finds
+  rejections in its own shards; they reach this process with the batches, and the next pass's workers
+  start with all of them. Skipping a known-bad shard and reading-then-rejecting it give the same window
+  (no samples, the same position), so shard assignment, windows and batches are a function of the shard
+  bytes alone (while they do not change during the run): what this process happens to know never changes
+  the batch sequence, and resume stays exact (only I/O is saved). Ranks do not share what they found; the split of shards by rank and worker is that
+  of the full list, as without verification. A resampled stream's worker keeps its own findings only.
+  Counts are per detection: a shard is counted again when another process reads it.
+
+Failing loudly (whether or not ``verify`` is on): a shard "gives nothing" when it yields no sample that
+passes the checks (unreadable, cut before its first sample, rejected, or empty). ``max_bad_shards_in_row``
+such shards in a row in one worker's sequence, or a whole pass (an epoch of this rank, begun from its start)
+without one batch, raise ``DataUnreadableError`` naming the shards and their causes — instead of spinning
+through empty epochs. In a DataLoader worker the error travels to this process with torch's worker
+exception, at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -46,8 +80,9 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.storage import expand_braces, get_fs
-from data_pipeline.tarstream import RawSample, iter_tar
+from data_pipeline.tarstream import UNREADABLE_SHARD, HashingReader, RawSample, iter_tar
 from data_pipeline.tokenizer import load_tokenizer
+from data_pipeline.writer import FORMAT_NAME
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork; no nested thread pools
 logger = logging.getLogger(__name__)
@@ -61,6 +96,16 @@ UNDECODABLE_IMAGE = "undecodable_image"
 MISSING_IMAGE = "missing_image"
 MISSING_CAPTION = "missing_caption"
 BAD_CAPTION = "caption_not_utf8"
+# Verification (see the module docstring).
+SAMPLE_HASH_MISMATCH = "sample_hash_mismatch"
+SAMPLE_HASH_MISSING = "sample_hash_missing"
+SHARD_HASH_MISMATCH = "shard_hash_mismatch"
+SHARD_SIZE_MISMATCH = "shard_size_mismatch"
+MAX_NAMED = 20  # shards named in an error message
+
+
+class DataUnreadableError(RuntimeError):
+    """The loader cannot make progress: shard after shard gives nothing, or a whole pass gave no batch."""
 
 
 @dataclass
@@ -79,16 +124,34 @@ class LoaderConfig:
     epochs: int | None = None  # None = endless; n = stop when loader.epoch reaches n (ignored if resampled)
     drop_last: bool = False  # drop each worker's short last batch of an epoch
     prefetch_factor: int = 2
+    verify: bool = True  # check sample hashes and (manifest) shard size + sha256; see the module docstring
+    max_bad_shards_in_row: int = 8  # shards in a row giving nothing (per worker) before DataUnreadableError
 
 
 # ------------------------------------------------------------------------------------------ shard list
 
+@dataclass(frozen=True)
+class ShardRecord:
+    """What a manifest recorded about one shard when it was written."""
+
+    bytes: int | None
+    sha256: str | None
+    hashed_samples: bool  # a soho-webdataset manifest: every sample's json carries the jpg's sha256
+
+
 def resolve_shards(urls: str | list[str], storage_options: dict[str, Any] | None = None) -> list[str]:
     """Turn the configured ``urls`` into the list of shard URLs."""
+    return resolve_shard_records(urls, storage_options)[0]
+
+
+def resolve_shard_records(
+    urls: str | list[str], storage_options: dict[str, Any] | None = None
+) -> tuple[list[str], dict[str, ShardRecord]]:
+    """The shard URLs, and for those listed by a manifest what it recorded (size, sha256)."""
     if isinstance(urls, (list, tuple)):
         if not urls:
             raise ValueError("LoaderConfig.urls is an empty list")
-        return [str(u) for u in urls]
+        return [str(u) for u in urls], {}
     if urls.endswith(".json"):
         fs, path = get_fs(urls, storage_options)
         if not fs.exists(path):
@@ -98,11 +161,26 @@ def resolve_shards(urls: str | list[str], storage_options: dict[str, Any] | None
         if "shards" not in manifest:
             raise ValueError(f"{urls} is not a shard manifest (no 'shards' list)")
         base = urls.rsplit("/", 1)[0] if "/" in urls else "."
-        shards = [f"{base}/{s['name']}" for s in manifest["shards"] if s.get("samples", 1) > 0]
+        ours = manifest.get("format") == FORMAT_NAME
+        shards, records = [], {}
+        for i, s in enumerate(manifest["shards"]):
+            if not isinstance(s, dict) or not isinstance(s.get("name"), str):
+                raise ValueError(f"manifest {urls}: shards[{i}] has no 'name' string: {s!r}")
+            if s.get("samples", 1) <= 0:
+                continue
+            size, digest = s.get("bytes"), s.get("sha256")
+            if size is not None and (not isinstance(size, int) or size < 0):
+                raise ValueError(f"manifest {urls}: shards[{i}] ({s['name']}) has bytes={size!r}, not a size")
+            if digest is not None and not (isinstance(digest, str) and len(digest) == 64):
+                raise ValueError(f"manifest {urls}: shards[{i}] ({s['name']}) has sha256={digest!r}, "
+                                 "not 64 hex digits")
+            url = f"{base}/{s['name']}"
+            shards.append(url)
+            records[url] = ShardRecord(size, digest.lower() if digest else None, ours)
         if not shards:
             raise ValueError(f"manifest {urls} lists no non-empty shards")
-        return shards
-    return expand_braces(urls)
+        return shards, records
+    return expand_braces(urls), {}
 
 
 def epoch_shards(
@@ -122,6 +200,53 @@ def check_enough_shards(n_shards: int, world_size: int, num_workers: int, what: 
             "every rank and worker needs at least one shard — write more, smaller shards "
             "(--samples-per-shard), use fewer workers, or set resampled=True"
         )
+
+
+# -------------------------------------------------------------------------------------- verification
+
+
+def check_sample_hashes(raw: RawSample, required: bool) -> str | None:
+    """None if the sample's jpg/txt bytes match the hashes its json recorded, else the reason to drop it.
+
+    ``required``: the shard comes from one of our manifests, so the json must record the jpg's sha256.
+    """
+    meta: Any = None
+    if "json" in raw.members:
+        try:
+            meta = json.loads(raw.members["json"])
+        except (ValueError, UnicodeDecodeError):
+            meta = None
+    if not isinstance(meta, dict):
+        return SAMPLE_HASH_MISSING if required else None
+    jpg_hash, txt_hash = meta.get("sha256"), meta.get("txt_sha256")
+    if required and not isinstance(jpg_hash, str):
+        return SAMPLE_HASH_MISSING
+    # Outside our manifests a json's sha256 is ours only if txt_sha256 (our writer's) is beside it.
+    if isinstance(jpg_hash, str) and (required or txt_hash is not None):
+        if hashlib.sha256(raw.members.get("jpg", b"")).hexdigest() != jpg_hash.lower():
+            return SAMPLE_HASH_MISMATCH
+    if isinstance(txt_hash, str) and hashlib.sha256(raw.members.get("txt", b"")).hexdigest() != txt_hash.lower():
+        return SAMPLE_HASH_MISMATCH
+    return None
+
+
+def _stream_size(f: Any) -> int | None:
+    """The size of an open shard if the stream knows it without reading (local file, fsspec file)."""
+    try:
+        return os.fstat(f.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        size = getattr(f, "size", None)
+        return size if isinstance(size, int) else None
+
+
+def _name_shards(failures: list[tuple[str, str]]) -> str:
+    """'url: cause; ...' for an error message, each shard once, at most MAX_NAMED of them."""
+    seen: dict[str, str] = {}
+    for url, cause in failures:
+        seen.setdefault(url, cause)
+    parts = [f"{u}: {c}" for u, c in list(seen.items())[:MAX_NAMED]]
+    more = len(seen) - MAX_NAMED
+    return "; ".join(parts) + (f"; … and {more} more" if more > 0 else "")
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -237,17 +362,25 @@ class WorkerStream:
 
     Position = ``{"pos": index of the window's first shard in this worker's sequence (resampled: number of
     shards drawn before the window), "item": items of that window already consumed, "done": bool}``.
-    Yields ``(kind, batch | None, position after it, bad-count delta)`` with kind "batch" or "end".
+    Yields ``(kind, batch | None, position after it, bad-count delta, findings delta)`` with kind "batch" or
+    "end"; findings = ``{"rejected": {shard: cause}, "failed": [(shard, cause), ...]}`` (shards rejected by
+    verification; shards that gave nothing).
     """
 
     def __init__(
         self, cfg: LoaderConfig, shards: list[str], rank: int, world_size: int, worker: int, num_workers: int,
-        epoch: int, start: dict[str, Any] | None,
+        epoch: int, start: dict[str, Any] | None, records: dict[str, ShardRecord] | None = None,
+        rejected: dict[str, str] | None = None,
     ) -> None:
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
         self.worker, self.num_workers, self.epoch = worker, num_workers, epoch
         self.start = dict(start or {"pos": 0, "item": 0, "done": False})
+        self.records = records or {}
+        self.rejected = dict(rejected or {})  # shard → cause: known bad, skipped without reading
         self.bad: Counter[str] = Counter()
+        self._new_rejected: dict[str, str] = {}
+        self._new_failed: list[tuple[str, str]] = []
+        self._streak: list[tuple[str, str]] = []
 
     def _shard_at(self, i: int, mine: list[str] | None) -> str | None:
         if mine is not None:
@@ -255,29 +388,85 @@ class WorkerStream:
         rng = random.Random(f"{self.cfg.seed}/resample/{self.rank}/{self.worker}/{i}")
         return self.shards[rng.randrange(len(self.shards))]
 
-    def _read_window(self, pos: int, mine: list[str] | None, count_bad: bool) -> tuple[list[RawSample], int]:
-        """Raw samples of the window starting at shard ``pos``; returns them and the next window's pos."""
-        items: list[RawSample] = []
-        target = max(1, self.cfg.shuffle_buffer)
+    def _read_shard(self, url: str, count_bad: bool) -> tuple[list[RawSample], str]:
+        """The shard's samples that pass the checks, and (if there are none) why it gave nothing."""
+        if self.cfg.verify and url in self.rejected:
+            return [], f"rejected earlier: {self.rejected[url]}"
+        problems: list[str] = []
 
         def on_bad(reason: str, detail: str) -> None:
             if count_bad:
                 self.bad[reason] += 1
-            logger.warning("skipping bad shard content (%s): %s", reason, detail)
+            problems.append(f"{reason} ({detail})")
+            logger.warning("shard %s: skipping bad content (%s): %s", url, reason, detail)
 
+        def reject(reason: str, detail: str) -> tuple[list[RawSample], str]:
+            if count_bad:
+                self.bad[reason] += 1
+            cause = f"{reason} ({detail})"
+            self.rejected[url] = self._new_rejected[url] = cause
+            n = self.records[url]
+            logger.warning("shard %s: %s; none of its samples is used, in this pass or later ones "
+                           "(manifest: %s bytes, sha256 %s)", url, cause, n.bytes, n.sha256)
+            return [], cause
+
+        verify = self.cfg.verify
+        rec = self.records.get(url) if verify else None
+        out: list[RawSample] = []
+        try:
+            with _open_shard(url, self.cfg.storage_options) as f:
+                if rec is not None and rec.bytes is not None:
+                    size = _stream_size(f)
+                    if size is not None and size != rec.bytes:
+                        return reject(SHARD_SIZE_MISMATCH, f"{size} bytes, the manifest says {rec.bytes}")
+                stream = HashingReader(f) if rec is not None and rec.sha256 else f
+                required = rec is not None and rec.hashed_samples
+                for raw in iter_tar(stream, url, on_bad):
+                    why = check_sample_hashes(raw, required) if verify else None
+                    if why is not None:
+                        on_bad(why, f"sample {raw.key!r}")
+                    else:
+                        out.append(raw)
+                if isinstance(stream, HashingReader):
+                    assert rec is not None
+                    stream.drain()
+                    if rec.bytes is not None and stream.nbytes != rec.bytes:
+                        return reject(SHARD_SIZE_MISMATCH, f"read {stream.nbytes} bytes, the manifest says {rec.bytes}")
+                    if stream.hexdigest() != rec.sha256:
+                        return reject(SHARD_HASH_MISMATCH, f"sha256 {stream.hexdigest()}")
+        except (OSError, ValueError) as e:  # missing object, permission, bad URL: skip the shard
+            on_bad(UNREADABLE_SHARD, f"{type(e).__name__}: {e}")
+            return [], problems[-1]
+        if out:
+            return out, ""
+        if not problems:
+            return [], "no samples in the tar"
+        return [], "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more problems" if len(problems) > 3 else "")
+
+    def _read_window(self, pos: int, mine: list[str] | None, count_bad: bool) -> tuple[list[RawSample], int]:
+        """Raw samples of the window starting at shard ``pos``; returns them and the next window's pos."""
+        items: list[RawSample] = []
+        target = max(1, self.cfg.shuffle_buffer)
         while len(items) < target:
             url = self._shard_at(pos, mine)
             if url is None:
                 break
             pos += 1
-            try:
-                with _open_shard(url, self.cfg.storage_options) as f:
-                    items.extend(iter_tar(f, url, on_bad))
-            except (OSError, ValueError) as e:  # missing object, permission, bad URL: skip the shard
-                on_bad("unreadable_shard", f"{url}: {type(e).__name__}: {e}")
+            got, cause = self._read_shard(url, count_bad)
+            if got:
+                items.extend(got)
+                self._streak = []
+                continue
+            self._new_failed.append((url, cause))
+            self._streak.append((url, cause))
+            if len(self._streak) >= self.cfg.max_bad_shards_in_row:
+                raise DataUnreadableError(
+                    f"{len(self._streak)} shards in a row gave no usable sample (rank {self.rank}, worker "
+                    f"{self.worker}, epoch {self.epoch}; max_bad_shards_in_row={self.cfg.max_bad_shards_in_row}): "
+                    f"{_name_shards(self._streak)}")
         return items, pos
 
-    def __iter__(self) -> Iterator[tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, int]]]:
+    def __iter__(self) -> Iterator[tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, int], dict[str, Any]]]:
         cfg = self.cfg
         mine = None if cfg.resampled else epoch_shards(
             self.shards, cfg.seed, self.epoch, self.rank, self.world_size, self.worker, self.num_workers)
@@ -288,10 +477,12 @@ class WorkerStream:
         pending: list[DecodedSample] = []
         reported: Counter[str] = Counter()
 
-        def delta() -> dict[str, int]:
+        def delta() -> tuple[dict[str, int], dict[str, Any]]:
             d = {k: v - reported[k] for k, v in self.bad.items() if v != reported[k]}
             reported.update(d)
-            return d
+            found = {"rejected": self._new_rejected, "failed": self._new_failed}
+            self._new_rejected, self._new_failed = {}, []
+            return d, found
 
         first = True
         while True:
@@ -313,15 +504,15 @@ class WorkerStream:
                     nxt = {"pos": pos, "item": idx + 1, "done": False}
                     if idx + 1 == len(order):
                         nxt = {"pos": next_pos, "item": 0, "done": False}
-                    yield "batch", collate(pending), nxt, delta()
+                    yield "batch", collate(pending), nxt, *delta()
                     pending = []
             pos, skip = next_pos, 0
             if not items and mine is None:
                 raise RuntimeError(f"resampled shards yield no samples (rank {self.rank}, worker {self.worker})")
         end = {"pos": pos, "item": 0, "done": True}
         if pending and not cfg.drop_last:
-            yield "batch", collate(pending), end, delta()
-        yield "end", None, end, delta()
+            yield "batch", collate(pending), end, *delta()
+        yield "end", None, end, *delta()
 
 
 class _EpochDataset(IterableDataset):
@@ -329,17 +520,18 @@ class _EpochDataset(IterableDataset):
 
     def __init__(self, loader: PretrainLoader, epoch: int, starts: dict[int, dict[str, Any]]) -> None:
         super().__init__()
-        self.cfg, self.shards = loader.cfg, loader.shards
+        self.cfg, self.shards, self.records = loader.cfg, loader.shards, loader.records
         self.rank, self.world_size = loader.rank, loader.world_size
         self.epoch, self.starts = epoch, starts
+        self.rejected = dict(loader.rejected_shards())
 
-    def __iter__(self) -> Iterator[tuple[int, str, dict[str, Any] | None, dict[str, Any], dict[str, int]]]:
+    def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         stream = WorkerStream(self.cfg, self.shards, self.rank, self.world_size, wid, nw, self.epoch,
-                              self.starts.get(wid))
-        for kind, batch, pos, bad in stream:
-            yield wid, kind, batch, pos, bad
+                              self.starts.get(wid), self.records, self.rejected)
+        for item in stream:
+            yield (wid, *item)
 
 
 # -------------------------------------------------------------------------------------------- the loader
@@ -353,8 +545,10 @@ class PretrainLoader:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if cfg.batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {cfg.batch_size}")
+        if cfg.max_bad_shards_in_row < 1:
+            raise ValueError(f"max_bad_shards_in_row must be ≥ 1, got {cfg.max_bad_shards_in_row}")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.shards = resolve_shards(cfg.urls, cfg.storage_options)
+        self.shards, self.records = resolve_shard_records(cfg.urls, cfg.storage_options)
         self.num_streams = max(1, cfg.num_workers)
         if not cfg.resampled:
             check_enough_shards(len(self.shards), world_size, cfg.num_workers, f"shards from {cfg.urls!r}")
@@ -363,6 +557,8 @@ class PretrainLoader:
         self._positions: dict[int, dict[str, Any]] = {}
         self._next_worker = 0
         self._bad: Counter[str] = Counter()
+        self._rejected: dict[str, str] = {}  # shard → why verification rejected it (skipped from then on)
+        self._pass_failed: dict[str, str] = {}  # shard → cause: shards that gave nothing in this pass
         self.batches_yielded = 0
 
     # -- resumable state
@@ -373,6 +569,7 @@ class PretrainLoader:
             "num_shards": len(self.shards), "next_worker": self._next_worker,
             "positions": {str(k): dict(v) for k, v in self._positions.items()},
             "bad_counts": dict(self._bad), "batches_yielded": self.batches_yielded,
+            "rejected_shards": dict(self._rejected),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -387,10 +584,15 @@ class PretrainLoader:
         self._next_worker = int(state["next_worker"])
         self._bad = Counter(state.get("bad_counts", {}))
         self.batches_yielded = int(state.get("batches_yielded", 0))
+        self._rejected = dict(state.get("rejected_shards", {}))
 
     def bad_sample_counts(self) -> dict[str, int]:
         """{reason: count} of samples skipped while loading (cumulative, survives resume)."""
         return dict(self._bad)
+
+    def rejected_shards(self) -> dict[str, str]:
+        """{shard URL: cause} of the shards verification rejected (left out of later passes)."""
+        return dict(self._rejected)
 
     # -- iteration
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -415,25 +617,46 @@ class PretrainLoader:
         if not active:
             return
         queues: dict[int, deque] = {w: deque() for w in range(n)}
+        from_start = not self._positions
+        batches = 0
+        self._pass_failed.clear()
         source = self._source({w: self._positions[w] for w in self._positions})
-        # Round-robin by worker in a fixed order: the global batch sequence does not depend on which
-        # process happens to be faster, so a restored loader continues with exactly the same batches.
-        while active:
-            w = self._next_worker if self._next_worker in active else active[0]
-            while not queues[w]:
-                try:
-                    wid, kind, batch, pos, bad = next(source)
-                except StopIteration:
-                    raise RuntimeError(f"loader worker {w} stopped without its end marker") from None
-                queues[wid].append((kind, batch, pos, bad))
-            kind, batch, pos, bad = queues[w].popleft()
-            self._positions[w] = pos
-            self._bad.update(bad)
-            i = active.index(w)
-            if kind == "end":
-                active.remove(w)
-                self._next_worker = active[i % len(active)] if active else 0
-                continue
-            self._next_worker = active[(i + 1) % len(active)]
-            self.batches_yielded += 1
-            yield batch
+        try:
+            # Round-robin by worker in a fixed order: the global batch sequence does not depend on which
+            # process happens to be faster, so a restored loader continues with exactly the same batches.
+            while active:
+                w = self._next_worker if self._next_worker in active else active[0]
+                while not queues[w]:
+                    try:
+                        wid, kind, batch, pos, bad, found = next(source)
+                    except StopIteration:
+                        raise RuntimeError(f"loader worker {w} stopped without its end marker") from None
+                    queues[wid].append((kind, batch, pos, bad, found))
+                kind, batch, pos, bad, found = queues[w].popleft()
+                self._positions[w] = pos
+                self._bad.update(bad)
+                self._rejected.update(found["rejected"])
+                for url, cause in found["failed"]:
+                    self._pass_failed.setdefault(url, cause)
+                i = active.index(w)
+                if kind == "end":
+                    active.remove(w)
+                    self._next_worker = active[i % len(active)] if active else 0
+                    continue
+                self._next_worker = active[(i + 1) % len(active)]
+                self.batches_yielded += 1
+                batches += 1
+                yield batch
+            if from_start and batches == 0 and not self.cfg.resampled:
+                failed = list(self._pass_failed.items())
+                raise DataUnreadableError(
+                    f"epoch {self.epoch} of rank {self.rank} gave no batch from {len(self.shards)} shard(s) of "
+                    f"{self.cfg.urls if isinstance(self.cfg.urls, str) else 'the configured list'}; samples "
+                    f"skipped by reason: {dict(self._bad)}; shards that gave nothing: "
+                    f"{_name_shards(failed) if failed else 'none'}")
+        finally:
+            # Stop DataLoader worker processes now (~0.1 s): left to the garbage collector after an error,
+            # the iterator took ~5 s to go.
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()

@@ -4,10 +4,13 @@ Members are grouped into samples by key (the member path up to the first dot of 
 sequentially (no seeking, so it works on s3 streams), never extracted to disk, and only the extensions we
 decode are kept: images, ``txt``, ``json``. Pickles and other members are ignored, never loaded. Member
 names that are absolute or contain ``..`` are rejected: nothing from outside may be trusted as a path.
+``HashingReader`` hashes and counts the bytes as they stream past, so a shard's sha256 and size can be
+compared with its manifest entry without a second read.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +37,29 @@ class RawSample:
             if ext in self.members:
                 return self.members[ext]
         return None
+
+
+class HashingReader:
+    """A read-only stream wrapper: every byte read passes through sha256 and is counted."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._h = hashlib.sha256()
+        self.nbytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._h.update(data)
+        self.nbytes += len(data)
+        return data
+
+    def drain(self, chunk: int = 2**20) -> None:
+        """Read (and hash) whatever the tar reader left unread: the end-of-archive blocks and padding."""
+        while self.read(chunk):
+            pass
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 def is_unsafe_name(name: str) -> bool:

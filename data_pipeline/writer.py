@@ -1,7 +1,9 @@
 """Shard writer and manifest: the on-storage contract of ARCHITECTURE.md ("Shards").
 
 A shard ``{prefix}-{index:06d}.tar`` holds, per sample, ``{key}.jpg`` (RGB JPEG), ``{key}.txt`` (UTF-8
-caption) and ``{key}.json`` (at least ``key, source, width, height, sha256``). ``manifest.json`` at the
+caption) and ``{key}.json`` (at least ``key, source, width, height, sha256``, plus ``txt_sha256``: the
+sha256 of the jpg and of the caption bytes, which the loader checks before it uses a sample; shards written
+before ``txt_sha256`` existed stay loadable, only their jpg is checked). ``manifest.json`` at the
 output root lists every shard with its sample count, byte size and sha256, the totals and the writer
 settings; ``bad_samples.jsonl`` has one line per rejected input. Tars are built in memory with fixed
 metadata (mtime 0, uid 0), so the same samples always give byte-identical shards (resume compares equal).
@@ -71,9 +73,11 @@ def build_shard_bytes(samples: Iterable[ShardSample]) -> tuple[bytes, int]:
         for s in samples:
             meta = dict(s.meta)
             meta["key"] = s.key
+            caption = s.caption.encode("utf-8")
             meta["sha256"] = hashlib.sha256(s.jpeg).hexdigest()
+            meta["txt_sha256"] = hashlib.sha256(caption).hexdigest()
             _add_member(tar, f"{s.key}.jpg", s.jpeg)
-            _add_member(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
+            _add_member(tar, f"{s.key}.txt", caption)
             _add_member(tar, f"{s.key}.json", json.dumps(meta, sort_keys=True).encode("utf-8"))
             n += 1
     return buf.getvalue(), n

@@ -151,6 +151,11 @@ class RunConfig:
     )
     # --- loader ---------------------------------------------------------------------------------
     loader_workers: int = field(default=0, metadata=_opt("DataLoader worker processes per training worker"))
+    verify_data: bool = field(
+        default=True,
+        metadata=_opt("check every sample against the hashes recorded when it was sharded and each manifest "
+                      "shard's size + sha256; mismatches are dropped and counted (--no-verify-data: off)"),
+    )
     resampled: bool | None = field(
         default=None,
         metadata=_opt("resampled shard stream (endless, exactly resumable; multi-node friendly); default: "

@@ -259,6 +259,7 @@ class _Trainer:
                 epochs=cfg.epochs,
                 seed=cfg.seed,
                 num_workers=cfg.loader_workers,
+                verify=cfg.verify_data,
                 storage_options=cfg.storage_options(),
             ),
             rank=self.rank,
