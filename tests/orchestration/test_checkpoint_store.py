@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestration.checkpoint import (
     COMMITTED,
@@ -25,9 +26,9 @@ def _make_local_ckpt(root: Path, step: int, world_size: int = 2) -> list[Path]:
     for rank in range(world_size):
         d = root / f"r{rank}-{step}"
         (d / "ds").mkdir(parents=True)
-        (d / "ds" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(b"x" * (100 + rank + step))
+        torch.save({"state": torch.full((10 + rank + step,), float(step))}, d / "ds" / f"zero_pp_rank_{rank}_optim_states.pt")
         if rank == 0:
-            (d / "ds" / "mp_rank_00_model_states.pt").write_bytes(b"m" * 50)
+            torch.save({"module": {"w": torch.ones(5)}}, d / "ds" / "mp_rank_00_model_states.pt")
             write_json_atomic(d / TRAIN_STATE, {"step": step, "world_size": world_size})
         write_rank_record(d, rank, {"loader_state": {"pos": step * 10 + rank}}, already={})
         dirs.append(d)
