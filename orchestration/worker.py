@@ -413,7 +413,15 @@ class _Trainer:
         self.engine.backward(loss)
         boundary = self.engine.is_gradient_accumulation_boundary()
         dropped = boundary and self._drop_nonfinite_grads()
-        self.engine.step()
+        if dropped:  # DeepSpeed's micro-step bookkeeping runs, our optimizer's step does not
+            opt = self.engine.optimizer
+            opt.step = lambda *args, **kwargs: None  # instance attribute shadows the method for this call
+            try:
+                self.engine.step()
+            finally:
+                del opt.step
+        else:
+            self.engine.step()
         # The optimizer step ran only if the gradients were finite on every rank: ours (dropped) or DeepSpeed's
         # own check of the all-reduced global gradient norm (ZeRO-1/2/3, bf16), which skips the step itself.
         self._grads_skipped = boundary and (dropped or self._engine_skipped_step())
@@ -435,8 +443,8 @@ class _Trainer:
     def _drop_nonfinite_grads(self) -> bool:
         """Where DeepSpeed hands the gradients straight to our optimizer (ZeRO-0 fp32: no DeepSpeed optimizer
         wrapper, no check), look at them after backward and before ``engine.step()``: if any rank has a
-        NaN/Inf gradient (one all-reduce of a flag), every rank drops all gradients, so the optimizer, which
-        skips parameters without a gradient, changes neither weights nor its state."""
+        NaN/Inf gradient (one all-reduce of a flag), every rank zeroes its gradients and the caller runs
+        ``engine.step()`` with the optimizer's step disabled: neither weights nor optimizer state change."""
         if hasattr(self.engine.optimizer, "overflow"):
             return False  # DeepSpeed's wrapper checks the global gradient norm itself (see _engine_skipped_step)
         params = [p for p in unwrap(self.engine).parameters() if p.grad is not None]
@@ -447,7 +455,7 @@ class _Trainer:
         if self._all_agree(local_ok):
             return False
         for p in params:
-            p.grad = None
+            p.grad.zero_()  # DeepSpeed's gradient clipping still runs over them
         return True
 
     def _engine_skipped_step(self) -> bool:
