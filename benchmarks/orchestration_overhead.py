@@ -77,9 +77,11 @@ def worker_loop(cfg: RunConfig, data_url: str) -> list[float]:
 def ray_loop(cfg: RunConfig, data_url: str) -> list[float]:
     from orchestration.launch import launch_ray
 
-    summary = launch_ray(cfg, data_url)
-    # the per-step history lives in the final checkpoint's train state
-    hist = json.loads((Path(summary["checkpoint"]) / "train_state.json").read_text())["history"]
+    launch_ray(cfg, data_url)
+    # the per-step history lives in the run's history log beside the checkpoints
+    from orchestration.checkpoint import read_history
+
+    hist = read_history(cfg.storage_path, cfg.name, storage_options=cfg.storage_options())
     return [r["samples_per_s"] for r in hist]
 
 

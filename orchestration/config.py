@@ -203,6 +203,11 @@ class RunConfig:
         metadata=_opt("TEST ONLY: comma-separated micro-batch numbers (0-based, over the run) whose "
                       "loss is made NaN"),
     )
+    fault_nonfinite_grad_batches: list[int] = field(
+        default_factory=list,
+        metadata=_opt("TEST ONLY: comma-separated micro-batch numbers (0-based, over the run) whose loss "
+                      "stays finite but whose gradients are made NaN"),
+    )
 
     def __post_init__(self) -> None:
         self.validate()

@@ -37,7 +37,9 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "checkpoint": {"tag_validation": "Fail"},
     }
     if cfg.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
+        # Explicit (also DeepSpeed 0.19.8's default): ZeRO skips a step whose global gradient norm is NaN/Inf;
+        # the worker reads that verdict and counts the step as non-finite.
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
     elif cfg.precision == "fp16":
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return ds

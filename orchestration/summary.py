@@ -1,4 +1,6 @@
-"""End-of-run artefacts from the final train state: ``summary.json`` and ``loss_curve.png``."""
+"""End-of-run artefacts from the final train state and the run's history log: ``summary.json`` and
+``loss_curve.png``. The per-step history is read from ``{storage}/{run}/history/`` (all attempts of the run,
+up to the final checkpoint's step), not from the checkpoint."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import statistics
 from typing import Any
 
 import fsspec
+
+from orchestration.checkpoint import HistoryLog
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +102,8 @@ def write_run_artifacts(
     proto = fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol
     display = run_dir if proto in ("file", "local") else f"{proto}://{run_dir}"
     storage = {"run_dir": display}
+    if "history" not in state:  # format 2: the history lives beside the checkpoints, not inside them
+        state = {**state, "history": HistoryLog(fs, run_dir).read(upto=int(state["step"]))}
     if export_dir is not None:
         dst = f"{run_dir}/final_model"
         if fs.exists(dst):

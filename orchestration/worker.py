@@ -14,9 +14,9 @@ import base64
 import hashlib
 import logging
 import os
+import pickle
 import shutil
 import socket
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +29,16 @@ from orchestration import faults
 from orchestration.checkpoint import (
     DS_TAG,
     EXPORT_DIR,
+    HISTORY_DIR,
     STATE_FORMAT,
     TRAIN_STATE,
     CheckpointStore,
+    HistoryLog,
     LocalCheckpoint,
+    Staging,
+    UntrustedCheckpointError,
     read_rank_record,
+    weights_only_loads,
     write_json_atomic,
     write_rank_record,
 )
@@ -46,15 +51,33 @@ logger = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "mlm", "mvm", "itm", "itc")  # itc: 0 unless pretrain.itc_weight > 0
 ACC_KEYS = ("mlm_acc", "mvm_acc", "itm_acc", "itc_acc")
+HISTORY_TAIL = 10_000  # step records a worker keeps in memory once they are in the history log
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps with a NaN/Inf loss: the run is diverging."""
+    """Too many consecutive steps with a NaN/Inf loss or NaN/Inf gradients: the run is diverging."""
+
+
+class NonFiniteWeightsError(RuntimeError):
+    """Some rank holds NaN/Inf weights: refusing to commit a checkpoint of them."""
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Test-only fault: identity forward, NaN backward (a finite loss whose gradients are not finite)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
 
 
 @dataclass
 class WorkerResult:
-    """What one rank reports at the end (rank 0's history is the run's history)."""
+    """What one rank reports at the end. ``history``: this attempt's steps (the newest ``HISTORY_TAIL`` of
+    them); the run's full history is in the history log (:func:`orchestration.checkpoint.read_history`)."""
 
     rank: int
     world_size: int
@@ -198,7 +221,13 @@ class _Trainer:
         self.samples_seen = 0
         self.nonfinite_total = 0
         self.consecutive_nonfinite = 0
-        self.history: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []  # this attempt's steps; the run's are in the history log
+        self._history_saved = 0  # records of self.history already in the history log
+        self.history_log = HistoryLog.for_run(cfg.storage_path, cfg.name, cfg.storage_options())
+        if getattr(store, "staging", None) is None:
+            store.staging = Staging(cfg.storage_path, cfg.name, self.rank)
+        self.staging: Staging = store.staging  # type: ignore[assignment]
+        self._grads_skipped = False
         self.resumes: list[dict[str, int]] = []
         self.start_step = 0
         self.frozen: bool | None = None
@@ -273,10 +302,21 @@ class _Trainer:
             port = cfg.metrics_port + self.local_rank if cfg.metrics_port > 0 else 0
             self.metrics_port = self.metrics.start_http_server(port)
 
+    def _all_agree(self, ok: bool) -> bool:
+        """One all-reduce (MIN) of a flag: True only when every rank says True."""
+        if self.world_size == 1:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def resume(self) -> None:
-        ckpt: LocalCheckpoint | None = self.store.latest()
+        # Every rank verifies each candidate (sizes, sha256, weights-only test load) and all ranks vote, so
+        # they fall back together: the newest checkpoint that every rank could verify wins.
+        ckpt: LocalCheckpoint | None = self.store.latest(agree=self._all_agree)
         if ckpt is None:
             if self.rank == 0:
+                self.history_log.truncate_after(0)
                 logger.info("no committed checkpoint in %s: starting at step 0", self.store.describe())
             return
         try:
@@ -286,10 +326,17 @@ class _Trainer:
                     f"checkpoint {ckpt.source} was written by {state['world_size']} workers, this run has "
                     f"{self.world_size}; ZeRO shards cannot be re-partitioned here (use the same --num-workers)"
                 )
-            # DeepSpeed's engine files load with pickle (weights_only=False) inside DeepSpeed; they are our
-            # own, verified files. Our state files are JSON.
-            load_path, _ = self.engine.load_checkpoint(str(ckpt.path), tag=DS_TAG, load_optimizer_states=True,
-                                                       load_lr_scheduler_states=False)
+            # DeepSpeed's loader calls torch.load(weights_only=False); forced weights-only here (allow-listed
+            # DeepSpeed types), so even a file swapped after verification cannot run code. State files are JSON.
+            try:
+                with weights_only_loads():
+                    load_path, _ = self.engine.load_checkpoint(str(ckpt.path), tag=DS_TAG,
+                                                               load_optimizer_states=True,
+                                                               load_lr_scheduler_states=False)
+            except pickle.UnpicklingError as exc:
+                raise UntrustedCheckpointError(
+                    f"{ckpt.source}: a DeepSpeed file was refused by the weights-only loader while loading "
+                    f"(changed after verification?): {str(exc).strip().splitlines()[0][:300]}") from exc
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {ckpt.source}")
             record = read_rank_record(ckpt.path, self.rank)
@@ -299,7 +346,10 @@ class _Trainer:
             self.batches_seen = int(state["batches_seen"])
             self.samples_seen = int(state["samples_seen"])
             self.nonfinite_total = int(state["nonfinite_steps"])
-            self.history = list(state["history"])
+            if self.rank == 0:
+                self.history_log.truncate_after(self.step)  # steps of an attempt that never committed
+                if "history" in state and not self.history_log.segments():  # a format-1 checkpoint
+                    self.history_log.append([r for r in state["history"] if int(r["step"]) <= self.step])
             self.resumes = list(state["resumes"])
             self.resumes.append({"from_step": self.step, "first_step": -1})
             if tensor_sha256(visual_dictionary(self.engine).codebook) != record["vd_codebook_sha256"]:
@@ -345,6 +395,8 @@ class _Trainer:
         loss = out.loss
         if self.batches_seen in self.cfg.fault_nonfinite_batches:
             loss = loss * float("nan")  # test-only fault: a poisoned batch
+        if self.batches_seen in self.cfg.fault_nonfinite_grad_batches:
+            loss = _NaNGradient.apply(loss)  # test-only fault: finite loss, NaN gradients
         stats = torch.stack([loss.detach().float(), out.mlm_loss.detach().float(), out.mvm_loss.detach().float(),
                              out.itm_loss.detach().float(), out.itc_loss.detach().float(), out.mlm_acc.float(),
                              out.mvm_acc.float(), out.itm_acc.float(), out.itc_acc.float()])
@@ -354,24 +406,66 @@ class _Trainer:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM)
             stats /= self.world_size
         self.batches_seen += 1
+        self._grads_skipped = False
         if not torch.isfinite(stats[: len(LOSS_KEYS)]).all():
             vd.load_state_dict(vd_backup)
-            self.nonfinite_total += 1
-            self.consecutive_nonfinite += 1
-            self.metrics.inc_nonfinite()
-            logger.warning("rank %d: non-finite loss at step %d (batch %d): step skipped, %d in a row",
-                           self.rank, self.step + 1, self.batches_seen - 1, self.consecutive_nonfinite)
-            if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
-                raise NonFiniteLossError(
-                    f"aborting at step {self.step + 1}: {self.consecutive_nonfinite} consecutive steps had a "
-                    f"non-finite loss (--max-consecutive-nonfinite {self.cfg.max_consecutive_nonfinite}); "
-                    f"lower --lr, use --precision fp32, or check the data"
-                )
+            self._count_nonfinite("non-finite loss")
             return None
-        self.consecutive_nonfinite = 0
         self.engine.backward(loss)
-        self.engine.step()
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        dropped = boundary and self._drop_nonfinite_grads()
+        if dropped:  # DeepSpeed's micro-step bookkeeping runs, our optimizer's step does not
+            opt = self.engine.optimizer
+            opt.step = lambda *args, **kwargs: None  # instance attribute shadows the method for this call
+            try:
+                self.engine.step()
+            finally:
+                del opt.step
+        else:
+            self.engine.step()
+        # The optimizer step ran only if the gradients were finite on every rank: ours (dropped) or DeepSpeed's
+        # own check of the all-reduced global gradient norm (ZeRO-1/2/3, bf16), which skips the step itself.
+        self._grads_skipped = boundary and (dropped or self._engine_skipped_step())
         return stats
+
+    def _count_nonfinite(self, what: str) -> None:
+        self.nonfinite_total += 1
+        self.consecutive_nonfinite += 1
+        self.metrics.inc_nonfinite()
+        logger.warning("rank %d: %s at step %d (batch %d): step skipped, %d in a row",
+                       self.rank, what, self.step + 1, self.batches_seen - 1, self.consecutive_nonfinite)
+        if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"aborting at step {self.step + 1}: {self.consecutive_nonfinite} consecutive steps had a "
+                f"non-finite loss or non-finite gradients (last: {what}; --max-consecutive-nonfinite "
+                f"{self.cfg.max_consecutive_nonfinite}); lower --lr, use --precision fp32, or check the data"
+            )
+
+    def _drop_nonfinite_grads(self) -> bool:
+        """Where DeepSpeed hands the gradients straight to our optimizer (ZeRO-0 fp32: no DeepSpeed optimizer
+        wrapper, no check), look at them after backward and before ``engine.step()``: if any rank has a
+        NaN/Inf gradient (one all-reduce of a flag), every rank zeroes its gradients and the caller runs
+        ``engine.step()`` with the optimizer's step disabled: neither weights nor optimizer state change."""
+        if hasattr(self.engine.optimizer, "overflow"):
+            return False  # DeepSpeed's wrapper checks the global gradient norm itself (see _engine_skipped_step)
+        params = [p for p in unwrap(self.engine).parameters() if p.grad is not None]
+        local_ok = True
+        if params:
+            norms = torch._foreach_norm([p.grad for p in params])
+            local_ok = bool(torch.isfinite(torch.stack(norms)).all())
+        if self._all_agree(local_ok):
+            return False
+        for p in params:
+            p.grad.zero_()  # DeepSpeed's gradient clipping still runs over them
+        return True
+
+    def _engine_skipped_step(self) -> bool:
+        """DeepSpeed's optimizer wrappers set ``overflow`` when they skipped the step for a non-finite global
+        gradient norm (all-reduced, so every rank agrees). Under fp16 that is also the loss scaler's normal
+        scale search, which is not counted."""
+        if self.cfg.precision == "fp16":
+            return False
+        return bool(getattr(self.engine.optimizer, "overflow", False))
 
     def train_step(self) -> bool:
         """One optimizer step (grad_accum finite micro-batches). False when the data ran out."""
@@ -380,6 +474,8 @@ class _Trainer:
         wait = 0.0
         acc: torch.Tensor | None = None
         done = 0
+        vd = visual_dictionary(self.engine)
+        step_vd = {k: v.clone() for k, v in vd.state_dict().items()}  # undone when the step is skipped
         while done < self.cfg.grad_accum:
             tw = time.perf_counter()
             batch = self._next_batch()
@@ -391,10 +487,16 @@ class _Trainer:
             stats = self._micro_step(batch)
             if stats is None:
                 continue  # skipped: no backward, no DeepSpeed micro-step; the next batch takes its place
+            if self._grads_skipped:  # the optimizer step did not happen: start the step over
+                vd.load_state_dict(step_vd)
+                acc, done = None, 0
+                self._count_nonfinite("non-finite gradients (finite loss)")
+                continue
             acc = stats if acc is None else acc + stats
             done += 1
         assert acc is not None
         acc /= self.cfg.grad_accum
+        self.consecutive_nonfinite = 0
         self.step += 1
         step_samples = self.cfg.micro_batch_size * self.cfg.grad_accum * self.world_size
         self.samples_seen += step_samples
@@ -430,9 +532,38 @@ class _Trainer:
         return True
 
     # --- checkpoint ----------------------------------------------------------------------------
+    def _nonfinite_weights(self) -> str:
+        """Name of the first local tensor (parameter, ZeRO-3 partition, fp32 master partition, buffer) that holds
+        NaN/Inf, or ''."""
+        module = unwrap(self.engine)
+        for name, p in module.named_parameters():
+            t = getattr(p, "ds_tensor", None)
+            t = p if t is None else t
+            if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+                return name
+        for name, b in module.named_buffers():
+            if b.is_floating_point() and b.numel() and not bool(torch.isfinite(b).all()):
+                return name
+        opt = self.engine.optimizer
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+            for i, t in enumerate(getattr(opt, attr, None) or []):
+                if isinstance(t, torch.Tensor) and t.numel() and not bool(torch.isfinite(t.detach()).all()):
+                    return f"optimizer.{attr}[{i}]"
+        return ""
+
+    def _check_weights_finite(self) -> None:
+        """Collective: refuse to write a checkpoint when any rank's weights are not finite."""
+        bad = self._nonfinite_weights()
+        if not self._all_agree(not bad):
+            where = f"this rank holds NaN/Inf in {bad}" if bad else "another rank holds NaN/Inf weights"
+            raise NonFiniteWeightsError(
+                f"step {self.step}: not committing a checkpoint with non-finite weights (rank {self.rank}: "
+                f"{where}); the last committed checkpoint stays the one to resume from")
+
     def save_checkpoint(self, final: bool) -> None:
         t0 = time.perf_counter()
-        local = Path(tempfile.mkdtemp(prefix=f"soho-ckpt-{self.step}-r{self.rank}-"))
+        self._check_weights_finite()
+        local = self.staging.new(f"ckpt-{self.step}")
         try:
             self.engine.save_checkpoint(str(local), tag=DS_TAG)
             (local / "latest").unlink(missing_ok=True)  # DeepSpeed's `latest` is not a commit marker
@@ -453,7 +584,9 @@ class _Trainer:
                 "vd_buffer_dtypes": {k: str(v.dtype) for k, v in visual_dictionary(self.engine).state_dict().items()},
                 "param_dtype": str(next(unwrap(self.engine).parameters()).dtype),
                 "first_keys": self._first_keys,
-            }, already={})
+            }, already={}, world_size=self.world_size)
+            if self.rank == 0:  # the steps since the last checkpoint, before this checkpoint is committed
+                self.history_log.append(self.history[self._history_saved:])
             self.store.upload(local, self.step)
             faults.maybe_crash_during_checkpoint(self.cfg, self.step, self.rank)
             last = self.history[-1] if self.history else {}
@@ -461,6 +594,11 @@ class _Trainer:
                                                  "loss": last.get("loss", float("nan")), "final": final})
         finally:
             shutil.rmtree(local, ignore_errors=True)
+        self._history_saved = len(self.history)
+        if len(self.history) > HISTORY_TAIL:  # memory stays bounded too: the log has the rest
+            drop = len(self.history) - HISTORY_TAIL
+            del self.history[:drop]
+            self._history_saved -= drop
         seconds = time.perf_counter() - t0
         self.metrics.observe_checkpoint(self.step, seconds)
         if self.rank == 0:
@@ -479,7 +617,7 @@ class _Trainer:
             "config": {**self.cfg.to_dict(), "run_name": self.cfg.name},
             "model_config": self.model_cfg.to_dict(),
             "deepspeed_config": self.ds_config,
-            "history": self.history,
+            "history_log": f"{HISTORY_DIR}/ beside the checkpoints (orchestration.checkpoint.read_history)",
             "resumes": self.resumes,
             "vd_codebook_sha256": codebook_sha,
             "time": time.time(),
@@ -508,6 +646,7 @@ class _Trainer:
 
     # --- driver --------------------------------------------------------------------------------------
     def run(self) -> WorkerResult:
+        self.staging.remove_stale()  # what a killed attempt of this rank of this run left in the temp dir
         self.build()
         self.resume()
         self.start_step = self.step

@@ -61,8 +61,9 @@ def run_variant(config: Path, name: str, overrides: list[str], data_url: str, st
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     run_dir = storage / name
     summary = json.loads((run_dir / "summary.json").read_text())
-    state_files = sorted((run_dir / "checkpoints").glob("checkpoint_step_*/train_state.json"))
-    history = json.loads(state_files[-1].read_text())["history"] if state_files else []
+    from orchestration.checkpoint import read_history
+
+    history = read_history(str(storage), name)
     return {"summary": summary, "history": history, "overrides": all_overrides,
             "wall_seconds": round(time.perf_counter() - t0, 1), "final_model": str(run_dir / "final_model")}
 

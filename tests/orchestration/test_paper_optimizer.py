@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from orchestration.checkpoint import read_history
 from orchestration.config import RunConfig
 from orchestration.optim import HybridSGDAdamW
 from orchestration.schedule import apply_lr, lr_factor, param_groups
@@ -255,13 +256,14 @@ def test_cli_run_with_paper_optimizer_steps_lr_and_resumes(tmp_path: Path, synth
     assert last_json(first.stdout)["steps"] == 6
     ckroot = tmp_path / "paper-opt" / "checkpoints"
     state = json.loads((ckroot / "checkpoint_step_00000006" / "train_state.json").read_text())
-    lrs = {r["step"]: r["lr"] for r in state["history"]}
+    hist = read_history(str(tmp_path), "paper-opt", upto=6)
+    lrs = {r["step"]: r["lr"] for r in hist}
     # history step s used lr_factor(s - 1): warm-up 2 steps, x0.1 from optimizer step 3, x0.01 from step 5
     expected = {1: 0.5, 2: 1.0, 3: 1.0, 4: 0.1, 5: 0.1, 6: 0.01}
     for s, f in expected.items():
         assert lrs[s] == pytest.approx(1e-4 * f), (s, lrs)
     assert lrs[4] / lrs[3] == pytest.approx(0.1) and lrs[6] / lrs[5] == pytest.approx(0.1)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in state["history"])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in hist)
     assert state["config"]["backbone_optimizer"] == "sgd" and state["config"]["lr_milestones"] == [3, 5]
     # DeepSpeed's ZeRO-2 optimizer file keeps the hybrid optimizer's per-group kind (what a resume loads)
     optim_file = next((ckroot / "checkpoint_step_00000006" / "ds").rglob("*optim_states.pt"))
@@ -275,7 +277,7 @@ def test_cli_run_with_paper_optimizer_steps_lr_and_resumes(tmp_path: Path, synth
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     summary = last_json(second.stdout)
     assert summary["steps"] == 8 and summary["resumes"] == [{"from_step": 6, "first_step": 7}]
-    state = json.loads((ckroot / "checkpoint_step_00000008" / "train_state.json").read_text())
-    assert [r["step"] for r in state["history"]] == list(range(1, 9))
-    assert [r["lr"] for r in state["history"][6:]] == pytest.approx([1e-6, 1e-6])
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in state["history"])
+    hist = read_history(str(tmp_path), "paper-opt", upto=8)
+    assert [r["step"] for r in hist] == list(range(1, 9))
+    assert [r["lr"] for r in hist[6:]] == pytest.approx([1e-6, 1e-6])
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in hist)

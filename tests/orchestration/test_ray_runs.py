@@ -118,7 +118,11 @@ def faulted_run(ray_session: None, synth_manifest: str, tmp_path_factory: pytest
     ckpt = Path(summary["checkpoint"])
     records = [json.loads(p.read_text()) for p in sorted(ckpt.glob("rank-*.json"))]
     state = json.loads((ckpt / "train_state.json").read_text())
-    return {"summary": summary, "records": records, "state": state, "loss": loss, "perplexity": perplexity,
+    from orchestration.checkpoint import read_history
+
+    history = read_history(str(tmp / "runs"), "faulted", upto=int(state["step"]))
+    return {"summary": summary, "records": records, "state": state, "history": history, "loss": loss,
+            "perplexity": perplexity,
             "steps": steps, "run_dir": tmp / "runs" / "faulted"}
 
 
@@ -135,7 +139,7 @@ def test_two_workers_hold_identical_codebooks_on_different_data(faulted_run: dic
 def test_losses_are_finite_and_falling(faulted_run: dict[str, Any]) -> None:
     import math
 
-    hist = faulted_run["state"]["history"]
+    hist = faulted_run["history"]
     assert [r["step"] for r in hist] == list(range(1, 11))
     assert all(math.isfinite(r[k]) for r in hist for k in ("loss", "mlm", "mvm", "itm"))
     first = sum(r["loss"] for r in hist[:3]) / 3
