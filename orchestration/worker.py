@@ -37,7 +37,7 @@ from orchestration.checkpoint import (
     write_json_atomic,
     write_rank_record,
 )
-from orchestration.config import RunConfig, apply_model_overrides
+from orchestration.config import RunConfig
 from orchestration.ds_config import build_deepspeed_config
 from orchestration.metrics import SohoMetrics
 from orchestration.schedule import apply_lr, backbone_frozen, param_groups
@@ -209,13 +209,10 @@ class _Trainer:
         import deepspeed
 
         from data_pipeline.loader import LoaderConfig, PretrainLoader
-        from soho import SohoForPretraining, get_preset
+        from soho import SohoForPretraining
 
         cfg = self.cfg
-        model_cfg = get_preset(cfg.preset)
-        if cfg.vd_decay is not None:
-            model_cfg.vd.decay = cfg.vd_decay
-        model_cfg = apply_model_overrides(model_cfg, cfg.model_overrides)
+        model_cfg = cfg.model_config()  # preset + backbone_weights + vd_decay + model_overrides
         self.model_cfg = model_cfg
         # Same seed on every rank: identical initial weights and codebook before DeepSpeed's broadcast.
         torch.manual_seed(cfg.seed)
@@ -231,11 +228,11 @@ class _Trainer:
         if cfg.backbone_optimizer == "sgd":  # the paper's: SGD+momentum trunk, AdamW rest, one client optimizer
             from orchestration.optim import HybridSGDAdamW
 
-            optimizer = HybridSGDAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            optimizer = HybridSGDAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                        weight_decay=cfg.weight_decay, momentum=cfg.backbone_momentum)
         else:
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                          weight_decay=cfg.weight_decay)
+                                          eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         if not cfg.use_gpu and not cfg.ds_cpu_shm_comm:
             # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`) when its
             # comm layer starts: minutes of C++ on a fresh machine, under a file lock every starting worker
