@@ -147,8 +147,8 @@ def ensure_trunk_weights(cfg: GridEncoderConfig, timeout_s: float = 120.0) -> Pa
 
 def _resnet_trunk(cfg: GridEncoderConfig) -> tuple[nn.Sequential, int]:
     builder = getattr(tv_resnet, cfg.backbone)
+    path = ensure_trunk_weights(cfg)  # first: an offline machine fails before building anything
     net: tv_resnet.ResNet = builder(weights=None)
-    path = ensure_trunk_weights(cfg)
     if path is not None:
         # One path for every source (torchvision's cache file or the user's): weights_only=True, strict fit.
         state = _load_state_file(path)
