@@ -204,7 +204,8 @@ def test_epoch_mode_with_uneven_shards_ends_together_with_a_final_checkpoint(
     summary = main([*FAST_FLAGS, "--micro-batch-size", "1", "--data", data["pretrain_manifest"],
                     "--storage-path", str(tmp_path / "runs"), "--run-name", "epochs", "--num-workers", "2",
                     "--epochs", "2", "--freeze-backbone-epochs", "1", "--max-steps", "100",
-                    "--checkpoint-every", "3", "--metrics-port", "-1", "--max-failures", "0"])
+                    "--checkpoint-every", "3", "--keep-checkpoints", "3", "--metrics-port", "-1",
+                    "--max-failures", "0"])
     elapsed = time.monotonic() - t0
     assert summary["steps"] == 6, summary
     assert summary["resumes"] == []  # ended by itself: no worker restart
