@@ -51,6 +51,7 @@ def build_model(device: torch.device, preset: str = "base") -> torch.nn.Module:
 
     cfg = get_preset(preset)
     cfg.transformer.name_or_path = None  # random init: same architecture and FLOPs, no hub download
+    cfg.encoder.weights = None  # nor an ImageNet download for the trunk
     torch.manual_seed(0)
     return SohoForPretraining(cfg).to(device)
 

@@ -10,13 +10,27 @@ import json
 import logging
 import sys
 
-from orchestration.config import parse_run_config
+from orchestration.config import RunConfig, parse_cli, resolved_config
 
 logger = logging.getLogger(__name__)
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Fail here, before any worker starts, when the trunk's initial weights cannot be had (an offline
+    machine without torchvision's cache): Ray would otherwise restart the failing workers max_failures
+    times and bury the message. Downloads them into this machine's cache when it is online."""
+    from soho.encoder import ensure_trunk_weights
+
+    ensure_trunk_weights(cfg.model_config().encoder)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_run_config(argv)
+    cfg, print_config = parse_cli(argv)
+    if print_config:
+        resolved = resolved_config(cfg)
+        print(json.dumps(resolved, indent=1), flush=True)
+        return resolved
+    preflight(cfg)
     if cfg.launcher == "ray":
         from orchestration.launch import launch_ray
 

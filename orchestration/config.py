@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -46,6 +47,15 @@ class RunConfig:
 
     # --- model and data -------------------------------------------------------------------------
     preset: str = field(default="tiny", metadata=_opt("model preset", choices=PRESETS))
+    backbone_weights: str | None = field(
+        default=None,
+        metadata=_opt("initial weights of the ResNet trunk: imagenet (torchvision's IMAGENET1K_V1 through its "
+                      "weights API, as the paper; cached in $TORCH_HOME/hub/checkpoints, downloaded when missing), "
+                      "another torchvision weights name (IMAGENET1K_V2), a local state-dict file "
+                      "(.pt/.pth/.safetensors), or none (random init: offline machines, the CPU recipes); "
+                      "default: the preset's (small/base: imagenet; tiny: none, its trunk is not a torchvision "
+                      "ResNet)"),
+    )
     data: str | None = field(
         default=None,
         metadata=_opt(
@@ -117,6 +127,7 @@ class RunConfig:
     )
     adam_beta1: float = field(default=0.9, metadata=_opt("AdamW beta1"))
     adam_beta2: float = field(default=0.98, metadata=_opt("AdamW beta2"))
+    adam_eps: float = field(default=1e-8, metadata=_opt("AdamW epsilon (added to the root of the second moment)"))
     grad_clip: float = field(default=1.0, metadata=_opt("gradient norm clip (0 = off)"))
     warmup_steps: int = field(default=20, metadata=_opt("linear learning-rate warm-up steps"))
     lr_schedule: str = field(
@@ -225,6 +236,19 @@ class RunConfig:
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.num_workers
 
+    def model_config(self) -> Any:
+        """The ``soho.SohoConfig`` this run trains: the preset, then ``backbone_weights``, ``vd_decay`` and
+        ``model_overrides`` (in that order: an override wins)."""
+        from soho import get_preset
+        from soho.config import normalise_weights
+
+        model_cfg = get_preset(self.preset)
+        if self.backbone_weights is not None:
+            model_cfg.encoder.weights = normalise_weights(self.backbone_weights)
+        if self.vd_decay is not None:
+            model_cfg.vd.decay = self.vd_decay
+        return apply_model_overrides(model_cfg, self.model_overrides)
+
     def storage_options(self) -> dict[str, Any]:
         """fsspec options for s3:// URLs (endpoint from the flag, credentials from the AWS env)."""
         if self.s3_endpoint_url:
@@ -246,15 +270,12 @@ class RunConfig:
                      "max_text_len", "synthetic_pairs"):
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)!r} must be >= 1")
         for name in ("warmup_steps", "freeze_backbone_epochs", "freeze_backbone_steps", "loader_workers",
-                     "max_failures", "weight_decay", "grad_clip", "eval_every"):
+                     "max_failures", "eval_every"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r} must be >= 0")
-        need(self.lr > 0, f"lr={self.lr!r} must be > 0")
-        need(self.backbone_lr is None or self.backbone_lr >= 0, f"backbone_lr={self.backbone_lr!r} must be >= 0")
+        self._validate_optimiser(need)
         need(self.backbone_optimizer in BACKBONE_OPTIMIZERS,
              f"backbone_optimizer={self.backbone_optimizer!r} must be one of {BACKBONE_OPTIMIZERS}")
         need(0.0 <= self.backbone_momentum < 1.0, f"backbone_momentum={self.backbone_momentum!r} must be in [0, 1)")
-        need(self.backbone_weight_decay is None or self.backbone_weight_decay >= 0,
-             f"backbone_weight_decay={self.backbone_weight_decay!r} must be >= 0")
         need(0.0 < self.lr_step_gamma <= 1.0, f"lr_step_gamma={self.lr_step_gamma!r} must be in (0, 1]")
         need(all(m > 0 for m in self.lr_milestones), f"lr_milestones={self.lr_milestones!r} must all be > 0")
         need(all(a < b for a, b in zip(self.lr_milestones, self.lr_milestones[1:], strict=False)),
@@ -266,12 +287,25 @@ class RunConfig:
         need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         need(self.vd_decay is None or 0.0 < self.vd_decay < 1.0, f"vd_decay={self.vd_decay!r} must be in (0, 1)")
         need(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs!r} must be >= 1")
-        if self.model_overrides:  # fail at parse time, not after the workers have started
-            from soho import get_preset
+        try:  # the preset + backbone_weights + overrides: fail at parse time, not after the workers started
+            enc = self.model_config().encoder
+            # A file is checked where the model is built (it may exist only on the workers); a name here.
+            from soho.config import weights_is_path
 
-            apply_model_overrides(get_preset(self.preset), self.model_overrides)
+            if enc.weights is not None and enc.backbone != "tiny" and not weights_is_path(enc.weights):
+                from soho.encoder import torchvision_weights
+
+                torchvision_weights(enc.backbone, enc.weights)  # a name torchvision knows for this ResNet
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"invalid run config: {exc}") from exc
         need(not (self.epochs is not None and self.resampled),
              "epochs needs epoch passes: drop --resampled (a resampled stream has no epochs)")
+        need(not (self.freeze_backbone_epochs and self.use_resampled),
+             f"freeze_backbone_epochs={self.freeze_backbone_epochs} counts loader epochs, but this run reads a "
+             "resampled stream (the default without --epochs), whose epoch never advances: the ResNet trunk "
+             "would stay frozen (learning rate 0) for the whole run. Give the cold start in steps instead, "
+             "freeze_backbone_steps = epochs x pairs / global batch (--freeze-backbone-steps), or train in epoch "
+             "passes with --epochs N")
         need(self.eval_candidates >= 2, f"eval_candidates={self.eval_candidates!r} must be >= 2")
         need(self.eval_every == 0 or self.data is None,
              f"eval_every={self.eval_every} needs the embedded synthetic data, the only data with a held-out "
@@ -280,6 +314,46 @@ class RunConfig:
         need(bool(self.storage_path), "storage_path must not be empty")
         need(not (self.precision == "fp16" and not self.use_gpu),
              "precision=fp16 needs --use-gpu (DeepSpeed's CPU accelerator supports fp32 and bf16)")
+
+    def _validate_optimiser(self, need: Any) -> None:
+        """Finite, in-range optimiser values; a NaN fails every range check (comparisons are False)."""
+        def finite(name: str) -> bool:
+            value = getattr(self, name)
+            ok = isinstance(value, (int, float)) and math.isfinite(value)
+            need(ok, f"{name}={value!r} must be a finite number: set --{name.replace('_', '-')} "
+                     f"(YAML {name}) to a real value")
+            return ok
+
+        for name in ("lr", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip", "weight_decay",
+                     "backbone_momentum", "lr_step_gamma", "min_lr_ratio"):
+            finite(name)
+        for name in ("backbone_lr", "backbone_weight_decay", "vd_decay"):
+            if getattr(self, name) is not None:
+                finite(name)
+        need(0.0 < self.lr <= 1.0,
+             f"lr={self.lr!r} must be in (0, 1] (AdamW moves every weight by about lr per step; the recipes use "
+             "1e-4 to 1e-3): set --lr / lr, e.g. 1e-4")
+        if self.backbone_lr is not None:
+            top = 1.0 if self.backbone_optimizer == "adamw" else 10.0
+            need(0.0 <= self.backbone_lr <= top,
+                 f"backbone_lr={self.backbone_lr!r} must be in [0, {top:g}] for backbone_optimizer="
+                 f"{self.backbone_optimizer} (the paper's SGD trunk: 1e-2): set --backbone-lr / backbone_lr")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            need(0.0 <= value < 1.0,
+                 f"{name}={value!r} must be in [0, 1) (a moving-average decay; 1 never forgets the first "
+                 f"gradient): set --{name.replace('_', '-')} / {name}, e.g. 0.9 for beta1 and 0.98-0.999 for beta2")
+        need(0.0 < self.adam_eps <= 1e-3,
+             f"adam_eps={self.adam_eps!r} must be in (0, 1e-3] (0 divides by zero on unused weights; a large eps "
+             "turns AdamW into SGD with lr/eps): set --adam-eps / adam_eps, e.g. 1e-8 (BERT: 1e-6)")
+        need(self.grad_clip >= 0.0,
+             f"grad_clip={self.grad_clip!r} must be >= 0 (0 = off; the paper clips at 10): set --grad-clip / grad_clip")
+        need(0.0 <= self.weight_decay <= 1.0,
+             f"weight_decay={self.weight_decay!r} must be in [0, 1] (AdamW multiplies weights by 1 - lr x wd): "
+             "set --weight-decay / weight_decay, e.g. 0.01")
+        need(self.backbone_weight_decay is None or 0.0 <= self.backbone_weight_decay <= 1.0,
+             f"backbone_weight_decay={self.backbone_weight_decay!r} must be in [0, 1] (the paper: 1e-4): set "
+             "--backbone-weight-decay / backbone_weight_decay")
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -367,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", type=Path, help="YAML file with any of the options below (flags win)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved run config and model config as JSON and exit (no training)")
     for f in dataclasses.fields(RunConfig):
         flag = "--" + f.name.replace("_", "-")
         tp, is_list = _base_type(f)
@@ -399,11 +475,50 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 def parse_run_config(argv: list[str] | None = None) -> RunConfig:
     """Dataclass defaults < YAML file (``--config``) < command-line flags."""
+    return parse_cli(argv)[0]
+
+
+def parse_cli(argv: list[str] | None = None) -> tuple[RunConfig, bool]:
+    """(run config, whether ``--print-config`` was given)."""
     args = vars(build_parser().parse_args(argv))
+    print_config = bool(args.pop("print_config", False))
     merged: dict[str, Any] = {}
     config_path = args.pop("config", None)
     if config_path is not None:
         merged.update({str(k).replace("-", "_"): v for k, v in load_yaml(Path(config_path)).items()})
     merged.update(args)
     source = f"--config {config_path} / flags" if config_path else "flags"
-    return RunConfig.from_dict(merged, source=source)
+    return RunConfig.from_dict(merged, source=source), print_config
+
+
+def resolved_config(cfg: RunConfig) -> dict[str, Any]:
+    """What ``--print-config`` prints: the run config, the model config the workers build, and what follows
+    from them (batch sizes, stream kind, the cold start, where the trunk's initial weights come from)."""
+    from soho.config import weights_is_path
+    from soho.encoder import cache_file, torchvision_weights
+
+    model_cfg = cfg.model_config()
+    enc = model_cfg.encoder
+    trunk: dict[str, Any] = {"backbone": enc.backbone, "weights": enc.weights}
+    if enc.weights is None:
+        trunk["init"] = "random"
+    elif weights_is_path(enc.weights) or Path(enc.weights).is_file():
+        trunk.update(init="state-dict file", file=enc.weights, present=Path(enc.weights).is_file())
+    else:
+        w = torchvision_weights(enc.backbone, enc.weights)
+        path = cache_file(w)
+        trunk.update(init=f"torchvision {type(w).__name__}.{w.name}", url=w.url, file=str(path),
+                     cached=path.is_file())
+    return {
+        "run_config": {**cfg.to_dict(), "run_name": cfg.name},
+        "model_config": model_cfg.to_dict(),
+        "derived": {
+            "global_batch_size": cfg.global_batch_size,
+            "resampled": cfg.use_resampled,
+            "cold_start": {"freeze_backbone_steps": cfg.freeze_backbone_steps,
+                           "freeze_backbone_epochs": cfg.freeze_backbone_epochs,
+                           "epochs": "real loader epochs, agreed across ranks" if cfg.freeze_backbone_epochs
+                           else None},
+            "trunk": trunk,
+        },
+    }

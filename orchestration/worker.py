@@ -42,7 +42,7 @@ from orchestration.checkpoint import (
     write_json_atomic,
     write_rank_record,
 )
-from orchestration.config import RunConfig, apply_model_overrides
+from orchestration.config import RunConfig
 from orchestration.ds_config import build_deepspeed_config
 from orchestration.metrics import SohoMetrics
 from orchestration.schedule import apply_lr, backbone_frozen, param_groups
@@ -52,6 +52,9 @@ logger = logging.getLogger(__name__)
 LOSS_KEYS = ("loss", "mlm", "mvm", "itm", "itc")  # itc: 0 unless pretrain.itc_weight > 0
 ACC_KEYS = ("mlm_acc", "mvm_acc", "itm_acc", "itc_acc")
 HISTORY_TAIL = 10_000  # step records a worker keeps in memory once they are in the history log
+
+
+_DATA_END = 2**62  # the "epoch" of a rank whose loader has no batch left
 
 
 class NonFiniteLossError(RuntimeError):
@@ -238,13 +241,10 @@ class _Trainer:
         import deepspeed
 
         from data_pipeline.loader import LoaderConfig, PretrainLoader
-        from soho import SohoForPretraining, get_preset
+        from soho import SohoForPretraining
 
         cfg = self.cfg
-        model_cfg = get_preset(cfg.preset)
-        if cfg.vd_decay is not None:
-            model_cfg.vd.decay = cfg.vd_decay
-        model_cfg = apply_model_overrides(model_cfg, cfg.model_overrides)
+        model_cfg = cfg.model_config()  # preset + backbone_weights + vd_decay + model_overrides
         self.model_cfg = model_cfg
         # Same seed on every rank: identical initial weights and codebook before DeepSpeed's broadcast.
         torch.manual_seed(cfg.seed)
@@ -260,11 +260,11 @@ class _Trainer:
         if cfg.backbone_optimizer == "sgd":  # the paper's: SGD+momentum trunk, AdamW rest, one client optimizer
             from orchestration.optim import HybridSGDAdamW
 
-            optimizer = HybridSGDAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+            optimizer = HybridSGDAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
                                        weight_decay=cfg.weight_decay, momentum=cfg.backbone_momentum)
         else:
             optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                          weight_decay=cfg.weight_decay)
+                                          eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
         if not cfg.use_gpu and not cfg.ds_cpu_shm_comm:
             # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`) when its
             # comm layer starts: minutes of C++ on a fresh machine, under a file lock every starting worker
@@ -359,16 +359,85 @@ class _Trainer:
         finally:
             ckpt.cleanup()
 
-    # --- one step ---------------------------------------------------------------------------------
-    def _next_batch(self) -> dict[str, Any] | None:
-        """Next micro-batch, or None when a non-resampled loader reached ``--epochs``."""
-        try:
-            return next(self._it)
-        except StopIteration:
-            return None
+    # --- data: every rank trains on a batch, or none does -------------------------------------------
+    # In epoch mode the shards split unevenly over ranks (7 samples in 4 shards over 2 ranks: 4 and 3
+    # batches), so ranks run dry at different steps; a rank that stopped alone would leave the others in a
+    # collective forever. Before each micro-batch the ranks agree (one all-reduce of one integer, MAX of the
+    # epoch of each rank's next batch) whether every rank still has a batch of the current epoch. If one does
+    # not, that epoch ends for all: ranks with batches left skip to the next epoch (the rest of their share is
+    # left out of this epoch, at most about one shard per rank, like DistributedSampler's drop_last), and the
+    # run ends together after the last epoch. The agreed epoch is also the one that drives the cold start.
+    def _start_data(self) -> None:
+        self._it = iter(self.loader)
+        self._pending: tuple[dict[str, Any] | None, int] | None = None  # fetched, not yet agreed
+        self._ready = False  # _pending holds the agreed next micro-batch (or None: the data ended everywhere)
+        epoch = torch.tensor([int(self.loader.epoch)], dtype=torch.int64, device=self.device)
+        if self.world_size > 1:  # resumed ranks saved the same epoch; MIN makes sure of it
+            dist.all_reduce(epoch, op=dist.ReduceOp.MIN)
+        self.data_epoch = int(epoch.item())
 
+    def _fetch(self) -> tuple[dict[str, Any] | None, int]:
+        try:
+            batch = next(self._it)
+        except StopIteration:
+            return None, _DATA_END
+        return batch, int(self.loader.epoch)  # the epoch the batch belongs to
+
+    def _skip_to_epoch(self, epoch: int) -> None:
+        """Leave the rest of this rank's current epoch unread and start ``epoch`` (through the loader's own
+        resumable state, so a checkpoint taken afterwards resumes in ``epoch``)."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()  # stops the loader's DataLoader workers of the abandoned epoch
+        state = self.loader.state_dict()
+        state.update(epoch=epoch, positions={}, next_worker=0)
+        self.loader.load_state_dict(state)
+        self._it = iter(self.loader)
+        self._pending = None
+
+    def _agree_on_batch(self) -> None:
+        """Settle the next micro-batch on every rank: afterwards ``_pending`` holds a batch of ``data_epoch``
+        on every rank, or None on every rank (the run's data ended)."""
+        if self._ready:
+            return
+        limit = self.cfg.epochs if not self.cfg.use_resampled else None
+        while True:
+            if self._pending is None:
+                self._pending = self._fetch()
+            newest = torch.tensor([self._pending[1]], dtype=torch.int64, device=self.device)
+            if self.world_size > 1:
+                dist.all_reduce(newest, op=dist.ReduceOp.MAX)
+            newest_epoch = int(newest.item())
+            if newest_epoch == self.data_epoch:  # every rank has a batch of the agreed epoch
+                self._ready = True
+                return
+            # some rank ran out of this epoch's data: the epoch ends on every rank at this step
+            ended = self.data_epoch
+            self.data_epoch += 1
+            if (limit is not None and self.data_epoch >= limit) or (limit is None and newest_epoch == _DATA_END):
+                if self.rank == 0:
+                    logger.info("step %d: the data ended on a rank after %d epoch(s): every rank stops",
+                                self.step, self.data_epoch)
+                self._pending, self._ready = (None, _DATA_END), True
+                return
+            if self._pending[1] < self.data_epoch:
+                logger.info("rank %d, step %d: epoch %d ended on another rank; skipping the rest of this "
+                            "rank's share of it", self.rank, self.step, ended)
+                self._skip_to_epoch(self.data_epoch)
+
+    def _next_batch(self) -> dict[str, Any] | None:
+        """Next micro-batch, or None on every rank at once when the data ran out (``--epochs`` reached)."""
+        self._agree_on_batch()
+        assert self._pending is not None
+        batch = self._pending[0]
+        if batch is not None:
+            self._pending, self._ready = None, False
+        return batch
+
+    # --- one step ---------------------------------------------------------------------------------
     def _set_cold_start(self) -> None:
-        frozen = backbone_frozen(self.cfg, self.step, int(getattr(self.loader, "epoch", 0)))
+        self._agree_on_batch()  # the agreed epoch of this step's first batch drives an epoch cold start
+        frozen = backbone_frozen(self.cfg, self.step, self.data_epoch)
         if frozen != self.frozen:
             unwrap(self.engine).soho.set_backbone_trainable(not frozen)
             if self.rank == 0:
@@ -651,12 +720,13 @@ class _Trainer:
         self.resume()
         self.start_step = self.step
         self.engine.train()
-        self._it = iter(self.loader)
+        self._start_data()
         final_saved = self.step >= self.cfg.max_steps
         while self.step < self.cfg.max_steps:
             if not self.train_step():
                 if self.rank == 0:
-                    logger.info("data exhausted after %d loader epochs at step %d", self.loader.epoch, self.step)
+                    logger.info("data exhausted after %d loader epochs at step %d on every rank", self.data_epoch,
+                                self.step)
                 break
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:  # held-out eval (rank 0; ranks wait)
                 from orchestration.heldout_eval import periodic_heldout_eval

@@ -15,6 +15,27 @@ from soho.text import default_text_model_path
 
 RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 BACKBONES = ("tiny", *RESNET_BACKBONES)
+# torchvision's original ImageNet weights (``pretrained=True`` before torchvision 0.13), which the paper and
+# its reference code started from; the only enum every ResNet here has (resnet18/34 have no V2).
+IMAGENET_WEIGHTS = "IMAGENET1K_V1"
+NO_WEIGHTS = "none"
+
+
+def normalise_weights(weights: str | None) -> str | None:
+    """``None``/"none"/"" -> None (random init), "imagenet" -> ``IMAGENET_WEIGHTS``, anything else as is."""
+    if weights is None:
+        return None
+    w = str(weights).strip()
+    if w.lower() in (NO_WEIGHTS, "", "null", "random"):
+        return None
+    if w.lower() == "imagenet":
+        return IMAGENET_WEIGHTS
+    return w
+
+
+def weights_is_path(weights: str) -> bool:
+    """A ``weights`` value meant as a local state-dict file rather than a torchvision weights name."""
+    return "/" in weights or "\\" in weights or weights.endswith((".pt", ".pth", ".safetensors"))
 
 
 @dataclass
@@ -25,9 +46,11 @@ class GridEncoderConfig:
     """"resnet18" | "resnet34" | "resnet50" | "resnet101" (torchvision), or "tiny": a narrow trunk built from
     torchvision's BasicBlock for CPU tests (stem + ``len(tiny_blocks)`` stages)."""
     weights: str | None = None
-    """None = random init (the default: no download); a torchvision weights enum name such as
-    "IMAGENET1K_V1" (downloads through torchvision's weights API); or a local state-dict file
-    (.safetensors / .pt / .pth, loaded with weights_only=True)."""
+    """Initial weights of a torchvision ResNet trunk: None (or "none") = random init; "imagenet" (=
+    ``IMAGENET_WEIGHTS``) or another torchvision weights enum name such as "IMAGENET1K_V2", loaded through
+    torchvision's weights API from its cache ``$TORCH_HOME/hub/checkpoints/`` (downloaded there when missing
+    and the machine is online); or a local state-dict file (.safetensors / .pt / .pth, loaded with
+    weights_only=True). The small/base presets start from ImageNet, as the paper does; "tiny" has none."""
     out_dim: int = 384
     """c, the width of each visual token; must equal the transformer hidden size and the VD dim."""
     pool: int = 2
@@ -58,6 +81,11 @@ class GridEncoderConfig:
             raise ValueError(
                 f"GridEncoderConfig.out_dim={self.out_dim}: must be a positive multiple of 4 "
                 "(the 2-D sinusoidal position embedding splits it into row/column sin/cos quarters)"
+            )
+        if self.backbone == "tiny" and normalise_weights(self.weights) is not None:
+            raise ValueError(
+                f"GridEncoderConfig.weights={self.weights!r}: the tiny trunk is not a torchvision ResNet and has "
+                "no pretrained weights; use weights=None ('none') or a resnet backbone"
             )
         if self.backbone == "tiny" and (not self.tiny_blocks or min(self.tiny_blocks) < 1):
             raise ValueError(
@@ -306,11 +334,12 @@ def soho_tiny() -> SohoConfig:
 
 
 def soho_small() -> SohoConfig:
-    """Offline default for real runs: torchvision ResNet-18 (random init here) + the packaged MiniLM-L6-H384
-    BERT, c=384, k=2048, total stride 64 (the reference code's)."""
+    """One-GPU model: torchvision ResNet-18 from ImageNet (``IMAGENET_WEIGHTS``; ``weights=None`` for random
+    init on a machine without them) + the packaged MiniLM-L6-H384 BERT, c=384, k=2048, total stride 64
+    (the reference code's)."""
     c = 384
     return SohoConfig(
-        encoder=GridEncoderConfig(backbone="resnet18", out_dim=c),
+        encoder=GridEncoderConfig(backbone="resnet18", weights=IMAGENET_WEIGHTS, out_dim=c),
         vd=VDConfig(num_codes=2048, dim=c),
         transformer=TransformerConfig(
             name_or_path=default_text_model_path(),
@@ -324,11 +353,12 @@ def soho_small() -> SohoConfig:
 
 
 def soho_base() -> SohoConfig:
-    """The paper's model: ResNet-101 + BERT-base (12 layers, c=768), k=2048. "bert-base-uncased" is a hub
-    name: building it downloads unless a local copy is cached."""
+    """The paper's model: ImageNet ResNet-101 (``IMAGENET_WEIGHTS``) + BERT-base (12 layers, c=768), k=2048.
+    Both are downloaded when building unless cached: the ResNet in ``$TORCH_HOME/hub/checkpoints``,
+    "bert-base-uncased" in the Hugging Face cache (the k8s image carries both)."""
     c = 768
     return SohoConfig(
-        encoder=GridEncoderConfig(backbone="resnet101", out_dim=c),
+        encoder=GridEncoderConfig(backbone="resnet101", weights=IMAGENET_WEIGHTS, out_dim=c),
         vd=VDConfig(num_codes=2048, dim=c),
         transformer=TransformerConfig(
             name_or_path="bert-base-uncased",

@@ -11,14 +11,18 @@ are also kept in eval mode, so running statistics do not drift while the weights
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
-from soho.config import RESNET_BACKBONES, GridEncoderConfig
+from soho.config import RESNET_BACKBONES, GridEncoderConfig, normalise_weights, weights_is_path
 
 logger = logging.getLogger(__name__)
 
@@ -66,36 +70,97 @@ def _load_state_file(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+class TrunkWeightsUnavailableError(RuntimeError):
+    """torchvision's ImageNet weights are neither in the cache nor downloadable (an offline machine)."""
+
+
+def offline() -> bool:
+    """``SOHO_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``): never download weights, fail with the fix instead."""
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes") for k in ("SOHO_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def torchvision_weights(backbone: str, name: str) -> Any:
+    """The torchvision weights enum member ``name`` of ``backbone`` (e.g. ResNet101_Weights.IMAGENET1K_V1)."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(getattr(tv_resnet, backbone))
+    try:
+        return enum[name]
+    except KeyError:
+        if weights_is_path(name):
+            raise FileNotFoundError(f"GridEncoderConfig.weights={name!r}: no such state-dict file") from None
+        raise ValueError(
+            f"GridEncoderConfig.weights={name!r} is neither a file nor one of "
+            f"{['imagenet', 'none', *(m.name for m in enum)]} for {backbone}"
+        ) from None
+
+
+def cache_file(weights: Any) -> Path:
+    """Where torchvision's weights API keeps ``weights``: ``$TORCH_HOME/hub/checkpoints/<file of its url>``
+    (``torch.hub.get_dir()``; TORCH_HOME defaults to ``~/.cache/torch``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def _unavailable(backbone: str, weights: Any, path: Path, why: str) -> TrunkWeightsUnavailableError:
+    torch_home = os.environ.get("TORCH_HOME")
+    home = f"TORCH_HOME={torch_home}" if torch_home else "TORCH_HOME unset: ~/.cache/torch"
+    return TrunkWeightsUnavailableError(
+        f"the ResNet trunk's ImageNet weights {type(weights).__name__}.{weights.name} are not in torchvision's "
+        f"cache {path} ({home}; torchvision keeps them in $TORCH_HOME/hub/checkpoints/) and {why}. Fixes: "
+        f"copy {path.name} (from {weights.url}) into $TORCH_HOME/hub/checkpoints/ on this machine (the k8s "
+        "image does so at build time); or pass a local state dict: --backbone-weights /path/to/state_dict.pt; "
+        "or start the trunk from random weights: --backbone-weights none (YAML: backbone_weights: none, as the "
+        "CPU recipes do; not the paper's ImageNet start)"
+    )
+
+
+def ensure_trunk_weights(cfg: GridEncoderConfig, timeout_s: float = 120.0) -> Path | None:
+    """The local file holding the trunk's initial weights, fetching torchvision's when needed: None for
+    random init (and the tiny trunk); the file itself for a local state dict; torchvision's cache file for a
+    weights enum name, downloaded through torchvision's weights API if missing. Raises
+    :class:`TrunkWeightsUnavailableError` (naming TORCH_HOME and the random-init override) when the file is
+    missing and the machine is offline (``SOHO_OFFLINE``/``HF_HUB_OFFLINE``) or the download fails."""
+    name = normalise_weights(cfg.weights)
+    if name is None or cfg.backbone == "tiny":
+        return None
+    if Path(name).is_file():
+        return Path(name)
+    weights = torchvision_weights(cfg.backbone, name)
+    path = cache_file(weights)
+    if path.is_file():
+        return path
+    if offline():
+        raise _unavailable(cfg.backbone, weights, path, "downloads are off (SOHO_OFFLINE / HF_HUB_OFFLINE)")
+    logger.info("downloading %s.%s to %s", type(weights).__name__, weights.name, path)
+    old_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout_s)  # urllib inside torch.hub has no timeout of its own: fail, not hang
+    try:
+        weights.get_state_dict(progress=False, check_hash=True)  # torchvision's weights API fills the cache
+    except (OSError, RuntimeError) as exc:  # URLError/HTTPError/timeouts are OSErrors; a bad hash RuntimeError
+        raise _unavailable(cfg.backbone, weights, path, f"downloading it failed ({exc})") from exc
+    finally:
+        socket.setdefaulttimeout(old_timeout)
+    if not path.is_file():  # pragma: no cover - torch.hub writes exactly this path
+        raise _unavailable(cfg.backbone, weights, path, "the download left no file there")
+    return path
+
+
 def _resnet_trunk(cfg: GridEncoderConfig) -> tuple[nn.Sequential, int]:
     builder = getattr(tv_resnet, cfg.backbone)
-    weights = cfg.weights
-    net: tv_resnet.ResNet
-    if weights is None:
-        net = builder(weights=None)
-    elif Path(weights).is_file():
-        net = builder(weights=None)
-        state = _load_state_file(Path(weights))
+    path = ensure_trunk_weights(cfg)  # first: an offline machine fails before building anything
+    net: tv_resnet.ResNet = builder(weights=None)
+    if path is not None:
+        # One path for every source (torchvision's cache file or the user's): weights_only=True, strict fit.
+        state = _load_state_file(path)
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}  # classifier is not used
         missing, unexpected = net.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise ValueError(
-                f"GridEncoderConfig.weights={weights!r} does not fit torchvision {cfg.backbone}: "
+                f"GridEncoderConfig.weights={cfg.weights!r} ({path}) does not fit torchvision {cfg.backbone}: "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
-        logger.info("loaded %s trunk weights from %s", cfg.backbone, weights)
-    else:
-        from torchvision.models import get_model_weights
-
-        enum = get_model_weights(builder)
-        try:
-            w = enum[weights]
-        except KeyError:
-            raise ValueError(
-                f"GridEncoderConfig.weights={weights!r} is neither a file nor one of "
-                f"{[m.name for m in enum]} for {cfg.backbone}"
-            ) from None
-        net = builder(weights=w)  # torchvision's weights API: downloads when not cached
+        logger.info("loaded %s trunk weights (%s) from %s", cfg.backbone, cfg.weights, path)
     trunk = nn.Sequential(
         net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
     )

@@ -88,7 +88,7 @@ def test_deepspeed_config(stage: int, precision: str) -> None:
 
 def test_lr_schedule_and_cold_start() -> None:
     cfg = RunConfig(max_steps=100, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1,
-                    freeze_backbone_steps=5, freeze_backbone_epochs=1)
+                    freeze_backbone_steps=5, freeze_backbone_epochs=1, epochs=3)
     assert lr_factor(cfg, 0) == pytest.approx(0.1) and lr_factor(cfg, 9) == pytest.approx(1.0)
     assert lr_factor(cfg, 10) == pytest.approx(1.0)
     assert lr_factor(cfg, 100) == pytest.approx(0.1)
@@ -128,3 +128,102 @@ def test_shipped_run_yamls_parse(name: str) -> None:
     if name == "demo.yaml":  # the file documents the embedded default exactly
         defaults = parse_run_config([])
         assert dataclasses.replace(cfg, storage_path=defaults.storage_path) == defaults
+
+
+def test_epoch_cold_start_on_a_resampled_stream_is_refused() -> None:
+    """A resampled stream's epoch never advances: freeze_backbone_epochs would freeze the trunk forever."""
+    with pytest.raises(ValueError, match=r"freeze_backbone_epochs=1 .*resampled.*freeze_backbone_steps"):
+        RunConfig.from_dict({"freeze_backbone_epochs": 1})
+    with pytest.raises(ValueError, match="freeze_backbone_epochs=2 .*--epochs N"):
+        parse_run_config(["--freeze-backbone-epochs", "2"])
+    with pytest.raises(ValueError, match="epochs needs epoch passes"):  # epochs with a forced resampled stream
+        parse_run_config(["--freeze-backbone-epochs", "2", "--epochs", "4", "--resampled"])
+    ok = RunConfig(freeze_backbone_epochs=1, epochs=2)  # epoch passes: real epochs
+    assert ok.use_resampled is False and ok.freeze_backbone_epochs == 1
+    assert RunConfig(freeze_backbone_steps=100).freeze_backbone_steps == 100
+
+
+@pytest.mark.parametrize("field,value,fix", [
+    ("lr", float("nan"), "--lr"), ("lr", float("inf"), "--lr"), ("lr", 0.0, "--lr"), ("lr", 5.0, "--lr"),
+    ("backbone_lr", float("nan"), "--backbone-lr"), ("backbone_lr", -1e-3, "--backbone-lr"),
+    ("adam_beta1", 1.0, "--adam-beta1"), ("adam_beta1", -0.1, "--adam-beta1"),
+    ("adam_beta2", float("nan"), "--adam-beta2"), ("adam_beta2", 1.5, "--adam-beta2"),
+    ("adam_eps", 0.0, "--adam-eps"), ("adam_eps", 0.5, "--adam-eps"), ("adam_eps", float("inf"), "--adam-eps"),
+    ("grad_clip", -1.0, "--grad-clip"), ("grad_clip", float("nan"), "--grad-clip"),
+    ("weight_decay", float("inf"), "--weight-decay"), ("weight_decay", 2.0, "--weight-decay"),
+    ("backbone_weight_decay", -1e-4, "--backbone-weight-decay"),
+])
+def test_optimiser_values_out_of_range_are_refused_naming_field_and_fix(field: str, value: float, fix: str) -> None:
+    with pytest.raises(ValueError) as err:
+        RunConfig(**{field: value})
+    msg = str(err.value)
+    assert f"{field}=" in msg and fix in msg, msg
+    # the same through YAML strings and flags (".nan" is YAML's NaN)
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(ValueError, match=f"{field}="):
+        parse_run_config([flag, repr(value) if value == value else "nan"])
+
+
+def test_optimiser_values_in_range_pass_and_reach_the_optimizer() -> None:
+    cfg = RunConfig(lr=1e-4, adam_beta1=0.0, adam_beta2=0.999, adam_eps=1e-6, grad_clip=0.0, weight_decay=0.0,
+                    backbone_optimizer="sgd", backbone_lr=1e-2, backbone_weight_decay=1e-4)
+    assert (cfg.adam_eps, cfg.backbone_lr) == (1e-6, 1e-2)
+    assert RunConfig().adam_eps == 1e-8  # torch's AdamW default: unchanged behaviour
+
+
+def _shipped_configs() -> list[Path]:
+    root = Path(__file__).resolve().parents[2]
+    return sorted((root / "configs").glob("*.yaml")) + [root / "k8s" / "base" / "run.yaml"]
+
+
+@pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: p.name if p.parent.name == "configs" else "k8s-run")
+def test_print_config_resolves_every_shipped_config(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--print-config prints the resolved run + model config as JSON and starts nothing; the paper-scale
+    recipes start the trunk from torchvision's ImageNet weights and have a cold start that can end."""
+    import json
+
+    from orchestration.cli import main
+
+    out = main(["--config", str(path), "--print-config"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(out))
+    run, model, derived = printed["run_config"], printed["model_config"], printed["derived"]
+    assert RunConfig.from_dict({k: v for k, v in run.items() if k != "run_name"}) == parse_run_config(
+        ["--config", str(path)])
+    enc = model["encoder"]
+    if run["preset"] == "tiny":  # the CPU recipes: random trunk, no download
+        assert enc["backbone"] == "tiny" and enc["weights"] is None and derived["trunk"]["init"] == "random"
+    else:  # small/base: ImageNet through torchvision's weights API
+        assert enc["weights"] == "IMAGENET1K_V1"
+        assert derived["trunk"]["init"].endswith("_Weights.IMAGENET1K_V1")
+        assert derived["trunk"]["file"].endswith(Path(derived["trunk"]["url"]).name)
+    # a cold start by epochs only with real epochs; otherwise in steps
+    assert not (run["freeze_backbone_epochs"] and derived["resampled"])
+    assert derived["global_batch_size"] == run["micro_batch_size"] * run["grad_accum"] * run["num_workers"]
+    if path.name == "coco_vg.yaml":
+        assert (enc["backbone"], model["transformer"]["name_or_path"]) == ("resnet101", "bert-base-uncased")
+        assert (run["epochs"], run["freeze_backbone_epochs"], derived["resampled"]) == (40, 10, False)
+        assert derived["global_batch_size"] == 512 and model["vd"]["num_codes"] == 2048
+    if path.name in ("base-8gpu.yaml", "small-1gpu.yaml"):
+        assert run["freeze_backbone_epochs"] == 0 and run["freeze_backbone_steps"] == run["max_steps"] // 4
+    if path.name == "synthetic_cpu.yaml":
+        assert run["backbone_weights"] == "none" and run["freeze_backbone_steps"] == 50
+
+
+def test_print_config_process_exits_0_without_ray() -> None:
+    """The real entry point in a fresh process: exit 0, JSON on stdout, neither ray nor deepspeed imported."""
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    code = ("import sys, runpy; sys.argv = ['soho.train', '--config', 'configs/coco_vg.yaml', '--print-config'];"
+            "runpy.run_module('soho.train', run_name='__main__');"
+            "print('IMPORTED', 'ray' in sys.modules, 'deepspeed' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    body, _, tail = proc.stdout.rpartition("IMPORTED")
+    assert tail.split() == ["False", "False"]
+    printed = json.loads(body)
+    assert printed["model_config"]["encoder"]["weights"] == "IMAGENET1K_V1"
+    assert printed["run_config"]["freeze_backbone_epochs"] == 10

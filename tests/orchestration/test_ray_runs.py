@@ -183,6 +183,58 @@ def test_prometheus_scraped_the_live_run(faulted_run: dict[str, Any]) -> None:
     assert max(float(s["value"][1]) for s in faulted_run["steps"]) >= 4
 
 
+@pytest.mark.timeout(420)  # a hang (ranks out of step in a collective) fails here, not in CI's global limit
+def test_epoch_mode_with_uneven_shards_ends_together_with_a_final_checkpoint(
+    ray_session: None, tmp_path: Path
+) -> None:
+    """7 samples in 4 shards (2, 2, 2, 1) over 2 ranks at micro-batch 1: each epoch one rank holds 4 batches
+    and the other 3 (each rank gets 2 shards, one of them has the 1-sample shard; the shard shuffle per
+    epoch only changes which rank). The ranks agree each micro-batch whether all still have one, so epoch 0
+    ends for both after min(4, 3) = 3 steps (the 4-batch rank skips its 4th) and epoch 1 after 3 more:
+    --epochs 2 gives 3 + 3 = 6 steps, then the run ends by itself with a committed final checkpoint and the
+    export. --freeze-backbone-epochs 1: the trunk is frozen (lr 0) in the agreed epoch 0, so the checkpoint at
+    step 3 still holds the initial trunk, and trains in epoch 1."""
+    import torch
+
+    from data_pipeline.synth import SynthConfig, make_synthetic
+    from orchestration.cli import main
+    from soho import SohoForPretraining, soho_tiny
+
+    data = make_synthetic(str(tmp_path / "data"), num=7, seed=5, image_size=64,
+                          config=SynthConfig(samples_per_shard=2))
+    manifest = json.loads(Path(data["pretrain_manifest"]).read_text())
+    assert sorted(s["samples"] for s in manifest["shards"]) == [1, 2, 2, 2]
+    t0 = time.monotonic()
+    summary = main([*FAST_FLAGS, "--micro-batch-size", "1", "--data", data["pretrain_manifest"],
+                    "--storage-path", str(tmp_path / "runs"), "--run-name", "epochs", "--num-workers", "2",
+                    "--epochs", "2", "--freeze-backbone-epochs", "1", "--max-steps", "100",
+                    "--checkpoint-every", "3", "--keep-checkpoints", "3", "--metrics-port", "-1",
+                    "--max-failures", "0"])
+    elapsed = time.monotonic() - t0
+    assert summary["steps"] == 6, summary
+    assert summary["resumes"] == []  # ended by itself: no worker restart
+    ckpt = Path(summary["checkpoint"])
+    assert ckpt.name == "checkpoint_step_00000006"
+    records = [json.loads(p.read_text()) for p in sorted(ckpt.glob("rank-*.json"))]
+    assert [(r["rank"], r["step"]) for r in records] == [(0, 6), (1, 6)]
+    assert records[0]["vd_codebook_sha256"] == records[1]["vd_codebook_sha256"]
+    # the rank with 3 batches in epoch 1 ran dry (its loader counted epoch 2); the other stopped with its
+    # 4th batch of epoch 1 unread
+    assert sorted(r["loader_state"]["epoch"] for r in records) == [1, 2]
+    export = Path(summary["final_model"])
+    assert (export / "config.json").is_file()
+    exported = SohoForPretraining.from_pretrained(str(export)).state_dict()
+    # the cold start followed the agreed epoch: trunk untouched through step 3, trained afterwards
+    torch.manual_seed(0)
+    init = SohoForPretraining(soho_tiny()).state_dict()
+    step3 = torch.load(ckpt.parent / "checkpoint_step_00000003" / "ds" / "mp_rank_00_model_states.pt",
+                       map_location="cpu", weights_only=False)["module"]
+    trunk = [k for k in init if k.startswith("soho.encoder.trunk.") and k.endswith(".weight")]
+    assert trunk and all(torch.equal(step3[k].float(), init[k]) for k in trunk)
+    assert not all(torch.equal(exported[k], init[k]) for k in trunk)
+    assert elapsed < 300, elapsed
+
+
 @pytest.mark.s3
 def test_s3_storage_checkpoints_land_in_the_bucket_and_relaunch_resumes(
     ray_session: None, synth_manifest: str
