@@ -213,6 +213,7 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     if not ray.is_initialized():
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
         init_kwargs: dict[str, Any] = {"runtime_env": ray_runtime_env(cfg), "log_to_driver": True}
+        joined = True
         if address:
             ray.init(address=address, **init_kwargs)
         else:
@@ -221,7 +222,11 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
             except ConnectionError:
                 need = cfg.num_workers * cfg.cpus_per_worker
                 ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, **init_kwargs)
+                joined = False
         started_ray = True
+        if joined and "s3://" in f"{cfg.storage_path} {cfg.data or ''}":
+            logger.info("joined an existing Ray cluster: its workers use the S3 credentials of their own "
+                        "environment (AWS_* or a credentials file where the nodes were started); none are sent")
     try:
         trainer = TorchTrainer(
             _ray_worker,
