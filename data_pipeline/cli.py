@@ -7,19 +7,18 @@ import logging
 from typing import Any
 
 from data_pipeline import synth
-from data_pipeline.storage import s3_storage_options
+from data_pipeline.storage import refuse_secret_flags, s3_storage_options
 
 
 def _add_storage_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("object storage (s3://); unset values come from the standard AWS_* variables")
     g.add_argument("--s3-endpoint-url", default=None, help="e.g. http://127.0.0.1:9000 for MinIO or moto")
-    g.add_argument("--s3-access-key", default=None)
-    g.add_argument("--s3-secret-key", default=None)
     g.add_argument("--s3-region", default=None)
+    refuse_secret_flags(g)  # credentials only from AWS_* / a credentials file, never argv
 
 
 def _storage_options(args: argparse.Namespace) -> dict[str, Any]:
-    return s3_storage_options(args.s3_endpoint_url, args.s3_access_key, args.s3_secret_key, args.s3_region)
+    return s3_storage_options(args.s3_endpoint_url, args.s3_region)
 
 
 def build_parser() -> argparse.ArgumentParser:

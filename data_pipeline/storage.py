@@ -7,6 +7,7 @@ name and only then move it to its final name; readers never see a partial shard 
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -20,13 +21,9 @@ from fsspec import AbstractFileSystem
 logger = logging.getLogger(__name__)
 
 
-def s3_storage_options(
-    endpoint_url: str | None = None,
-    key: str | None = None,
-    secret: str | None = None,
-    region: str | None = None,
-) -> dict[str, Any]:
-    """s3fs options from explicit flags; unset ones fall back to the standard AWS environment variables."""
+def s3_storage_options(endpoint_url: str | None = None, region: str | None = None) -> dict[str, Any]:
+    """s3fs options from the non-secret flags; credentials always come from the standard AWS chain
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_SHARED_CREDENTIALS_FILE, AWS_PROFILE)."""
     opts: dict[str, Any] = {}
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     client_kwargs: dict[str, Any] = {}
@@ -36,11 +33,32 @@ def s3_storage_options(
         client_kwargs["region_name"] = region
     if client_kwargs:
         opts["client_kwargs"] = client_kwargs
-    if key:
-        opts["key"] = key
-    if secret:
-        opts["secret"] = secret
     return opts
+
+
+# Flags that would put a credential into argv (visible in `ps`, shell history, Ray's job info): refused with
+# the variable to use instead. Registered by every CLI that touches object storage.
+SECRET_FLAGS = {"--s3-secret-key": "AWS_SECRET_ACCESS_KEY", "--s3-access-key": "AWS_ACCESS_KEY_ID",
+                "--s3-session-token": "AWS_SESSION_TOKEN"}
+
+
+class _RefuseSecretFlag(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        flag = next(f for f in self.option_strings if f in SECRET_FLAGS)
+        parser.error(
+            f"{flag} is not accepted: a secret on the command line is visible in `ps`, shell history and Ray's "
+            f"job info. Set {SECRET_FLAGS[flag]} in the environment (on Kubernetes: the soho-s3-credentials "
+            "Secret) or use a credentials file (~/.aws/credentials, AWS_SHARED_CREDENTIALS_FILE, AWS_PROFILE).")
+
+
+def refuse_secret_flags(parser: argparse.ArgumentParser | Any) -> None:
+    """Make ``parser`` (or an argument group) fail with a clear message on any of :data:`SECRET_FLAGS`."""
+    for flag in SECRET_FLAGS:
+        parser.add_argument(flag, action=_RefuseSecretFlag)
 
 
 def get_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from data_pipeline.storage import refuse_secret_flags
 from orchestration.metrics import DEFAULT_METRICS_PORT
 
 PRESETS = ("tiny", "small", "base")
@@ -460,6 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             parser.add_argument(flag, **kwargs)
+    refuse_secret_flags(parser)  # --s3-secret-key & co.: a clear error naming the AWS_* variable to use
     return parser
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
+import urllib.parse
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,7 @@ def launch_local(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     from orchestration.worker import destroy_process_group, ensure_process_group, train_loop
 
     _configure_logging()
+    check_run_paths(cfg)
     t0 = time.perf_counter()
     data_url = data_url or ensure_data(cfg)
     created = ensure_process_group(cfg.use_gpu)
@@ -131,6 +134,69 @@ def ray_storage_path(cfg: RunConfig) -> str:
     return os.path.abspath(cfg.storage_path)
 
 
+# Settings a Ray worker needs that a `ray start` node may lack. Never credentials: Ray shows a runtime_env in
+# its job info, dashboard and logs. Workers read AWS_* (incl. AWS_SESSION_TOKEN) or a credentials file from the
+# environment they already have: a local Ray started by this driver inherits the driver's environment, the
+# nodes of a `ray start` / KubeRay cluster have their own (on Kubernetes: the soho-s3-credentials Secret).
+RUNTIME_ENV_VARS = ("SOHO_FAULT_DIR", "SOHO_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "AWS_DEFAULT_REGION")
+SECRET_ENV_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|CREDENTIAL|SESSION|PRIVATE", re.I)
+
+
+def ray_runtime_env(cfg: RunConfig, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """The runtime_env the driver passes to ``ray.init``: non-secret settings only."""
+    environ = os.environ if environ is None else environ
+    env_vars = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "PYTHONUNBUFFERED": "1"}
+    env_vars.update({k: environ[k] for k in RUNTIME_ENV_VARS if k in environ})
+    leaked = sorted(k for k in env_vars if SECRET_ENV_NAME.search(k))
+    if leaked:  # a guard for whoever extends RUNTIME_ENV_VARS
+        raise RuntimeError(f"refusing to put {leaked} into Ray's runtime_env: workers read secrets from their env")
+    return {"env_vars": env_vars}
+
+
+# `ray job submit --working-dir DIR` runs the entrypoint in Ray's temporary copy of DIR, under
+# <session>/runtime_resources/working_dir_files/_ray_pkg_<hash>/.
+_RAY_WORKING_DIR_COPY = os.sep + os.path.join("runtime_resources", "working_dir_files") + os.sep
+
+
+def in_ray_working_dir_copy(cwd: str | None = None) -> bool:
+    """True when ``cwd`` (default: this process's) lies inside Ray's per-job copy of a working dir."""
+    return _RAY_WORKING_DIR_COPY in os.path.realpath(cwd or os.getcwd()) + os.sep
+
+
+def check_run_paths(cfg: RunConfig, cwd: str | None = None) -> None:
+    """Refuse what would put a run where it cannot be found or would leak a secret.
+
+    * A relative ``--storage-path`` inside a ``ray job submit --working-dir`` copy: it would resolve inside
+      Ray's temporary copy of the tree, which Ray garbage-collects, and a relaunch from a changed tree gets
+      another copy and cannot resume. There is no stable root to resolve it against that would be right on
+      every cluster (the submitting machine's folder is not on the cluster; a node-local folder is not shared
+      between nodes), so the user names the place: an absolute path or ``s3://``.
+    * A URL with a password in it (``https://user:secret@host``): it would be logged, stored in every
+      ``train_state.json`` and shown in Ray's job info. Credentials come from the environment.
+    """
+    path = cfg.storage_path
+    if "://" not in path and not os.path.isabs(path) and in_ray_working_dir_copy(cwd):
+        raise ValueError(
+            f"--storage-path {path!r} is relative and this job runs in Ray's temporary copy of its working dir "
+            f"({os.path.realpath(cwd or os.getcwd())}): checkpoints, export and summary would land where Ray "
+            "deletes them, and a relaunch could not resume. Pass an absolute path that every node reaches "
+            "(on a one-machine `ray start` cluster: --storage-path \"$PWD/runs\", expanded by your shell) or "
+            "s3://bucket/prefix, or set SOHO_STORAGE_PATH to one in the cluster's environment.")
+    for name in ("storage_path", "data", "s3_endpoint_url"):
+        value = getattr(cfg, name)
+        if value and "://" in value:
+            try:
+                password = urllib.parse.urlsplit(value).password
+            except ValueError:
+                password = None
+            if password:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} carries a password in its URL; it would be logged and saved with "
+                    "every checkpoint. Give credentials through the environment (AWS_ACCESS_KEY_ID, "
+                    "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or a credentials file (AWS_SHARED_CREDENTIALS_FILE, "
+                    "AWS_PROFILE).")
+
+
 def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     """Run the job on Ray Train; returns the run summary (also written to storage)."""
     import ray
@@ -138,6 +204,7 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     _configure_logging()
+    check_run_paths(cfg)
     t0 = time.perf_counter()
     data_url = data_url or ensure_data(cfg)
     if not cfg.data and not os.path.isabs(data_url) and "://" not in data_url:
@@ -145,12 +212,8 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     started_ray = False
     if not ray.is_initialized():
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
-        env_vars = {"DS_ACCELERATOR": "cuda" if cfg.use_gpu else "cpu", "PYTHONUNBUFFERED": "1"}
-        for key in ("SOHO_FAULT_DIR", "SOHO_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-                    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
-            if key in os.environ:
-                env_vars[key] = os.environ[key]
-        init_kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars}, "log_to_driver": True}
+        init_kwargs: dict[str, Any] = {"runtime_env": ray_runtime_env(cfg), "log_to_driver": True}
+        joined = True
         if address:
             ray.init(address=address, **init_kwargs)
         else:
@@ -159,7 +222,11 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
             except ConnectionError:
                 need = cfg.num_workers * cfg.cpus_per_worker
                 ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=False, **init_kwargs)
+                joined = False
         started_ray = True
+        if joined and "s3://" in f"{cfg.storage_path} {cfg.data or ''}":
+            logger.info("joined an existing Ray cluster: its workers use the S3 credentials of their own "
+                        "environment (AWS_* or a credentials file where the nodes were started); none are sent")
     try:
         trainer = TorchTrainer(
             _ray_worker,

@@ -274,3 +274,79 @@ def generated_configmaps(kustomization: Path) -> list[dict[str, Any]]:
 def dashboard(path: Path | None = None) -> dict[str, Any]:
     path = path or K8S_DIR / "base" / "monitoring" / "dashboards" / "soho-training.json"
     return json.loads(path.read_text())
+
+
+# --- NetworkPolicy semantics (enough of them to ask "is this connection allowed?") ----------------------
+
+
+def _selects(selector: dict[str, Any] | None, labels: dict[str, str]) -> bool:
+    assert not (selector or {}).get("matchExpressions"), "matchExpressions: not modelled"
+    return (selector or {}).get("matchLabels", {}).items() <= labels.items()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One end of a connection: a pod (namespace + labels) or an address outside the cluster (ip)."""
+
+    namespace: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    ip: str | None = None
+
+    @property
+    def label_dict(self) -> dict[str, str]:
+        return dict(self.labels)
+
+
+def pod(namespace: str, labels: dict[str, str] | None = None) -> Endpoint:
+    return Endpoint(namespace, tuple(sorted((labels or {}).items())))
+
+
+def external(ip: str) -> Endpoint:
+    return Endpoint(ip=ip)
+
+
+def _peer_matches(peer: dict[str, Any], other: Endpoint, policy_namespace: str) -> bool:
+    import ipaddress
+
+    if "ipBlock" in peer:
+        if other.ip is None:
+            return False
+        addr = ipaddress.ip_address(other.ip)
+        block = peer["ipBlock"]
+        return addr in ipaddress.ip_network(block["cidr"]) and not any(
+            addr in ipaddress.ip_network(e) for e in block.get("except", []))
+    if other.namespace is None:
+        return False
+    ns_labels = {"kubernetes.io/metadata.name": other.namespace}
+    if "namespaceSelector" in peer:
+        ns_ok = _selects(peer["namespaceSelector"], ns_labels)
+    else:
+        ns_ok = other.namespace == policy_namespace
+    return ns_ok and _selects(peer.get("podSelector"), other.label_dict)
+
+
+def _port_matches(ports: list[dict[str, Any]] | None, port: int, protocol: str) -> bool:
+    if not ports:
+        return True
+    return any(p.get("protocol", "TCP") == protocol and p["port"] <= port <= p.get("endPort", p["port"])
+               for p in ports)
+
+
+def connection_allowed(policies: list[dict[str, Any]], src: Endpoint, dst: Endpoint, port: int,
+                       protocol: str = "TCP", namespace: str = "soho") -> bool:
+    """Whether the policies (all in ``namespace``) let ``src`` open ``port`` on ``dst``: the destination's
+    ingress and the source's egress must both allow it (a side no policy selects allows everything)."""
+    def side(direction: str, target: Endpoint, other: Endpoint) -> bool:
+        if target.namespace != namespace:
+            return True
+        key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+        relevant = [p for p in policies if direction in p["spec"].get("policyTypes", ["Ingress"])
+                    and _selects(p["spec"]["podSelector"], target.label_dict)]
+        if not relevant:
+            return True
+        return any((not rule.get(peers_key) or any(_peer_matches(peer, other, namespace)
+                                                   for peer in rule[peers_key]))
+                   and _port_matches(rule.get("ports"), port, protocol)
+                   for p in relevant for rule in p["spec"].get(key, []))
+
+    return side("Ingress", dst, src) and side("Egress", src, dst)

@@ -104,8 +104,9 @@ def test_every_yaml_parses_and_the_expected_objects_exist() -> None:
         kinds[m.kind] = kinds.get(m.kind, 0) + 1
     assert kinds == {
         "Kustomization": 2,
+        "Component": 1,
         "ServiceAccount": 1,
-        "NetworkPolicy": 1,
+        "NetworkPolicy": 3,
         "RayJob": 1,
         "RayCluster": 1,
         "Job": 1,
@@ -118,7 +119,7 @@ def test_every_object_validates_against_crd_and_core_schemas() -> None:
     schemas = crd_schemas()
     assert ("ray.io", "v1", "RayJob") in schemas and ("monitoring.coreos.com", "v1", "PodMonitor") in schemas
     assert validate_tree() == {}
-    validated = [m for m in load_manifests() if m.kind != "Kustomization"]
+    validated = [m for m in load_manifests() if m.kind not in ("Kustomization", "Component")]
     groups = {m.doc["apiVersion"] for m in validated}
     assert groups == {"ray.io/v1", "monitoring.coreos.com/v1", "v1", "batch/v1", "networking.k8s.io/v1"}
 
@@ -283,7 +284,7 @@ def test_rayjob_retries_cleans_up_and_authenticates() -> None:
     # No object exposes Ray's ports outside the cluster.
     kinds = {m.kind for m in load_manifests()}
     assert "Service" not in kinds and "Ingress" not in kinds
-    policy = _one(manifests, "NetworkPolicy")
+    policy = _one(manifests, "NetworkPolicy", "soho-ray-ingress")
     monitoring_ports = {p["port"] for p in policy["spec"]["ingress"][1]["ports"]}
     assert monitoring_ports == {9450, 8080} and 8265 not in monitoring_ports
 

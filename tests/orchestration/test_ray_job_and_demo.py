@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -22,54 +24,104 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.ray]
 VENV_BIN = str(Path(sys.executable).parent)
 
 
-def test_ray_job_submit_succeeds_with_a_checkpoint(tmp_path: Path, synth_manifest: str) -> None:
+def documented_submit_command() -> str:
+    """The `ray job submit` line of orchestration/README.md, exactly as a user copies it."""
+    text = (REPO / "orchestration" / "README.md").read_text()
+    lines = {line.split("  #")[0].strip() for line in text.splitlines() if " ray job submit --working-dir ." in line}
+    assert len(lines) == 1, lines  # the README shows one command, in every place it shows it
+    return lines.pop()
+
+
+def _project_copy(dest: Path) -> Path:
+    """The user's checkout: the packages a job needs (what `--working-dir .` uploads, minus caches)."""
+    for pkg in ("soho", "orchestration", "data_pipeline", "configs"):
+        shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return dest
+
+
+def _grep_tree(root: Path, needles: list[bytes]) -> list[str]:
+    hits = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            hits += [f"{path}: {n[:12]!r}..." for n in needles if n in data]
+    return hits
+
+
+def test_documented_ray_job_submit_runs_and_leaks_no_secret(tmp_path: Path, synth_manifest: str) -> None:
+    """`ray start --head` with a token (so Ray 2.60 turns token auth on), then the README's `ray job submit`
+    line verbatim (this test's tiny-run flags appended; later flags win), from a copy of the project. The export
+    must be where the README says (./runs/soho-tiny/final_model), nothing in Ray's working-dir copy, and the
+    cluster's distinctive AWS credentials must reach no output, log or checkpoint."""
     ray = str(Path(VENV_BIN) / "ray")
-    # Token authentication on (as in the k8s manifests: an unauthenticated job API is remote code execution),
-    # with this test's own token for the head and for the job CLI.
-    token = tmp_path / "auth_token"
+    command = documented_submit_command()
+    assert command.startswith("RAY_AUTH_MODE=token ray job submit --working-dir . -- python -m soho.train")
+    token = tmp_path / "auth_token"  # what `ray get-auth-token --generate` writes, kept out of ~/.ray
     token.write_text(secrets.token_hex(32))
+    tag = secrets.token_hex(8)
+    creds = {"AWS_ACCESS_KEY_ID": f"AKIASOHO{tag.upper()}", "AWS_SECRET_ACCESS_KEY": f"soho-secret-{tag}",
+             "AWS_SESSION_TOKEN": f"soho-session-{tag}"}
     env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           "DS_ACCELERATOR": "cpu", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN"):
+           "DS_ACCELERATOR": "cpu", "RAY_AUTH_TOKEN_PATH": str(token), **creds}
+    for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "SOHO_STORAGE_PATH"):
         env.pop(var, None)
     gcs_port, dash_port = free_port(), free_port()
     temp_dir = Path("/tmp") / f"rayjob-{os.getpid()}"  # short: Ray's socket paths must stay < 108 bytes
     # --block keeps the head in the foreground: terminating this one process stops exactly the Ray that
-    # this test started (never `ray stop`, which would stop every Ray on the machine).
+    # this test started (never a bare `ray stop`, which would stop every Ray on the machine).
     head = subprocess.Popen(
         [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
          "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash_port}"
+    client = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash_port}"}
+    authed = {**client, "RAY_AUTH_MODE": "token"}
+    project = _project_copy(tmp_path / "project")
     try:
         deadline = time.monotonic() + 120
         while True:
-            probe = subprocess.run([ray, "job", "list", "--address", address], env=env, capture_output=True,
-                                   text=True, timeout=60)
+            probe = subprocess.run([ray, "job", "list"], env=authed, capture_output=True, text=True, timeout=60)
             if probe.returncode == 0:
                 break
             assert time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:] + probe.stderr[-2000:]
             time.sleep(2)
-        storage = tmp_path / "runs"
-        sub_id = f"soho-test-{os.getpid()}"
-        submit = subprocess.run(
-            [ray, "job", "submit", "--address", address, "--submission-id", sub_id, "--working-dir", str(REPO),
-             "--", "python", "-m", "soho.train", *FAST_FLAGS, "--data", synth_manifest, "--storage-path",
-             str(storage), "--run-name", "job", "--num-workers", "1", "--max-steps", "3",
-             "--checkpoint-every", "3", "--metrics-port", "-1"],
-            env=env, capture_output=True, text=True, timeout=500)
-        status = subprocess.run([ray, "job", "status", "--address", address, sub_id], env=env,
-                                capture_output=True, text=True, timeout=60)
-        # `ray job status` reports JobStatus.SUCCEEDED as "Job '<id>' succeeded"
-        assert f"Job '{sub_id}' succeeded" in status.stdout, (
-            submit.stdout[-4000:] + submit.stderr[-3000:] + status.stdout)
+        # Token auth is on: the CLI without RAY_AUTH_MODE=token is refused (why the README's line sets it).
+        bare = subprocess.run([ray, "job", "list"], env=client, capture_output=True, text=True, timeout=60)
+        assert bare.returncode != 0 and "authentication token" in (bare.stdout + bare.stderr).lower()
+
+        tiny = [*FAST_FLAGS, "--data", synth_manifest, "--num-workers", "1", "--max-steps", "3",
+                "--checkpoint-every", "3", "--metrics-port", "-1"]
+        submit = subprocess.run(["bash", "-c", f"{command} {shlex.join(tiny)}"], cwd=project, env=client,
+                                capture_output=True, text=True, timeout=500)
+        out = submit.stdout + submit.stderr
+        job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", out)
+        assert job_id, out[-4000:]
+        status = subprocess.run([ray, "job", "status", job_id.group(1)], env=authed, capture_output=True,
+                                text=True, timeout=60)
+        assert f"Job '{job_id.group(1)}' succeeded" in status.stdout, out[-5000:] + status.stdout
         assert submit.returncode == 0
         summary = last_json(submit.stdout)
         assert summary["steps"] == 3
-        ckpt = storage / "job" / "checkpoint_step_00000003"
-        assert (ckpt / "train_state.json").is_file() and (ckpt / "rank-00000.json").is_file()
-        assert json.loads((ckpt / "train_state.json").read_text())["step"] == 3
+        # Where the README says: ./runs/<run name>/ of the folder the command ran in.
+        run_dir = project / "runs" / "soho-tiny"
+        assert summary["run_dir"] == str(run_dir)
+        assert json.loads((run_dir / "final_model" / "config.json").read_text())
+        assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3
+        state = json.loads((run_dir / "checkpoint_step_00000003" / "train_state.json").read_text())
+        assert state["step"] == 3
+        copies = list(temp_dir.glob("session_*/runtime_resources/working_dir_files/*"))
+        assert copies and not [p for c in copies for p in c.rglob("*") if p.name in ("runs", "final_model")]
+        # Item 7: the credentials live in the cluster's environment only.
+        logs = subprocess.run([ray, "job", "logs", job_id.group(1)], env=authed, capture_output=True, text=True,
+                              timeout=60)
+        assert logs.returncode == 0 and "steps" in logs.stdout
+        needles = [v.encode() for v in creds.values()]
+        assert not [n for n in needles if n in (out + logs.stdout + logs.stderr).encode()]
+        assert _grep_tree(project / "runs", needles) == []
+        assert _grep_tree(temp_dir, needles) == []  # Ray's session logs, job info, runtime_env agent logs
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

@@ -20,7 +20,10 @@ from tests.orchestration.conftest import FAST_FLAGS, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.ray]
 
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+# Distinctive values (moto accepts any): the S3 test checks the workers got them from the inherited
+# environment, and that no run file carries them.
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "AKIASOHORAYRUNS00001", "AWS_SECRET_ACCESS_KEY": "soho-rayruns-secret-5d1e",
+           "AWS_SESSION_TOKEN": "soho-rayruns-session-8b2c", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,8 @@ def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     os.environ.update(AWS_ENV)
     fault_dir = tmp_path_factory.mktemp("faults")
     os.environ["SOHO_FAULT_DIR"] = str(fault_dir)
-    env_vars = {"DS_ACCELERATOR": "cpu", "SOHO_FAULT_DIR": str(fault_dir), "PYTHONUNBUFFERED": "1", **AWS_ENV}
+    # No credentials in runtime_env: a local Ray inherits this process's environment (as launch_ray's does).
+    env_vars = {"DS_ACCELERATOR": "cpu", "SOHO_FAULT_DIR": str(fault_dir), "PYTHONUNBUFFERED": "1"}
     # address="local": a private instance even if another Ray runs on this machine.
     ray.init(address="local", num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env_vars},
              log_to_driver=True)
@@ -269,5 +273,17 @@ def test_s3_storage_checkpoints_land_in_the_bucket_and_relaunch_resumes(
         assert fs.exists("soho-ckpt/runs/s3run/final_model/config.json")
         summary = json.loads(fs.cat("soho-ckpt/runs/s3run/summary.json"))
         assert summary["steps"] == 6 and summary["run_dir"] == "s3://soho-ckpt/runs/s3run"
+        # The workers wrote to S3 with credentials they inherited, and no run file carries them.
+        import ray
+
+        @ray.remote
+        def worker_env() -> dict[str, str | None]:
+            return {k: os.environ.get(k) for k in AWS_ENV}
+
+        assert ray.get(worker_env.remote()) == AWS_ENV
+        secrets = [AWS_ENV[k].encode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+        files = [p for p in fs.find("soho-ckpt/runs/s3run") if p.endswith(".json")]
+        assert any(p.endswith("train_state.json") for p in files)
+        assert [p for p in files for s in secrets if s in fs.cat(p)] == []
     finally:
         server.stop()
