@@ -27,6 +27,14 @@ hash, other), milliseconds per sample and share of the total.
 img2dataset 1.47 conflicts with the project's pins, so it lives in its own venv ``.venv-bench`` (created here
 on first use, gitignored) and runs as a subprocess with network-phoning features switched off.
 
+Measured 2026-11-29 on the shared 2-core dev box (other jobs running; the 1-min load average is given):
+clean 261.7 vs 77.2 samples/s = 3.39× (load 4.2-4.9), 6.5 vs 16.9 CPU-ms/sample; 10 % bad 97.3 vs
+25.4 samples/s = 3.83× (load 2.0-4.9), 9.1 vs 20.6 CPU-ms/sample. Profile (one thread, cProfile, load
+2.5): 8.75 ms/sample = fetch 2.07, decode 3.00, resize 1.45, encode 0.53, tar 0.44, hash 0.27, other 0.94.
+Most of the clean-variant gain over the 0.84× measured at a2a8dc6 is this server: ``python -m http.server``
+(listen backlog 5, HTTP/1.0) dropped SYNs under 32 concurrent connects (1 s retransmits); a2a8dc6's own
+code does 250-270 samples/s on this server, but dies on the first bad URL of the 10 % variant.
+
 ``--scale N1 N2 ...`` measures how our shard job's time and peak memory grow with the number of pairs
 (a CSV of N rows over local files, unique captions): the writer streams, so memory should stay flat.
 """

@@ -437,7 +437,8 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
 
     def submit(r0: int, rows: list[SourceRow]) -> cf.Future:
         urls = [j for j, r in enumerate(rows) if r.bad is None and isinstance(r.image, str)
-                and r.image.startswith(("http://", "https://"))]
+                and r.image.startswith(("http://", "https://"))
+                and (isinstance(r.caption, (str, bytes)) or r.caption_path is not None)]  # else rejected unfetched
         if loader is None or fetcher is None or not urls:
             return pool_submit(r0, rows)
         final: cf.Future = cf.Future()

@@ -25,14 +25,16 @@ from data_pipeline.shard import ShardJobConfig, run_shard_job
 REPO = Path(__file__).resolve().parents[2]
 IMG = {f"g{i}.jpg": jpeg_bytes(i, (48 + i, 32)) for i in range(12)}
 HUGE = 600 * 1024 * 1024  # a buffering client would hold all of it
-RSS_BOUND_MIB = 200  # measured ~115 MiB; buffering the body (cut by the deadline) reached ~310
+RSS_BOUND_MIB = 160  # measured ~98 MiB; a client buffering the body (until the deadline) reaches 300+
 
-# Run the CLI in one process whose peak RSS (its own and its worker's) is reported at exit.
+# Run the CLI in one process whose peak RSS (its own and its worker's) is reported at exit. Its own is
+# VmHWM, not RUSAGE_SELF: ru_maxrss survives exec, so it would report the RSS of the pytest that forked us.
 _MEASURED = r"""
-import json, resource, sys
+import json, re, resource, sys
 from data_pipeline.cli import main
 rc = main(sys.argv[2:])
-peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+own = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+peak = max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 open(sys.argv[1], "w").write(json.dumps({"rc": rc, "peak_rss_mib": peak / 1024}))
 sys.exit(rc)
 """
@@ -82,17 +84,17 @@ def test_crawl_of_real_formats_survives_every_bad_input(tmp_path: Path) -> None:
         cmd = [sys.executable, "-c", _MEASURED, str(stats), "shard", "--source", str(tmp_path / "cc3m.tsv"),
                "--columns", "caption,url", "--image-column", "url", "--output", str(tmp_path / "out_tsv"),
                "--samples-per-shard", "4", "--workers", "1", "--fetch-threads", "4", "--max-image-side", "32",
-               "--url-timeout", "1", "--url-retries", "1", "--max-image-bytes", "2000000", "--no-progress"]
+               "--url-timeout", "2", "--url-retries", "1", "--max-image-bytes", "2000000", "--no-progress"]
         t = time.monotonic()
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
         elapsed = time.monotonic() - t
         assert r.returncode == 0, r.stderr
-        assert elapsed < 20
+        assert elapsed < 25
         drip = _wait_for(srv, "drip")
-        # Cut at the 1 s deadline (the server notices a write or two later; slack for a loaded machine):
+        # Cut at the 2 s deadline (the server notices a write or two later; slack for a loaded machine):
         # without a total deadline each byte resets the read timeout and the server's 60 s cap would end it.
-        assert len(drip) == 1 and drip[0]["seconds"] < 4.0, drip
-        assert json.loads(stats.read_text())["peak_rss_mib"] < RSS_BOUND_MIB
+        assert len(drip) == 1 and drip[0]["seconds"] < 5.0, drip
+        assert json.loads(stats.read_text())["peak_rss_mib"] < RSS_BOUND_MIB, stats.read_text()
         assert _wait_for(srv, "huge")[0]["sent"] < 64 << 20  # refused while streaming, not read to the end
         assert _bad(tmp_path / "out_tsv") == {
             "cc3m.tsv:row4": "url_incomplete_read", "cc3m.tsv:row5": "url_bad_response",
