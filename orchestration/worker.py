@@ -367,10 +367,13 @@ class _Trainer:
     # not, that epoch ends for all: ranks with batches left skip to the next epoch (the rest of their share is
     # left out of this epoch, at most about one shard per rank, like DistributedSampler's drop_last), and the
     # run ends together after the last epoch. The agreed epoch is also the one that drives the cold start.
+    _pending: tuple[dict[str, Any] | None, int] | None = None  # fetched, not yet agreed: (batch, its epoch)
+    _ready = False  # _pending holds the agreed next micro-batch (or None: the data ended on every rank)
+    data_epoch = 0  # the epoch every rank is in (drives the cold start)
+
     def _start_data(self) -> None:
         self._it = iter(self.loader)
-        self._pending: tuple[dict[str, Any] | None, int] | None = None  # fetched, not yet agreed
-        self._ready = False  # _pending holds the agreed next micro-batch (or None: the data ended everywhere)
+        self._pending, self._ready = None, False
         epoch = torch.tensor([int(self.loader.epoch)], dtype=torch.int64, device=self.device)
         if self.world_size > 1:  # resumed ranks saved the same epoch; MIN makes sure of it
             dist.all_reduce(epoch, op=dist.ReduceOp.MIN)
