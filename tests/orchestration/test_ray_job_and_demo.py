@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestration.launch import in_ray_working_dir_copy
 from tests.orchestration.conftest import FAST_FLAGS, REPO, free_port, last_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.ray]
@@ -36,6 +37,7 @@ def _project_copy(dest: Path) -> Path:
     """The user's checkout: the packages a job needs (what `--working-dir .` uploads, minus caches)."""
     for pkg in ("soho", "orchestration", "data_pipeline", "configs"):
         shutil.copytree(REPO / pkg, dest / pkg, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copy(REPO / ".gitignore", dest / ".gitignore")  # Ray's upload skips what git ignores: /runs/
     return dest
 
 
@@ -49,6 +51,17 @@ def _grep_tree(root: Path, needles: list[bytes]) -> list[str]:
                 continue
             hits += [f"{path}: {n[:12]!r}..." for n in needles if n in data]
     return hits
+
+
+def _submit(line: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run a `ray job submit` command line; a head whose job agent has not registered yet (its dashboard
+    already answers) refuses with "No available agent ... try again later": do what it says."""
+    deadline = time.monotonic() + 120
+    while True:
+        proc = subprocess.run(["bash", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=500)
+        if "No available agent to submit job" not in proc.stdout + proc.stderr or time.monotonic() > deadline:
+            return proc
+        time.sleep(3)
 
 
 def test_documented_ray_job_submit_runs_and_leaks_no_secret(tmp_path: Path, synth_manifest: str) -> None:
@@ -75,6 +88,9 @@ def test_documented_ray_job_submit_runs_and_leaks_no_secret(tmp_path: Path, synt
     head = subprocess.Popen(
         [ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--include-dashboard=true",
+         # the job API needs the head's dashboard agent: its fixed default port (52365) may be held by
+         # another Ray on this machine, and then every submit answers "No available agent"
+         f"--dashboard-agent-listen-port={free_port()}",
          "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     client = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dash_port}"}
@@ -94,8 +110,7 @@ def test_documented_ray_job_submit_runs_and_leaks_no_secret(tmp_path: Path, synt
 
         tiny = [*FAST_FLAGS, "--data", synth_manifest, "--num-workers", "1", "--max-steps", "3",
                 "--checkpoint-every", "3", "--metrics-port", "-1"]
-        submit = subprocess.run(["bash", "-c", f"{command} {shlex.join(tiny)}"], cwd=project, env=client,
-                                capture_output=True, text=True, timeout=500)
+        submit = _submit(f"{command} {shlex.join(tiny)}", project, client)
         out = submit.stdout + submit.stderr
         job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", out)
         assert job_id, out[-4000:]
@@ -114,7 +129,11 @@ def test_documented_ray_job_submit_runs_and_leaks_no_secret(tmp_path: Path, synt
         assert state["step"] == 3
         copies = list(temp_dir.glob("session_*/runtime_resources/working_dir_files/*"))
         assert copies and not [p for c in copies for p in c.rglob("*") if p.name in ("runs", "final_model")]
-        # Item 7: the credentials live in the cluster's environment only.
+        # launch.check_run_paths refuses a relative --storage-path inside these copies, as this Ray lays them
+        # out (the refusal itself is unit-tested in test_launch_guards.py: a second job would cost ~15 s).
+        assert all(in_ray_working_dir_copy(str(c)) for c in copies)
+        assert not in_ray_working_dir_copy(str(project))
+        # The credentials live in the cluster's environment only: no output, log or run file shows them.
         logs = subprocess.run([ray, "job", "logs", job_id.group(1)], env=authed, capture_output=True, text=True,
                               timeout=60)
         assert logs.returncode == 0 and "steps" in logs.stdout
