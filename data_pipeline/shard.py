@@ -734,25 +734,48 @@ def _run_merge(a: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     return 0
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option shows its default ("(default: X)"), a required one says so instead of "default: None",
+    and a help text that already explains its default is left as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.required:
+            return f"{text} (required)"
+        if "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_cli_subcommands(sub: Any, add_storage_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     d = ShardJobConfig(source="", output="")
-    p = sub.add_parser("shard", help="image-text sources → WebDataset shards + manifest")
+    p = sub.add_parser("shard", help="image-text sources → WebDataset shards + manifest",
+                       description="Image-text sources → WebDataset shards, manifest.json and bad_samples.jsonl "
+                                   "(resumable: rerun the same command after an interruption).",
+                       formatter_class=_HelpFormatter)
     p.add_argument("--source", required=True,
                    help="table, a folder or glob of table parts, COCO json, VG region_descriptions.json, "
                         "image folder, tar(s); path or URL")
     p.add_argument("--output", required=True, help="output URL or path (file://, s3://bucket/prefix, memory://)")
-    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard)
+    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard,
+                   help="image-text pairs per shard tar (row r of the source goes to shard r // this)")
     p.add_argument("--workers", type=int, default=d.workers, help="worker processes (0: in this process)")
-    p.add_argument("--max-image-side", type=int, default=d.max_image_side)
-    p.add_argument("--source-format", choices=FORMATS, default="auto")
-    p.add_argument("--image-column", default=d.image_column)
-    p.add_argument("--caption-column", default=d.caption_column)
+    p.add_argument("--max-image-side", type=int, default=d.max_image_side,
+                   help="images are resized so that their longest side is at most this many pixels")
+    p.add_argument("--source-format", choices=FORMATS, default="auto",
+                   help="how to read --source (auto: from its extension or layout)")
+    p.add_argument("--image-column", default=d.image_column,
+                   help="table column with the image: path, URL or (Parquet) bytes")
+    p.add_argument("--caption-column", default=d.caption_column, help="table column with the caption")
     p.add_argument("--key-column", default=None, help="optional column of unique keys (duplicates rejected)")
-    p.add_argument("--image-root", default=None, help="folder that relative image paths are under")
-    p.add_argument("--prefix", default=d.prefix)
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels, help="decompression-bomb limit")
-    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
-    p.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars)
+    p.add_argument("--image-root", default=None,
+                   help="folder that relative image paths are under (default: the source's own folder)")
+    p.add_argument("--prefix", default=d.prefix, help="shard file names: PREFIX-000000.tar, …")
+    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                   help="decompression-bomb limit: larger images (width × height) are rejected")
+    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of the re-encoded images")
+    p.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars,
+                   help="longer captions are cut at a word boundary")
     p.add_argument("--columns", default=None,
                    help="header-less CSV/TSV: column names in file order, e.g. caption,url (CC3M)")
     p.add_argument("--vg-max-regions", type=int, default=d.vg_max_regions,
@@ -765,18 +788,21 @@ def add_cli_subcommands(sub: Any, add_storage_flags: Callable[[argparse.Argument
                    help="larger downloads are refused while streaming (url_too_large)")
     p.add_argument("--ignore-noai", action="store_true",
                    help="fetch images whose X-Robots-Tag says noai/noimageai (skipped and reported by default)")
-    p.add_argument("--user-agent", default=d.user_agent)
+    p.add_argument("--user-agent", default=d.user_agent, help="User-Agent header of image downloads")
     p.add_argument("--fetch-threads", type=int, default=d.fetch_threads,
                    help="concurrent downloads per worker process (run by the main process: workers × this)")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="rows per worker task")
-    p.add_argument("--dedupe-window", type=int, default=d.dedupe_window)
+    p.add_argument("--dedupe-window", type=int, default=d.dedupe_window,
+                   help="image+caption digests and keys remembered to drop duplicates (bounded memory, ~100 B each)")
     p.add_argument("--num-jobs", type=int, default=1, help="parallel jobs sharing this output")
-    p.add_argument("--job-index", type=int, default=None, help="this job's index (default $JOB_COMPLETION_INDEX or 0)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--job-index", type=int, default=None,
+                   help="this job's index (default: $JOB_COMPLETION_INDEX or 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_storage_flags(p)
     p.set_defaults(run=_run_shard)
-    m = sub.add_parser("merge-manifests", help="write manifest.json from the parts of a --num-jobs shard job")
-    m.add_argument("--output", required=True)
+    m = sub.add_parser("merge-manifests", help="write manifest.json from the parts of a --num-jobs shard job",
+                       formatter_class=_HelpFormatter)
+    m.add_argument("--output", required=True, help="the output of the shard job (URL or path)")
     add_storage_flags(m)
     m.set_defaults(run=_run_merge)
 

@@ -452,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         help_text = f"{help_text} [default: {default}]"
+        if f.name.startswith("fault_"):  # test-only fault injection: accepted, but not listed in --help
+            help_text = argparse.SUPPRESS
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         elif is_list:

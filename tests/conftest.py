@@ -1,4 +1,5 @@
-"""Suite-wide fixtures: repository paths and the shared/ folder that CI lays beside the clone."""
+"""Suite-wide fixtures: repository paths and the shared pre-training run. Nothing here needs anything outside
+the repository (the k8s CRD schemas are optional: tests/k8s/manifests.py, ``$SOHO_CRD_SCHEMAS``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = (REPO_ROOT / ".." / "shared").resolve()
 
 # Tests must never reach a hub or a non-loopback address.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,13 +20,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED_DIR.is_dir():
-        raise FileNotFoundError(f"expected the shared/ folder beside the repository at {SHARED_DIR}")
-    return SHARED_DIR
 
 
 RECIPE_STEPS = 1000  # ~7.5 min on one core; held-out ITM after 600 / 1,000-step runs: 0.82 / 0.96 (measured)
