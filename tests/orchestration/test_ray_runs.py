@@ -292,8 +292,8 @@ def test_s3_storage_checkpoints_land_in_the_bucket_and_relaunch_resumes(
         tb_files = fs.ls("soho-ckpt/tb/s3run")
         assert len(tb_files) == 2, tb_files
         fs.get(tb_files, str(tmp_path) + "/")
-        assert_matches_history(tmp_path, read_history("s3://soho-ckpt/runs", "s3run",
-                                                      {"client_kwargs": {"endpoint_url": endpoint}}))
+        assert_matches_history(tmp_path, read_history("s3://soho-ckpt/runs", "s3run", storage_options={
+            "client_kwargs": {"endpoint_url": endpoint}}))
         # The workers wrote to S3 with credentials they inherited, and no run file carries them.
         import ray
 
