@@ -198,6 +198,17 @@ class RunConfig:
     max_consecutive_nonfinite: int = field(
         default=5, metadata=_opt("abort after this many consecutive non-finite (skipped) steps")
     )
+    tensorboard_dir: str | None = field(
+        default=None,
+        metadata=_opt("TensorBoard event files of rank 0 (losses, accuracies, lr, codebook health, throughput, "
+                      "held-out eval) in DIR/<run name>/: a local path or any fsspec URL (s3://bucket/tb: "
+                      "written locally, uploaded at checkpoints, every minute and at the end)"),
+    )
+    wandb_project: str | None = field(
+        default=None,
+        metadata=_opt("also log the TensorBoard scalars to this Weights & Biases project (needs the wandb "
+                      "package; one W&B run per run name, resumed on relaunch)"),
+    )
     # --- test-only fault injection (never set in production) ------------------------------------
     fault_kill_after_checkpoint: int | None = field(
         default=None,
@@ -311,6 +322,13 @@ class RunConfig:
         need(self.eval_every == 0 or self.data is None,
              f"eval_every={self.eval_every} needs the embedded synthetic data, the only data with a held-out "
              f"split; --data {self.data!r} has none: drop --data or set --eval-every 0")
+        need(self.tensorboard_dir is None or bool(self.tensorboard_dir.strip()),
+             "tensorboard_dir must not be empty (omit --tensorboard-dir to turn TensorBoard logging off)")
+        if self.wandb_project is not None:
+            from orchestration.loggers import WANDB_MISSING, wandb_available
+
+            need(bool(self.wandb_project.strip()), "wandb_project must not be empty (omit --wandb-project)")
+            need(wandb_available(), WANDB_MISSING.format(project=self.wandb_project))
         need(-1 <= self.metrics_port <= 65535, f"metrics_port={self.metrics_port!r} must be in -1..65535")
         need(bool(self.storage_path), "storage_path must not be empty")
         need(not (self.precision == "fp16" and not self.use_gpu),

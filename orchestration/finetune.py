@@ -107,6 +107,9 @@ class FinetuneConfig:
     skip_eval: bool = field(default=False, metadata={"help": "train only"})
     progress: bool = field(default=True, metadata={"help": "progress bars (rank 0)"})
     log_every: int = field(default=10, metadata={"help": "log every N steps"})
+    tensorboard_dir: str | None = field(
+        default=None, metadata={"help": "TensorBoard events of rank 0 (finetune/* per step, finetune_eval/* at the "
+                                        "end) in DIR/<output name>-<task>/: local path or fsspec URL"})
 
     def validate(self) -> None:
         if self.task not in TASKS:
@@ -322,6 +325,9 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         engine = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     history: list[dict[str, float]] = []
+    from orchestration.loggers import RunLogger
+
+    tb = RunLogger(run_name=f"{Path(cfg.output).name}-{cfg.task}", rank=rank, tensorboard_dir=cfg.tensorboard_dir)
     batches = iter(_Batches(cfg, train, collator, rank, world))
     bar = None
     if rank == 0 and cfg.progress and cfg.max_steps:
@@ -330,7 +336,7 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         bar = tqdm(total=cfg.max_steps, desc=f"finetune {cfg.task}", leave=False)
     unwrap(engine).train()
     for step in range(cfg.max_steps):
-        apply_lr(engine.optimizer if cfg.engine == "deepspeed" else optimizer, specs, run_cfg, step, False)
+        lr = apply_lr(engine.optimizer if cfg.engine == "deepspeed" else optimizer, specs, run_cfg, step, False)
         batch = next(batches)
         with torch.autocast(
             device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16" and cfg.engine == "torch"
@@ -347,6 +353,7 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
         history.append({"step": step + 1, **stats})
+        tb.log_scalars(step + 1, {**{f"finetune/{k}": float(v) for k, v in stats.items()}, "finetune/lr": lr})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}")
@@ -373,6 +380,9 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
             )
             results["eval_seconds"] = time.perf_counter() - t0
             logger.info("%s eval: %s", cfg.task, {k: v for k, v in results["eval"].items()})
+            tb.log_scalars(cfg.max_steps, {f"finetune_eval/{k}": float(v) for k, v in results["eval"].items()
+                                           if isinstance(v, (int, float)) and k != "num_examples"})
+        tb.close()
         results["model_dir"] = str(out / "model")
         (out / RESULTS_NAME).write_text(json.dumps(results, indent=1, default=str) + "\n")
     if world > 1:
@@ -410,7 +420,7 @@ def _ray_entry(config: dict[str, Any]) -> None:
 
 
 _PATH_FIELDS = ("init", "checkpoint", "data", "train_file", "eval_file", "train_annotations", "eval_annotations",
-                "image_dir", "output")
+                "image_dir", "output", "tensorboard_dir")
 
 
 def _absolute_paths(cfg: FinetuneConfig) -> FinetuneConfig:

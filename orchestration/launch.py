@@ -182,7 +182,7 @@ def check_run_paths(cfg: RunConfig, cwd: str | None = None) -> None:
             "deletes them, and a relaunch could not resume. Pass an absolute path that every node reaches "
             "(on a one-machine `ray start` cluster: --storage-path \"$PWD/runs\", expanded by your shell) or "
             "s3://bucket/prefix, or set SOHO_STORAGE_PATH to one in the cluster's environment.")
-    for name in ("storage_path", "data", "s3_endpoint_url"):
+    for name in ("storage_path", "data", "s3_endpoint_url", "tensorboard_dir"):
         value = getattr(cfg, name)
         if value and "://" in value:
             try:
@@ -209,6 +209,8 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     data_url = data_url or ensure_data(cfg)
     if not cfg.data and not os.path.isabs(data_url) and "://" not in data_url:
         data_url = os.path.abspath(data_url)
+    if cfg.tensorboard_dir and "://" not in cfg.tensorboard_dir:  # Ray workers run in a directory of their own
+        cfg = cfg.replace(tensorboard_dir=os.path.abspath(os.path.expanduser(cfg.tensorboard_dir)))
     started_ray = False
     if not ray.is_initialized():
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS")

@@ -44,6 +44,7 @@ from orchestration.checkpoint import (
 )
 from orchestration.config import RunConfig
 from orchestration.ds_config import build_deepspeed_config
+from orchestration.loggers import RunLogger
 from orchestration.metrics import SohoMetrics
 from orchestration.schedule import apply_lr, backbone_frozen, param_groups
 
@@ -234,6 +235,7 @@ class _Trainer:
         self.resumes: list[dict[str, int]] = []
         self.start_step = 0
         self.frozen: bool | None = None
+        self.run_logger = RunLogger(run_name=cfg.name, rank=self.rank)  # disabled until run() opens the real one
         self._first_keys: list[str] = []  # this rank's first sample keys (tests check ranks read different data)
 
     # --- set-up ---------------------------------------------------------------------------------
@@ -589,10 +591,11 @@ class _Trainer:
         record = {"step": self.step, **{k: round(v, 5) for k, v in vals.items()},
                   "vd_usage": round(float(health["usage_ratio"]), 5),
                   "vd_perplexity": round(float(health["perplexity"]), 4),
-                  "vd_dead_codes": int(health["dead_codes"]),
+                  "vd_dead_codes": int(health["dead_codes"]), "vd_decay": round(float(health["decay"]), 6),
                   "lr": self.lr, "samples_per_s": round(step_samples / max(seconds, 1e-9), 2),
-                  "data_wait_s": round(wait, 4)}
+                  "step_s": round(seconds, 4), "data_wait_s": round(wait, 4)}
         self.history.append(record)
+        self.run_logger.log_step(self.step, record, itc="itc" in losses)  # TensorBoard/W&B (rank 0; opt-in)
         if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == 1 or self.step == self.cfg.max_steps):
             itc = f" itc {vals['itc']:.4f}" if "itc" in losses else ""
             logger.info(
@@ -659,6 +662,7 @@ class _Trainer:
             }, already={}, world_size=self.world_size)
             if self.rank == 0:  # the steps since the last checkpoint, before this checkpoint is committed
                 self.history_log.append(self.history[self._history_saved:])
+                self.run_logger.flush()  # TensorBoard events up to this step on disk / uploaded
             self.store.upload(local, self.step)
             faults.maybe_crash_during_checkpoint(self.cfg, self.step, self.rank)
             last = self.history[-1] if self.history else {}
@@ -722,6 +726,8 @@ class _Trainer:
         self.build()
         self.resume()
         self.start_step = self.step
+        # rank 0 only; a resumed attempt purges what an earlier one logged after the checkpoint
+        self.run_logger = RunLogger.for_pretraining(self.cfg, self.rank, self.start_step)
         self.engine.train()
         self._start_data()
         final_saved = self.step >= self.cfg.max_steps
@@ -734,7 +740,9 @@ class _Trainer:
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:  # held-out eval (rank 0; ranks wait)
                 from orchestration.heldout_eval import periodic_heldout_eval
 
-                self.history[-1].update(periodic_heldout_eval(self.cfg, self.engine, self.metrics, self.device))
+                figures = periodic_heldout_eval(self.cfg, self.engine, self.metrics, self.device)
+                self.history[-1].update(figures)
+                self.run_logger.log_eval(self.step, figures)
             final = self.step >= self.cfg.max_steps
             if final or self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint(final=final)
@@ -751,6 +759,7 @@ class _Trainer:
         )
 
     def close(self) -> None:
+        self.run_logger.close()
         metrics = getattr(self, "metrics", None)
         if metrics is not None:
             metrics.stop_http_server()

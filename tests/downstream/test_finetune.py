@@ -61,9 +61,16 @@ def test_task_trains_and_evaluates(task: str, synthetic: dict, tmp_path: Path) -
 def test_snli_ve_through_deepspeed_and_cli_evaluate(synthetic: dict, tmp_path: Path) -> None:
     argv = ["--task", "snli_ve", "--data", synthetic["downstream"], "--output", str(tmp_path / "ft"),
             "--engine", "deepspeed", "--image-size", "64", "--micro-batch-size", "8", "--max-steps", "12",
-            "--lr", "1e-3", "--warmup-steps", "0", "--no-progress"]  # fmt: skip
+            "--lr", "1e-3", "--warmup-steps", "0", "--no-progress", "--tensorboard-dir", str(tmp_path / "tb")]  # fmt: skip
     res = finetune_main(argv)
     first, last = _falls(res["history"])
+    # --tensorboard-dir: every step's loss and the final evaluation, read back with TensorBoard's loader
+    from tests.orchestration.test_tensorboard import tb_scalars
+
+    tb = tb_scalars(tmp_path / "tb" / "ft-snli_ve")
+    assert tb["finetune/loss"] == [(h["step"], pytest.approx(h["loss"], rel=1e-6)) for h in res["history"]]
+    assert [s for s, _ in tb["finetune/lr"]] == list(range(1, 13))
+    assert tb["finetune_eval/accuracy"] == [(12, pytest.approx(res["eval"]["accuracy"], rel=1e-6))]
     print(f"snli_ve (deepspeed): loss {first:.3f} -> {last:.3f}; eval {res['eval']}")
     assert last < first
     model = load_task_model(tmp_path / "ft" / "model")

@@ -43,7 +43,7 @@ def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: p
     cfg = RunConfig(preset="tiny", launcher="local", synthetic_pairs=64, image_size=64, max_text_len=24,
                     micro_batch_size=4, warmup_steps=2, max_steps=6, checkpoint_every=3, keep_checkpoints=2,
                     eval_every=3, eval_candidates=12, metrics_port=-1, log_every=1,
-                    storage_path=str(tmp_path / "runs"), run_name="periodic")
+                    storage_path=str(tmp_path / "runs"), run_name="periodic", tensorboard_dir=str(tmp_path / "tb"))
     data_url = ensure_data(cfg)
     created = ensure_process_group(False)
     try:
@@ -76,6 +76,10 @@ def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: p
     ckroot = tmp_path / "runs" / "periodic" / "checkpoints"
     history = read_history(str(tmp_path / "runs"), "periodic")
     assert {r["step"]: r for r in history if "eval_t2i_r1" in r} == evals
+    # --tensorboard-dir: the step and eval figures as TensorBoard reads them (eval/* at steps 3 and 6)
+    from tests.orchestration.test_tensorboard import assert_matches_history
+
+    assert_matches_history(tmp_path / "tb" / "periodic", history)
     # the registry exports the last evaluation, 0..1
     for key in KEYS:
         d, k = key[len("eval_"):].split("_r")

@@ -14,6 +14,7 @@ import torch
 
 from orchestration.checkpoint import read_history
 from tests.orchestration.conftest import FAST_FLAGS, REPO, last_json, rank_records, run_cli
+from tests.orchestration.test_tensorboard import assert_matches_history, event_files, raw_steps
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,7 +25,8 @@ def test_zero3_bf16_two_ranks_under_torchrun(tmp_path: Path, synth_manifest: str
 
     proc = run_cli([*FAST_FLAGS, "--launcher", "local", "--data", synth_manifest, "--storage-path",
                     str(tmp_path), "--run-name", "z3", "--zero-stage", "3", "--precision", "bf16",
-                    "--max-steps", "3", "--checkpoint-every", "3", "--metrics-port", "-1"], torchrun_procs=2)
+                    "--max-steps", "3", "--checkpoint-every", "3", "--metrics-port", "-1",
+                    "--tensorboard-dir", str(tmp_path / "tb")], torchrun_procs=2)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = last_json(proc.stdout)
     assert summary["steps"] == 3 and summary["world_size"] == 2 and summary["zero_stage"] == 3
@@ -37,6 +39,9 @@ def test_zero3_bf16_two_ranks_under_torchrun(tmp_path: Path, synth_manifest: str
         assert rec["vd_buffer_dtypes"]["histogram"] == "torch.float32"
     assert recs[0]["vd_codebook_sha256"] == recs[1]["vd_codebook_sha256"]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_history(str(tmp_path), "z3"))
+    # TensorBoard: one event file (rank 0's; each torchrun rank is its own process) holding the history
+    assert len(event_files(tmp_path / "tb" / "z3")) == 1
+    assert_matches_history(tmp_path / "tb" / "z3", read_history(str(tmp_path), "z3"))
     # ZeRO-3 shards per rank: both ranks wrote their own parameter partition
     ds_files = sorted(p.name for p in (ckpt / "ds").iterdir())
     assert any("zero_pp_rank_1" in n for n in ds_files), ds_files
@@ -53,7 +58,7 @@ def test_zero3_bf16_two_ranks_under_torchrun(tmp_path: Path, synth_manifest: str
 def test_crash_while_writing_checkpoint_resumes_from_previous(tmp_path: Path, synth_manifest: str) -> None:
     args = [*FAST_FLAGS, "--launcher", "local", "--data", synth_manifest, "--storage-path", str(tmp_path),
             "--run-name", "crash", "--max-steps", "6", "--checkpoint-every", "2", "--zero-stage", "2",
-            "--metrics-port", "-1", "--fault-crash-during-checkpoint", "4"]
+            "--metrics-port", "-1", "--fault-crash-during-checkpoint", "4", "--tensorboard-dir", str(tmp_path / "tb")]
     env = {"SOHO_FAULT_DIR": str(tmp_path / "faults")}
     first = run_cli(args, env=env)
     assert first.returncode == -9, first.stdout[-3000:] + first.stderr[-3000:]  # SIGKILLed mid-checkpoint
@@ -70,6 +75,11 @@ def test_crash_while_writing_checkpoint_resumes_from_previous(tmp_path: Path, sy
     assert summary["steps"] == 6
     assert summary["resumes"] == [{"from_step": 2, "first_step": 3}]
     assert [r["step"] for r in read_history(str(tmp_path), "crash")] == [1, 2, 3, 4, 5, 6]
+    # TensorBoard: the killed attempt had flushed steps 1-4 (at its step-4 checkpoint), the resumed one logged
+    # 3-6; TensorBoard shows each step once, with the values of the history (the resumed attempt's for 3-6)
+    killed, resumed = event_files(tmp_path / "tb" / "crash")
+    assert raw_steps(killed, "loss/total") == [1, 2, 3, 4] and raw_steps(resumed, "loss/total") == [3, 4, 5, 6]
+    assert_matches_history(tmp_path / "tb" / "crash", read_history(str(tmp_path), "crash"))
     from soho import SohoModel
 
     assert sum(p.numel() for p in SohoModel.from_pretrained(summary["final_model"]).parameters()) > 0

@@ -241,7 +241,7 @@ def test_epoch_mode_with_uneven_shards_ends_together_with_a_final_checkpoint(
 
 @pytest.mark.s3
 def test_s3_storage_checkpoints_land_in_the_bucket_and_relaunch_resumes(
-    ray_session: None, synth_manifest: str
+    ray_session: None, synth_manifest: str, tmp_path: Path
 ) -> None:
     import s3fs
     from moto.server import ThreadedMotoServer
@@ -257,7 +257,7 @@ def test_s3_storage_checkpoints_land_in_the_bucket_and_relaunch_resumes(
         fs.mkdir("soho-ckpt")
         args = [*FAST_FLAGS, "--data", synth_manifest, "--storage-path", "s3://soho-ckpt/runs", "--run-name",
                 "s3run", "--s3-endpoint-url", endpoint, "--num-workers", "1", "--checkpoint-every", "2",
-                "--metrics-port", "-1"]
+                "--metrics-port", "-1", "--tensorboard-dir", "s3://soho-ckpt/tb"]
         first = main([*args, "--max-steps", "4"])
         assert first["steps"] == 4 and first["resumes"] == []
         fs.invalidate_cache()
@@ -284,6 +284,16 @@ def test_s3_storage_checkpoints_land_in_the_bucket_and_relaunch_resumes(
         assert fs.exists("soho-ckpt/runs/s3run/final_model/config.json")
         summary = json.loads(fs.cat("soho-ckpt/runs/s3run/summary.json"))
         assert summary["steps"] == 6 and summary["run_dir"] == "s3://soho-ckpt/runs/s3run"
+        # --tensorboard-dir s3://: each attempt uploaded its event file; read back, steps 1-6 show once each
+        # (the relaunch purged the first attempt's steps 3-4) with the values of the run's history
+        from orchestration.checkpoint import read_history
+        from tests.orchestration.test_tensorboard import assert_matches_history
+
+        tb_files = fs.ls("soho-ckpt/tb/s3run")
+        assert len(tb_files) == 2, tb_files
+        fs.get(tb_files, str(tmp_path) + "/")
+        assert_matches_history(tmp_path, read_history("s3://soho-ckpt/runs", "s3run", storage_options={
+            "client_kwargs": {"endpoint_url": endpoint}}))
         # The workers wrote to S3 with credentials they inherited, and no run file carries them.
         import ray
 
