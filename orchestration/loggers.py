@@ -147,7 +147,10 @@ class RunLogger:
         logger.info("TensorBoard events of run %s: %s (from step %d)", self.run_name, where, start_step + 1)
 
     def _open_wandb(self, project: str, config: dict[str, Any], id_seed: str) -> None:
-        import wandb
+        try:
+            import wandb  # optional: not a dependency of any install level
+        except ImportError as exc:
+            raise RuntimeError(WANDB_MISSING.format(project=project)) from exc
 
         # One W&B run per training run: the same id on every relaunch/resume of it (resume="allow").
         run_id = hashlib.sha256(id_seed.encode()).hexdigest()[:16]
