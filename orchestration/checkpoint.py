@@ -135,14 +135,21 @@ def write_rank_record(local_dir: Path, rank: int, record: dict[str, Any], alread
     write_json_atomic(local_dir / rank_record_name(rank), {**record, **extra, "rank": rank, "files": files})
 
 
+def _read_json_file(path: Path, missing: str, invalid: type[Exception]) -> Any:
+    """A checkpoint's JSON file (never pickle): ``IncompleteCheckpointError(missing)`` when absent, ``invalid``
+    when it does not parse."""
+    if not path.is_file():
+        raise IncompleteCheckpointError(missing)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid(f"{path}: not valid JSON ({exc})") from exc
+
+
 def _read_record(ckpt_dir: Path, rank: int) -> dict[str, Any]:
     path = ckpt_dir / rank_record_name(rank)
-    if not path.is_file():
-        raise IncompleteCheckpointError(f"{ckpt_dir}: rank {rank} never finished ({path.name} missing)")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    record = _read_json_file(path, f"{ckpt_dir}: rank {rank} never finished ({path.name} missing)",
+                             CorruptCheckpointError)
     if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
         raise CorruptCheckpointError(f"{path}: no 'files' table")
     return record
@@ -214,12 +221,7 @@ def verify_local(ckpt_dir: Path, *, check_pickles: bool = True) -> dict[str, Any
 
 def _parse_state(ckpt_dir: Path) -> dict[str, Any]:
     state_path = ckpt_dir / TRAIN_STATE
-    if not state_path.is_file():
-        raise IncompleteCheckpointError(f"{ckpt_dir}: no {TRAIN_STATE}")
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IncompleteCheckpointError(f"{state_path}: not valid JSON ({exc})") from exc
+    state = _read_json_file(state_path, f"{ckpt_dir}: no {TRAIN_STATE}", IncompleteCheckpointError)
     if not isinstance(state, dict) or "world_size" not in state:
         raise CorruptCheckpointError(f"{state_path}: no world_size")
     return state
