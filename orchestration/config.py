@@ -100,11 +100,11 @@ class RunConfig:
         metadata=_opt("run name under the storage path; relaunching with the same name resumes "
                       "(default soho-<preset>)"),
     )
-    max_steps: int = field(default=480, metadata=_opt("optimizer steps to train in total"))
+    max_steps: int = field(default=360, metadata=_opt("optimizer steps to train in total"))
     epochs: int | None = field(
         default=None, metadata=_opt("stop after this many loader epochs (non-resampled data) if earlier")
     )
-    checkpoint_every: int = field(default=160, metadata=_opt("checkpoint every N optimizer steps"))
+    checkpoint_every: int = field(default=120, metadata=_opt("checkpoint every N optimizer steps"))
     keep_checkpoints: int = field(default=2, metadata=_opt("committed checkpoints kept in storage"))
     # --- scale ------------------------------------------------------------------------------------
     launcher: str = field(

@@ -276,6 +276,8 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
         local = Path(tempfile.mkdtemp(prefix="soho-final-"))
         try:
             result.checkpoint.to_directory(str(local))
+            if started_ray and os.environ.get("SOHO_KEEP_RAY") != "1":
+                ray.shutdown()  # the run is over: free the cores (and the driver) for the held-out evaluation
             state = verify_local(local)
             export = local / EXPORT_DIR
             heldout = final_heldout_eval(cfg, export)
