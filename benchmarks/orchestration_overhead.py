@@ -38,9 +38,9 @@ from orchestration.worker import step_generator  # noqa: E402
 def bare_loop(cfg: RunConfig, data_url: str) -> list[float]:
     """Per-step samples/s of a plain torch loop over the very same loader stream."""
     from data_pipeline.loader import LoaderConfig, PretrainLoader
-    from soho import SohoForPretraining, get_preset
+    from soho import SohoForPretraining
 
-    model_cfg = get_preset(cfg.preset)
+    model_cfg = cfg.model_config()  # the model the worker loop trains (preset + model_overrides)
     torch.manual_seed(cfg.seed)
     model = SohoForPretraining(model_cfg)
     groups, specs = param_groups(model, cfg)
@@ -55,7 +55,7 @@ def bare_loop(cfg: RunConfig, data_url: str) -> list[float]:
     rates = []
     for step in range(cfg.max_steps):
         t0 = time.perf_counter()
-        apply_lr(opt, specs, cfg, step, frozen=False)
+        apply_lr(opt, specs, cfg, step, frozen=step < cfg.freeze_backbone_steps)  # the worker's cold start
         batch = next(it)
         out = model(batch["pixel_values"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"],
                     generator=step_generator(cfg.seed, step, 0))

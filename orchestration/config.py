@@ -32,6 +32,20 @@ LAUNCHERS = ("ray", "local")
 # Bump when the synthetic generator's output changes, so an old cache is never reused silently.
 SYNTHETIC_CACHE_VERSION = 1
 
+# The embedded demo's model recipe on top of the tiny preset: what configs/synthetic_cpu.yaml learned at
+# demo scale (why each one: the comments of configs/demo.yaml). Pass --model-overrides '' for the preset as is.
+DEMO_MODEL_OVERRIDES = (
+    "vd.restart_dead_codes=true",
+    "vd.dead_code_window=20",
+    "vd.decay_warmup_steps=100",
+    "pretrain.mvm_prob=0.3",
+    "transformer.hidden_dropout=0.0",
+    "transformer.attention_dropout=0.0",
+    "transformer.initializer_range=0.02",
+    "pretrain.itm_interaction=true",
+    "pretrain.itc_weight=1.0",
+)
+
 
 def default_cache_dir() -> Path:
     """Local cache for the embedded synthetic data: ``$SOHO_CACHE_DIR`` or ``~/.cache/soho``."""
@@ -66,12 +80,12 @@ class RunConfig:
         ),
     )
     synthetic_pairs: int = field(
-        default=2048, metadata=_opt("pairs generated for the default synthetic data (when --data is unset)")
+        default=4096, metadata=_opt("pairs generated for the default synthetic data (when --data is unset)")
     )
     image_size: int = field(
-        default=96, metadata=_opt("longest image side fed to the model (the loader resizes down to it)")
+        default=64, metadata=_opt("longest image side fed to the model (the loader resizes down to it)")
     )
-    max_text_len: int = field(default=40, metadata=_opt("tokens per caption incl. [CLS]/[SEP]"))
+    max_text_len: int = field(default=48, metadata=_opt("tokens per caption incl. [CLS]/[SEP]"))
     s3_endpoint_url: str | None = field(
         default=None, metadata=_opt("S3 endpoint for s3:// data and storage (e.g. MinIO); default: AWS env")
     )
@@ -86,11 +100,11 @@ class RunConfig:
         metadata=_opt("run name under the storage path; relaunching with the same name resumes "
                       "(default soho-<preset>)"),
     )
-    max_steps: int = field(default=240, metadata=_opt("optimizer steps to train in total"))
+    max_steps: int = field(default=360, metadata=_opt("optimizer steps to train in total"))
     epochs: int | None = field(
         default=None, metadata=_opt("stop after this many loader epochs (non-resampled data) if earlier")
     )
-    checkpoint_every: int = field(default=80, metadata=_opt("checkpoint every N optimizer steps"))
+    checkpoint_every: int = field(default=120, metadata=_opt("checkpoint every N optimizer steps"))
     keep_checkpoints: int = field(default=2, metadata=_opt("committed checkpoints kept in storage"))
     # --- scale ------------------------------------------------------------------------------------
     launcher: str = field(
@@ -106,10 +120,10 @@ class RunConfig:
     use_gpu: bool = field(default=False, metadata=_opt("one GPU per worker, NCCL"))
     zero_stage: int = field(default=2, metadata=_opt("DeepSpeed ZeRO stage", choices=(0, 1, 2, 3)))
     precision: str = field(default="fp32", metadata=_opt("training precision", choices=PRECISIONS))
-    micro_batch_size: int = field(default=8, metadata=_opt("pairs per worker per micro step"))
+    micro_batch_size: int = field(default=16, metadata=_opt("pairs per worker per micro step"))
     grad_accum: int = field(default=1, metadata=_opt("micro steps per optimizer step"))
     # --- optimisation -------------------------------------------------------------------------------
-    lr: float = field(default=5e-4, metadata=_opt("peak learning rate of everything but the ResNet trunk"))
+    lr: float = field(default=1e-3, metadata=_opt("peak learning rate of everything but the ResNet trunk"))
     backbone_lr: float | None = field(
         default=None, metadata=_opt("peak learning rate of the ResNet trunk (default: --lr)")
     )
@@ -130,7 +144,7 @@ class RunConfig:
     adam_beta2: float = field(default=0.98, metadata=_opt("AdamW beta2"))
     adam_eps: float = field(default=1e-8, metadata=_opt("AdamW epsilon (added to the root of the second moment)"))
     grad_clip: float = field(default=1.0, metadata=_opt("gradient norm clip (0 = off)"))
-    warmup_steps: int = field(default=20, metadata=_opt("linear learning-rate warm-up steps"))
+    warmup_steps: int = field(default=50, metadata=_opt("linear learning-rate warm-up steps"))
     lr_schedule: str = field(
         default="cosine",
         metadata=_opt("decay after warm-up: cosine/linear to --min-lr-ratio, constant, or step (x --lr-step-gamma "
@@ -147,14 +161,16 @@ class RunConfig:
         default=0, metadata=_opt("cold start: ResNet trunk frozen for the first N loader epochs")
     )
     freeze_backbone_steps: int = field(
-        default=0, metadata=_opt("cold start: ResNet trunk frozen for the first N steps")
+        default=20, metadata=_opt("cold start: ResNet trunk frozen for the first N steps")
     )
     vd_decay: float | None = field(default=None, metadata=_opt("visual dictionary EMA decay (default: preset's)"))
     model_overrides: list[str] = field(
-        default_factory=list,
+        default_factory=lambda: list(DEMO_MODEL_OVERRIDES),
         metadata=_opt("model config changes on top of the preset: comma-separated section.key=value, e.g. "
                       "vd.restart_dead_codes=true,pretrain.mvm_prob=0.3 (sections/keys of soho.SohoConfig; "
-                      "vd.enabled=false,pretrain.mvm_prob=0 is the no-visual-dictionary ablation)"),
+                      "vd.enabled=false,pretrain.mvm_prob=0 is the no-visual-dictionary ablation); default: the "
+                      "demo's tiny-scale recipe (ITC term, ITM interaction head, dead-code restart, no dropout); "
+                      "'' = the preset as is"),
     )
     ds_cpu_shm_comm: bool = field(
         default=False,
@@ -179,7 +195,7 @@ class RunConfig:
         metadata=_opt("base Prometheus port; worker with local rank r serves base+r; 0 = a free port "
                       "each (logged); -1 = no metrics endpoint"),
     )
-    log_every: int = field(default=10, metadata=_opt("print progress every N steps (rank 0)"))
+    log_every: int = field(default=20, metadata=_opt("print progress every N steps (rank 0)"))
     eval_every: int = field(
         default=0,
         metadata=_opt("held-out ITM accuracy and zero-shot retrieval every N steps on rank 0 (other ranks wait), "
@@ -188,8 +204,15 @@ class RunConfig:
     )
     eval_candidates: int = field(
         default=100,
-        metadata=_opt("--eval-every: held-out images (and captions) in the retrieval pool; the eval scores "
-                      "N² pairs"),
+        metadata=_opt("--eval-every / --final-eval: held-out images (and captions) in the retrieval pool; the "
+                      "eval scores N² pairs"),
+    )
+    final_eval: bool | None = field(
+        default=None,
+        metadata=_opt("after the run, evaluate the final model on --eval-candidates held-out scenes (ITM accuracy, "
+                      "zero-shot recall@1/5/10 both ways, codebook usage and perplexity) into summary.json and the "
+                      "printed summary; needs the embedded synthetic data (its held-out split); default: on when "
+                      "--data is unset"),
     )
     seed: int = field(default=0, metadata=_opt("seed of model init, masking and data order"))
     max_failures: int = field(
@@ -243,6 +266,11 @@ class RunConfig:
     @property
     def use_resampled(self) -> bool:
         return self.epochs is None if self.resampled is None else self.resampled
+
+    @property
+    def run_final_eval(self) -> bool:
+        """--final-eval as resolved: unset means on exactly when the data is the embedded synthetic set."""
+        return self.data is None if self.final_eval is None else self.final_eval
 
     @property
     def global_batch_size(self) -> int:
@@ -319,6 +347,9 @@ class RunConfig:
              "freeze_backbone_steps = epochs x pairs / global batch (--freeze-backbone-steps), or train in epoch "
              "passes with --epochs N")
         need(self.eval_candidates >= 2, f"eval_candidates={self.eval_candidates!r} must be >= 2")
+        need(not (self.final_eval and self.data is not None),
+             f"final_eval needs the embedded synthetic data, the only data with a held-out split; --data "
+             f"{self.data!r} has none: drop --data or --final-eval")
         need(self.eval_every == 0 or self.data is None,
              f"eval_every={self.eval_every} needs the embedded synthetic data, the only data with a held-out "
              f"split; --data {self.data!r} has none: drop --data or set --eval-every 0")

@@ -37,6 +37,14 @@ def ensure_data(cfg: RunConfig) -> str:
     into the local cache (a file lock keeps concurrent first runs from writing it twice)."""
     if cfg.data:
         return cfg.data
+    if cfg.run_final_eval or cfg.eval_every:  # the same pre-training pairs plus the held-out split: made once
+        from orchestration.heldout_eval import HeldoutConfig, prepare_heldout
+
+        t0 = time.perf_counter()
+        _, manifest = prepare_heldout(HeldoutConfig.from_run_config(cfg, num_candidates=cfg.eval_candidates))
+        logger.info("synthetic data with %d held-out scenes ready (%.1f s)", cfg.eval_candidates,
+                    time.perf_counter() - t0)
+        return manifest
     from data_pipeline.synth import make_synthetic
 
     out = default_cache_dir() / f"synthetic-v{SYNTHETIC_CACHE_VERSION}-n{cfg.synthetic_pairs}-s{cfg.seed}"
@@ -48,6 +56,21 @@ def ensure_data(cfg: RunConfig) -> str:
                                 image_size=SYNTHETIC_IMAGE_SIZE)
         logger.info("synthetic data ready in %s (%.1f s)", out, time.perf_counter() - t0)
     return str(result.get("pretrain_manifest") or out / "pretrain" / "manifest.json")
+
+
+def final_heldout_eval(cfg: RunConfig, export: Path) -> dict[str, Any] | None:
+    """``--final-eval``: the held-out figures of the exported final model (None when off)."""
+    if not cfg.run_final_eval:
+        return None
+    if not export.is_dir():
+        raise RuntimeError(f"--final-eval: the final checkpoint has no exported model at {export}")
+    from orchestration.heldout_eval import HeldoutConfig, evaluate_export
+
+    result = evaluate_export(export, HeldoutConfig.from_run_config(cfg, num_candidates=cfg.eval_candidates))
+    logger.info("held-out evaluation of the final model: ITM acc %.3f, R@1 t2i %.0f %% / i2t %.0f %% among %d, "
+                "VD usage %.2f perplexity %.1f (%.1f s)", result["itm_acc"], result["t2i_r1"], result["i2t_r1"],
+                result["num_candidates"], result["vd_usage_ratio"], result["vd_perplexity"], result["eval_seconds"])
+    return result
 
 
 def _configure_logging() -> None:
@@ -82,9 +105,10 @@ def launch_local(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
                 raise RuntimeError(f"run finished but no committed checkpoint in {store.describe()}")
             try:
                 export = latest.path / EXPORT_DIR
+                heldout = final_heldout_eval(cfg, export)
                 summary.update(write_run_artifacts(
                     latest.state, str(export) if export.is_dir() else None, cfg.storage_path, cfg.name,
-                    cfg.storage_options(), time.perf_counter() - t0))
+                    cfg.storage_options(), time.perf_counter() - t0, heldout=heldout))
                 summary["checkpoint"] = latest.source
             finally:
                 latest.cleanup()
@@ -254,10 +278,13 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
         local = Path(tempfile.mkdtemp(prefix="soho-final-"))
         try:
             result.checkpoint.to_directory(str(local))
+            if started_ray and os.environ.get("SOHO_KEEP_RAY") != "1":
+                ray.shutdown()  # the run is over: free the cores (and the driver) for the held-out evaluation
             state = verify_local(local)
             export = local / EXPORT_DIR
+            heldout = final_heldout_eval(cfg, export)
             summary = write_run_artifacts(state, str(export) if export.is_dir() else None, cfg.storage_path,
-                                          cfg.name, cfg.storage_options(), time.perf_counter() - t0)
+                                          cfg.name, cfg.storage_options(), time.perf_counter() - t0, heldout=heldout)
             summary["checkpoint"] = result.checkpoint.path
             summary["train_state"] = TRAIN_STATE
         finally:

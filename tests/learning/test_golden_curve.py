@@ -33,7 +33,7 @@ FLAGS = [
     "--adam-beta1", "0.9", "--adam-beta2", "0.98", "--grad-clip", "1.0", "--warmup-steps", "10",
     "--lr-schedule", "cosine", "--min-lr-ratio", "0.1", "--freeze-backbone-steps", "5",
     "--freeze-backbone-epochs", "0", "--loader-workers", "0", "--seed", "0", "--max-steps", str(STEPS),
-    "--checkpoint-every", "1000", "--metrics-port", "-1", "--log-every", "1000",
+    "--checkpoint-every", "1000", "--metrics-port", "-1", "--log-every", "1000", "--no-final-eval",
     "--model-overrides", "vd.restart_dead_codes=true,vd.dead_code_window=10,pretrain.mvm_prob=0.5,"
     "transformer.initializer_range=0.2",
 ]

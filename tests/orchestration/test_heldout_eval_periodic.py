@@ -26,6 +26,42 @@ def test_eval_every_needs_the_synthetic_heldout_split() -> None:
     assert RunConfig(data="x/manifest.json").eval_every == 0  # off by default: --data runs are unaffected
 
 
+def test_final_eval_is_on_exactly_for_the_embedded_synthetic_data() -> None:
+    """--final-eval unset: the held-out evaluation of the final model runs when the data is the synthetic set
+    (the demo) and not with --data (no held-out split); forced on with --data it is refused by name."""
+    assert parse_run_config([]).run_final_eval is True
+    assert parse_run_config(["--data", "x/manifest.json"]).run_final_eval is False
+    assert parse_run_config(["--no-final-eval"]).run_final_eval is False
+    with pytest.raises(ValueError, match="final_eval needs the embedded synthetic data.*'x/manifest.json'"):
+        parse_run_config(["--final-eval", "--data", "x/manifest.json"])
+
+
+def test_summary_carries_the_heldout_figures(tmp_path: Path) -> None:
+    """summary.json keeps the held-out block (without the temporary model path or the cache settings) and the
+    loss-curve PNG is drawn with its accuracy/usage panel."""
+    import json
+
+    from orchestration.summary import write_run_artifacts
+
+    history = [{"step": s, "loss": 10.0 - s / 10, "mlm": 5.0, "mvm": 4.0, "itm": 0.69 - s / 1000, "itc": 2.0,
+                "itm_acc": 0.5 + s / 200, "itc_acc": s / 100, "vd_usage": min(1.0, 0.04 * s),
+                "vd_perplexity": 3.0 * s, "samples_per_s": 50.0} for s in range(1, 41)]
+    state = {"config": {"run_name": "h", "preset": "tiny", "zero_stage": 2, "precision": "fp32"}, "step": 40,
+             "samples_seen": 1280, "world_size": 2, "nonfinite_steps": 0, "resumes": [], "history": history}
+    heldout = {"model": "/tmp/gone/final_model", "itm_acc": 0.93, "itm_acc_pos": 0.95, "itm_acc_neg": 0.91,
+               "t2i_r1": 31.0, "t2i_r5": 77.0, "t2i_r10": 90.0, "i2t_r1": 29.0, "i2t_r5": 77.0, "i2t_r10": 93.0,
+               "num_candidates": 100, "chance_r1": 1.0, "vd_usage_ratio": 1.0, "vd_perplexity": 91.1,
+               "vd_dead_codes": 0, "vd_num_codes": 128, "vd_enabled": True, "eval_seconds": 20.0,
+               "heldout": {"cache_dir": "/somewhere"}}
+    summary = write_run_artifacts(state, None, str(tmp_path), "h", {}, 1.0, heldout=heldout)
+    on_disk = json.loads((tmp_path / "h" / "summary.json").read_text())
+    want = {k: v for k, v in heldout.items() if k not in ("model", "heldout", "vd_enabled")}
+    assert summary["heldout"] == on_disk["heldout"] == want
+    assert (tmp_path / "h" / "loss_curve.png").stat().st_size > 10_000
+    plain = write_run_artifacts(state, None, str(tmp_path), "p", {}, 1.0)
+    assert "heldout" not in plain
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

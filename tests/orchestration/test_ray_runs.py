@@ -211,7 +211,8 @@ def test_epoch_mode_with_uneven_shards_ends_together_with_a_final_checkpoint(
     t0 = time.monotonic()
     summary = main([*FAST_FLAGS, "--micro-batch-size", "1", "--data", data["pretrain_manifest"],
                     "--storage-path", str(tmp_path / "runs"), "--run-name", "epochs", "--num-workers", "2",
-                    "--epochs", "2", "--freeze-backbone-epochs", "1", "--max-steps", "100",
+                    "--epochs", "2", "--freeze-backbone-epochs", "1", "--freeze-backbone-steps", "0",
+                    "--max-steps", "100",
                     "--checkpoint-every", "3", "--keep-checkpoints", "3", "--metrics-port", "-1",
                     "--max-failures", "0"])
     elapsed = time.monotonic() - t0
