@@ -27,7 +27,11 @@ hash, other), milliseconds per sample and share of the total.
 img2dataset 1.47 conflicts with the project's pins, so it lives in its own venv ``.venv-bench`` (created here
 on first use, gitignored) and runs as a subprocess with network-phoning features switched off.
 
-Measured 2026-11-29 on the shared 2-core dev box (other jobs running; the 1-min load average is given):
+Measured 2026-11-29 at e64c26f on the quiet 2-core dev box, two runs (1-min load average 1.0-2.7, most of it
+the benchmark itself): clean 231.9 / 282.3 vs 90.7 / 105.7 samples/s = 2.56× / 2.67×; 10 % bad 94.9 / 95.4
+vs 25.2 / 25.6 samples/s = 3.77× / 3.73×; profile 8.81 ms/sample = fetch 2.64, decode 2.83, resize 1.16,
+encode 0.57, tar 0.42, hash 0.29, other 0.86.
+Earlier the same day, on the shared box (other jobs running; the 1-min load average is given):
 clean 261.7 vs 77.2 samples/s = 3.39× (load 4.2-4.9), 6.5 vs 16.9 CPU-ms/sample; 10 % bad 97.3 vs
 25.4 samples/s = 3.83× (load 2.0-4.9), 9.1 vs 20.6 CPU-ms/sample. Profile (one thread, cProfile, load
 2.5): 8.75 ms/sample = fetch 2.07, decode 3.00, resize 1.45, encode 0.53, tar 0.44, hash 0.27, other 0.94.
