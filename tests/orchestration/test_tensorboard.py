@@ -52,16 +52,22 @@ def raw_steps(event_file: Path, tag: str) -> list[int]:
             if ev.HasField("summary") and any(v.tag == tag for v in ev.summary.value)]
 
 
-def assert_matches_history(log_dir: Path, history: list[dict[str, Any]], *, itc: bool = False) -> None:
+def assert_matches_history(log_dir: Path, history: list[dict[str, Any]], *, itc: bool | None = None) -> None:
     """Every step tag holds exactly the history's steps (each once) with the history's values; the eval tags
-    hold the evaluated steps."""
+    hold the evaluated steps. ``itc``: whether the run had the ITC term (None: read it off the history, where
+    the ITC loss is 0 exactly when the term is off)."""
     scalars = tb_scalars(log_dir)
     steps = [int(r["step"]) for r in history]
+    if itc is None:
+        itc = any(float(r.get("itc", 0.0)) != 0.0 for r in history)
     for tag, key in STEP_TAGS.items():
         assert tag in scalars, (tag, sorted(scalars))
         assert [s for s, _ in scalars[tag]] == steps, (tag, scalars[tag])
         assert [v for _, v in scalars[tag]] == pytest.approx([float(r[key]) for r in history], rel=1e-6, abs=1e-7), tag
     assert ("loss/itc" in scalars) == itc and ("accuracy/itc" in scalars) == itc
+    if itc:
+        assert [v for _, v in scalars["loss/itc"]] == pytest.approx([float(r["itc"]) for r in history],
+                                                                    rel=1e-6, abs=1e-7)
     evals = [r for r in history if "eval_itm_acc" in r]
     for tag, key in EVAL_TAGS.items():
         if not evals:
