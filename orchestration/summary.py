@@ -65,7 +65,7 @@ def build_summary(state: dict[str, Any], *, wall_seconds: float, storage: dict[s
     }
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def smooth(values: list[float], window: int) -> list[float]:
     """Trailing moving average (NaN-free input), so a noisy per-batch accuracy shows its trend."""
     out, total = [], 0.0
     for i, v in enumerate(values):
@@ -97,7 +97,7 @@ def plot_history(history: list[dict[str, float]], heldout: dict[str, Any] | None
     window = max(1, len(history) // 25)
     for key, label in (("itm_acc", "ITM accuracy (train batch)"), ("itc_acc", "ITC top-1 in batch (train)")):
         if all(key in r for r in history) and (key != "itc_acc" or any(r[key] for r in history)):
-            acc.plot(steps, _smooth([r[key] for r in history], window), label=f"{label}, mean of {window}")
+            acc.plot(steps, smooth([r[key] for r in history], window), label=f"{label}, mean of {window}")
     acc.plot(steps, [r.get("vd_usage", float("nan")) for r in history], color="grey", linestyle="--",
              label="VD usage ratio")
     codes = (heldout or {}).get("vd_num_codes")

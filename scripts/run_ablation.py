@@ -25,6 +25,7 @@ from typing import Any
 
 from orchestration.config import RunConfig, load_yaml
 from orchestration.heldout_eval import HeldoutConfig, evaluate_export, prepare_heldout
+from orchestration.summary import smooth
 
 logger = logging.getLogger("run_ablation")
 
@@ -68,17 +69,6 @@ def run_variant(config: Path, name: str, overrides: list[str], data_url: str, st
             "wall_seconds": round(time.perf_counter() - t0, 1), "final_model": str(run_dir / "final_model")}
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
-    """Trailing mean (batch accuracies of 32 pairs are noisy)."""
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
-    return out
-
-
 def plot_results(results: dict[str, Any], out_dir: Path, prefix: str) -> list[Path]:
     """PNGs from a results JSON: per variant the losses, training accuracies and codebook health over
     steps; with more than one variant also a held-out comparison bar chart."""
@@ -97,15 +87,15 @@ def plot_results(results: dict[str, Any], out_dir: Path, prefix: str) -> list[Pa
         steps = [r["step"] for r in hist]
         k = rec["heldout"]["vd_num_codes"]
         w = max(1, len(hist) // 40)
-        axes[0].plot(steps, _smooth([r["loss"] for r in hist], w), label=f"{name}: total")
+        axes[0].plot(steps, smooth([r["loss"] for r in hist], w), label=f"{name}: total")
         if len(variants) == 1:
             itc = any(r.get("itc", 0.0) for r in hist)  # runs with pretrain.itc_weight > 0
             for key in ("mlm", "mvm", "itm", *(("itc",) if itc else ())):
-                axes[0].plot(steps, _smooth([r[key] for r in hist], w), label=key.upper(), linewidth=1)
+                axes[0].plot(steps, smooth([r[key] for r in hist], w), label=key.upper(), linewidth=1)
             for key in ("itm_acc", "mvm_acc", "mlm_acc", *(("itc_acc",) if itc else ())):
-                axes[1].plot(steps, _smooth([r[key] for r in hist], w), label=key)
+                axes[1].plot(steps, smooth([r[key] for r in hist], w), label=key)
         else:
-            axes[1].plot(steps, _smooth([r["itm_acc"] for r in hist], w), label=f"{name}: itm_acc")
+            axes[1].plot(steps, smooth([r["itm_acc"] for r in hist], w), label=f"{name}: itm_acc")
         if rec["heldout"]["vd_enabled"]:
             axes[2].plot(steps, [r["vd_usage"] for r in hist], label=f"{name}: usage ratio")
             axes[2].plot(steps, [r["vd_perplexity"] / k for r in hist], linestyle="--",
