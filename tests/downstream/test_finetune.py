@@ -129,7 +129,7 @@ def test_retrieval_fast_equals_exhaustive_at_k_n(synthetic: dict, tmp_path: Path
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(2400)  # the first user of the session's recipe run pays for it (~6 min quiet)
+@pytest.mark.timeout(2400)  # the first user of the suite's one recipe run pays for it (~6 min quiet)
 def test_pretraining_helps_vqa(recipe_run: dict, tmp_path: Path) -> None:
     """Fine-tuning VQA from the recipe's short pre-training (tests/conftest.py: RECIPE_STEPS of
     configs/synthetic_cpu.yaml, the run the learning guard checks) beats the same budget from scratch.
@@ -159,10 +159,10 @@ FAST_K = 10  # candidates per query among 100: a tenth of the set is reranked
 
 
 @pytest.mark.integration
-@pytest.mark.timeout(2400)  # the first user of the session's recipe run pays for it (~6 min quiet)
+@pytest.mark.timeout(2400)  # the first user of the suite's one recipe run pays for it (~6 min quiet)
 def test_fast_retrieval_recall_at_1_within_one_point_of_exhaustive(recipe_run: dict, tmp_path: Path) -> None:
     """Prefilter + rerank with a small k costs at most 1 point of recall@1 against exhaustive ITM ranking,
-    on a model whose ITM head really ranks (retrieval fine-tuned for 200 steps from the session's recipe
+    on a model whose ITM head really ranks (retrieval fine-tuned for 200 steps from the suite's recipe
     run; on an unaligned model both recalls sit at chance and the bound would say nothing, hence the
     floor on the exhaustive recall). 100 test images with one caption each, so one query is one point.
     Measured 2026-11-28: from a 600-step run of the ITC recipe (whose ITC projection seeds the prefilter),

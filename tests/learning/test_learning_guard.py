@@ -19,7 +19,7 @@ ITM_FLOOR = 0.8  # the issue's bar; 4 binomial SDs above chance would be 0.64
 
 @pytest.fixture(scope="module")
 def short_run(recipe_run: dict[str, Any]) -> dict[str, Any]:
-    """The session's recipe run (tests/conftest.py: RECIPE_STEPS steps of configs/synthetic_cpu.yaml) and
+    """The suite's one recipe run (tests/conftest.py: RECIPE_STEPS steps of configs/synthetic_cpu.yaml) and
     its held-out figures (ITM accuracy, codebook health; no retrieval: N² passes)."""
     from orchestration.heldout_eval import evaluate_model
     from soho import SohoForPretraining
