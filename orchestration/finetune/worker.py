@@ -3,7 +3,7 @@
 The worker (`finetune_worker`) is Ray-free like the pre-training loop: it runs on an existing
 ``torch.distributed`` process group (Ray Train's, torchrun's) or makes a one-process gloo group, reuses the
 pre-training building blocks (`ensure_process_group`, the VD's `sum_over_ranks` reduce, `step_generator`,
-AdamW groups and lr schedule from `orchestration.schedule`, `build_deepspeed_config`) and steps through a
+AdamW groups and lr schedule from `orchestration.runtime.schedule`, `build_deepspeed_config`) and steps through a
 DeepSpeed engine (``--engine deepspeed``, default) or plain torch (``--engine torch``, DDP when world > 1;
 for machines without DeepSpeed). ``--launcher ray`` wraps the same worker in Ray Train's TorchTrainer.
 Rank 0 evaluates, saves the task model (``{output}/model``) and writes ``{output}/results.json``.
@@ -41,11 +41,11 @@ from data_pipeline.downstream import (
     read_snli_ve,
     read_vqa,
 )
-from orchestration.config import RunConfig, default_cache_dir
-from orchestration.downstream_eval import evaluate_classification, evaluate_retrieval, evaluate_vqa
-from orchestration.ds_config import build_deepspeed_config
-from orchestration.schedule import apply_lr, param_groups
-from orchestration.worker import (
+from orchestration.pretrain.config import RunConfig, default_cache_dir
+from orchestration.runtime.evaluation import evaluate_classification, evaluate_retrieval, evaluate_vqa
+from orchestration.runtime.ds_config import build_deepspeed_config
+from orchestration.runtime.schedule import apply_lr, param_groups
+from orchestration.pretrain.worker import (
     destroy_process_group,
     ensure_process_group,
     step_generator,
@@ -313,7 +313,7 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         import deepspeed
 
         if not cfg.use_gpu:
-            # As in pre-training (orchestration.worker): skip the CPU backend's JIT-compiled shared-memory
+            # As in pre-training (orchestration.pretrain.worker): skip the CPU backend's JIT-compiled shared-memory
             # all-reduce (minutes of C++ under a file lock every starting worker waits on); gloo is enough.
             import deepspeed.ops
 
@@ -325,7 +325,7 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
         engine = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     history: list[dict[str, float]] = []
-    from orchestration.loggers import RunLogger
+    from orchestration.runtime.loggers import RunLogger
 
     tb = RunLogger(run_name=f"{Path(cfg.output).name}-{cfg.task}", rank=rank, tensorboard_dir=cfg.tensorboard_dir)
     batches = iter(_Batches(cfg, train, collator, rank, world))

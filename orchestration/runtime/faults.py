@@ -17,8 +17,8 @@ from pathlib import Path
 
 import fsspec
 
-from orchestration.checkpoint import step_dir_name
-from orchestration.config import RunConfig
+from orchestration.runtime.checkpoint import step_dir_name
+from orchestration.pretrain.config import RunConfig
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from orchestration.config import RunConfig, parse_cli, resolved_config
+from orchestration.pretrain.config import RunConfig, parse_cli, resolved_config
 
 logger = logging.getLogger(__name__)
 
@@ -32,11 +32,11 @@ def main(argv: list[str] | None = None) -> dict:
         return resolved
     preflight(cfg)
     if cfg.launcher == "ray":
-        from orchestration.launch import launch_ray
+        from orchestration.pretrain.launch import launch_ray
 
         summary = launch_ray(cfg)
     else:
-        from orchestration.launch import launch_local
+        from orchestration.pretrain.launch import launch_local
 
         summary = launch_local(cfg)
     if summary.get("losses"):

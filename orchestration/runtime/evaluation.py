@@ -220,7 +220,7 @@ def pretraining_retrieval_eval(
 
 
 def export_recall(metrics: Any, result: RetrievalResult | dict[str, float]) -> None:
-    """Publish recall as ``soho_eval_recall{direction, k}`` (0..1) through `orchestration.metrics.SohoMetrics`."""
+    """Publish recall as ``soho_eval_recall{direction, k}`` (0..1) through `orchestration.runtime.metrics.SohoMetrics`."""
     if isinstance(result, RetrievalResult):
         values = {(d, k): v / 100.0 for d, rec in result.recalls.items() for k, v in rec.items()}
     else:  # the flat form {"i2t_r1": percent, ...}

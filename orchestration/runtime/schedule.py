@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from orchestration.config import RunConfig
+from orchestration.runtime.config import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,12 @@ def _no_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias")
 
 
-def param_groups(model: nn.Module, cfg: RunConfig) -> tuple[list[dict], list[GroupSpec]]:
+def param_groups(model: nn.Module, cfg: OptimConfig) -> tuple[list[dict], list[GroupSpec]]:
     """Optimizer parameter groups and their specs (same order). Every parameter is included, frozen or not,
     so that ZeRO's flat buffers cover the trunk when the cold start ends.
 
     Each group carries ``"optimizer"``: ``cfg.backbone_optimizer`` for the trunk, ``"adamw"`` for the rest
-    (read by :class:`orchestration.optim.HybridSGDAdamW`; torch's AdamW ignores it), and its weight decay:
+    (read by :class:`orchestration.runtime.optim.HybridSGDAdamW`; torch's AdamW ignores it), and its weight decay:
     ``backbone_weight_decay`` (default ``weight_decay``) for the trunk, 0 on biases/norms. SGD groups also
     carry ``momentum``."""
     backbone = backbone_parameter_names(model)
@@ -66,13 +66,13 @@ def param_groups(model: nn.Module, cfg: RunConfig) -> tuple[list[dict], list[Gro
     return groups, specs
 
 
-def base_lr(cfg: RunConfig, spec: GroupSpec) -> float:
+def base_lr(cfg: OptimConfig, spec: GroupSpec) -> float:
     if spec.name == "backbone" and cfg.backbone_lr is not None:
         return cfg.backbone_lr
     return cfg.lr
 
 
-def group_weight_decay(cfg: RunConfig, spec: GroupSpec) -> float:
+def group_weight_decay(cfg: OptimConfig, spec: GroupSpec) -> float:
     if not spec.decay:
         return 0.0
     if spec.name == "backbone" and cfg.backbone_weight_decay is not None:
@@ -80,7 +80,7 @@ def group_weight_decay(cfg: RunConfig, spec: GroupSpec) -> float:
     return cfg.weight_decay
 
 
-def lr_factor(cfg: RunConfig, step: int) -> float:
+def lr_factor(cfg: OptimConfig, step: int) -> float:
     """Multiplier of the peak lr for optimizer step ``step`` (0-based): linear warm-up, then
     cosine / linear decay to ``min_lr_ratio``, constant, or step: ``lr_step_gamma`` to the power of the
     number of ``lr_milestones`` reached (``step >= m``, as torch's MultiStepLR; a milestone inside the
@@ -102,12 +102,12 @@ def lr_factor(cfg: RunConfig, step: int) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
 
 
-def backbone_frozen(cfg: RunConfig, step: int, epoch: int) -> bool:
+def backbone_frozen(cfg: OptimConfig, step: int, epoch: int) -> bool:
     """The paper's cold start: the trunk is frozen for the first N steps and/or N loader epochs."""
     return step < cfg.freeze_backbone_steps or epoch < cfg.freeze_backbone_epochs
 
 
-def apply_lr(optimizer: torch.optim.Optimizer, specs: list[GroupSpec], cfg: RunConfig, step: int, frozen: bool) -> float:
+def apply_lr(optimizer: torch.optim.Optimizer, specs: list[GroupSpec], cfg: OptimConfig, step: int, frozen: bool) -> float:
     """Set every group's lr for this step; a frozen trunk gets lr 0 so that no optimizer update can
     move it even through AdamW's momentum or weight decay. Returns the rest-group lr (for logging)."""
     factor = lr_factor(cfg, step)

@@ -1,7 +1,7 @@
 """End-of-run artefacts from the final train state and the run's history log: ``summary.json`` and
 ``loss_curve.png``. The per-step history is read from ``{storage}/{run}/history/`` (all attempts of the run,
 up to the final checkpoint's step), not from the checkpoint. With ``--final-eval`` the held-out figures of the
-final model (:func:`orchestration.heldout_eval.evaluate_model`) go into both under ``heldout``."""
+final model (:func:`orchestration.pretrain.heldout_eval.evaluate_model`) go into both under ``heldout``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import fsspec
 
-from orchestration.checkpoint import HistoryLog
+from orchestration.runtime.checkpoint import HistoryLog
 
 logger = logging.getLogger(__name__)
 

@@ -1,17 +1,17 @@
-"""DeepSpeed engine configuration built from a `RunConfig` (no DeepSpeed import here: a plain dict)."""
+"""DeepSpeed engine configuration from the scale and optimisation sections (no DeepSpeed import: a plain dict)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from orchestration.config import RunConfig
+from orchestration.runtime.config import OptimConfig, ScaleConfig
 
 
-def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def build_deepspeed_config(cfg: ScaleConfig, optim: OptimConfig, world_size: int) -> dict[str, Any]:
     """The ``config`` dict for ``deepspeed.initialize``.
 
     The optimizer and the learning-rate schedule are ours (a client AdamW with backbone/rest groups,
-    lr set per step by :mod:`orchestration.schedule`), so the dict only describes batch geometry,
+    lr set per step by :mod:`orchestration.runtime.schedule`), so the dict only describes batch geometry,
     precision, ZeRO partitioning and clipping.
     """
     if world_size < 1:
@@ -28,7 +28,7 @@ def build_deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
-        "gradient_clipping": float(cfg.grad_clip),
+        "gradient_clipping": float(optim.grad_clip),
         "zero_optimization": zero,
         # Our AdamW is a plain torch optimizer; ZeRO supports it but warns unless this is set.
         "zero_allow_untested_optimizer": True,

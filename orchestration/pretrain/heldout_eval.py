@@ -9,10 +9,10 @@ as the run, so the excluded scenes are exactly the ones the run trained on). On 
   image (label 0, a fixed derangement), 2·N predictions of the ITM head, chance 50 %.
 * **Zero-shot retrieval**: all N×N image-caption pairs ranked by ITM score (image→text and text→image
   recall@1/5/10 among N candidates, chance 1/N), through the downstream engineer's
-  :func:`orchestration.downstream_eval.pretraining_retrieval_eval` (batched cross-modal passes).
+  :func:`orchestration.runtime.evaluation.pretraining_retrieval_eval` (batched cross-modal passes).
 * **Codebook health** at the end of training, from the visual dictionary buffers saved in the export.
 
-``python -m orchestration.heldout_eval --model runs/x/final_model --config configs/synthetic_cpu.yaml``
+``python -m orchestration.pretrain.heldout_eval --model runs/x/final_model --config configs/synthetic_cpu.yaml``
 prints the figures as JSON (``--out`` writes them to a file).
 """
 
@@ -32,12 +32,12 @@ import torch
 from data_pipeline.downstream import RetrievalImage, TaskCollator, TaskDataConfig
 from data_pipeline.storage import get_fs
 from data_pipeline.tarstream import iter_tar
-from orchestration.config import SYNTHETIC_CACHE_VERSION, RunConfig, default_cache_dir, load_yaml
-from orchestration.downstream_eval import export_recall, pretraining_retrieval_eval
+from orchestration.pretrain.config import SYNTHETIC_CACHE_VERSION, RunConfig, default_cache_dir, load_yaml
+from orchestration.runtime.evaluation import export_recall, pretraining_retrieval_eval
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_IMAGE_SIZE = 128  # the size orchestration.launch.ensure_data renders the embedded scenes at
+SYNTHETIC_IMAGE_SIZE = 128  # the size orchestration.pretrain.launch.ensure_data renders the embedded scenes at
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -205,7 +205,7 @@ def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any, device: tor
     live = stage < 3 and next(module.parameters()).dtype == torch.float32
     state_dict = None
     if not live:
-        from orchestration.worker import consolidated_fp32_state_dict
+        from orchestration.pretrain.worker import consolidated_fp32_state_dict
 
         state_dict = consolidated_fp32_state_dict(engine)  # collective: every rank takes part
     record: dict[str, float] | None = None
@@ -272,7 +272,7 @@ def model_from_checkpoint(ckpt_dir: str | Path) -> Any:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m orchestration.heldout_eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m orchestration.pretrain.heldout_eval", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="final_model directory of a pre-training run")
     src.add_argument("--checkpoint", help="a committed checkpoint_step_* directory (mid-run, no export)")

@@ -6,7 +6,7 @@
   ``--run-name`` and ``--storage-path`` resumes.
 * :func:`launch_local` — this process is one rank: a plain single process, or one rank of ``torchrun`` /
   the deepspeed launcher (process group from the environment); checkpoints go through
-  :class:`~orchestration.checkpoint.StorageStore`.
+  :class:`~orchestration.runtime.checkpoint.StorageStore`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from orchestration.checkpoint import EXPORT_DIR, TRAIN_STATE, StorageStore, verify_local
-from orchestration.config import SYNTHETIC_CACHE_VERSION, RunConfig, default_cache_dir
-from orchestration.summary import write_run_artifacts
+from orchestration.runtime.checkpoint import EXPORT_DIR, TRAIN_STATE, StorageStore, verify_local
+from orchestration.pretrain.config import SYNTHETIC_CACHE_VERSION, RunConfig, default_cache_dir
+from orchestration.pretrain.summary import write_run_artifacts
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def ensure_data(cfg: RunConfig) -> str:
     if cfg.data:
         return cfg.data
     if cfg.run_final_eval or cfg.eval_every:  # the same pre-training pairs plus the held-out split: made once
-        from orchestration.heldout_eval import HeldoutConfig, prepare_heldout
+        from orchestration.pretrain.heldout_eval import HeldoutConfig, prepare_heldout
 
         t0 = time.perf_counter()
         _, manifest = prepare_heldout(HeldoutConfig.from_run_config(cfg, num_candidates=cfg.eval_candidates))
@@ -64,7 +64,7 @@ def final_heldout_eval(cfg: RunConfig, export: Path) -> dict[str, Any] | None:
         return None
     if not export.is_dir():
         raise RuntimeError(f"--final-eval: the final checkpoint has no exported model at {export}")
-    from orchestration.heldout_eval import HeldoutConfig, evaluate_export
+    from orchestration.pretrain.heldout_eval import HeldoutConfig, evaluate_export
 
     result = evaluate_export(export, HeldoutConfig.from_run_config(cfg, num_candidates=cfg.eval_candidates))
     logger.info("held-out evaluation of the final model: ITM acc %.3f, R@1 t2i %.0f %% / i2t %.0f %% among %d, "
@@ -86,7 +86,7 @@ def launch_local(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     """Train in this process (one rank of torchrun when WORLD_SIZE is set). Rank 0 writes the summary."""
     import torch.distributed as dist
 
-    from orchestration.worker import destroy_process_group, ensure_process_group, train_loop
+    from orchestration.pretrain.worker import destroy_process_group, ensure_process_group, train_loop
 
     _configure_logging()
     check_run_paths(cfg)
@@ -124,8 +124,8 @@ def _ray_worker(config: dict[str, Any]) -> None:
     """Body of each Ray Train worker: the Ray-free loop with Ray's checkpoint store."""
     import ray.train
 
-    from orchestration.checkpoint import RayStore
-    from orchestration.worker import train_loop
+    from orchestration.runtime.checkpoint import RayStore
+    from orchestration.pretrain.worker import train_loop
 
     _configure_logging()
     # Ray starts worker processes at niceness 15 (meant for its helpers); a training worker is the node's

@@ -1,6 +1,6 @@
 """Experiment logging beside Prometheus: TensorBoard event files (``--tensorboard-dir``) and, when the
 ``wandb`` package is installed, Weights & Biases (``--wandb-project``). Both are opt-in and written by rank 0
-only; Prometheus (:mod:`orchestration.metrics`) stays the cluster path.
+only; Prometheus (:mod:`orchestration.runtime.metrics`) stays the cluster path.
 
 One :class:`RunLogger` per rank: ``log_step(step, record)`` after every optimizer step, ``log_eval`` after a
 held-out evaluation, ``flush()`` at every checkpoint, ``close()`` at the end; every call is a no-op when

@@ -1,0 +1,103 @@
+"""``build_engine``: a model, an optimisation section and a scale section in; a training engine out.
+
+One place decides the precision cast, the parameter groups (trunk / rest, decay / no decay), the optimiser
+(torch's AdamW, or :class:`~orchestration.runtime.optim.HybridSGDAdamW` for the paper's SGD trunk), the
+DeepSpeed config (:mod:`orchestration.runtime.ds_config`) and DeepSpeed's initialisation — or, with
+``kind="torch"``, plain torch (DDP when there is more than one rank) for machines without DeepSpeed.
+Pre-training and fine-tuning both build their engine here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from orchestration.runtime.config import OptimConfig, ScaleConfig
+from orchestration.runtime.ds_config import build_deepspeed_config
+from orchestration.runtime.optim import HybridSGDAdamW
+from orchestration.runtime.schedule import GroupSpec, param_groups
+
+ENGINES = ("deepspeed", "torch")
+
+
+@dataclass
+class Engine:
+    """What a training loop steps: ``engine`` (DeepSpeed engine, DDP or the module itself), the optimizer
+    whose groups the schedule sets (DeepSpeed's wrapper where there is one), the group specs (same order),
+    the DeepSpeed config (``None`` with plain torch) and the dtype the model's floating weights hold."""
+
+    engine: Any
+    optimizer: torch.optim.Optimizer
+    group_specs: list[GroupSpec]
+    ds_config: dict[str, Any] | None
+    dtype: torch.dtype
+    kind: str
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return getattr(self.engine, "module", self.engine)
+
+    def backward_step(self, loss: torch.Tensor, grad_clip: float) -> None:
+        """One optimiser step of plain torch (DeepSpeed engines step through ``engine.backward/step``)."""
+        if self.kind == "deepspeed":
+            self.engine.backward(loss)
+            self.engine.step()
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), grad_clip)
+        self.optimizer.step()
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> tuple[torch.optim.Optimizer, list[GroupSpec]]:
+    """Parameter groups and the client optimizer: one AdamW, or SGD+momentum for the trunk and AdamW for the
+    rest in one :class:`HybridSGDAdamW` (``backbone_optimizer=sgd``, the paper's)."""
+    groups, specs = param_groups(model, optim)
+    betas = (optim.adam_beta1, optim.adam_beta2)
+    if optim.backbone_optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = HybridSGDAdamW(
+            groups, lr=optim.lr, betas=betas, eps=optim.adam_eps, weight_decay=optim.weight_decay,
+            momentum=optim.backbone_momentum)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.adam_eps,
+                                      weight_decay=optim.weight_decay)
+    return optimizer, specs
+
+
+def build_engine(model: torch.nn.Module, optim: OptimConfig, scale: ScaleConfig, world_size: int,
+                 kind: str = "deepspeed", device: torch.device | str = "cpu") -> Engine:
+    """The engine a job trains ``model`` with, on an initialised process group of ``world_size`` ranks."""
+    if kind not in ENGINES:
+        raise ValueError(f"engine {kind!r}: expected one of {ENGINES}")
+    dtype = precision_dtype(scale.precision)
+    if kind == "deepspeed" and dtype != torch.float32:
+        # ZeRO-1/2 cast the whole module (params and buffers) to 16 bit; ZeRO-3 casts only the partitioned
+        # params, leaving BatchNorm running stats fp32 (a dtype mismatch in the trunk). Casting up front gives
+        # every stage the same model; the visual dictionary keeps its buffers fp32 by design.
+        model = model.to(dtype)
+    optimizer, specs = build_optimizer(model, optim)
+    if kind == "torch":
+        model = model.to(device)
+        engine = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+        # plain torch keeps fp32 weights; bf16 runs under autocast in the loop
+        return Engine(engine, optimizer, specs, None, torch.float32, kind)
+    import deepspeed  # heavy: only where a DeepSpeed engine is built
+
+    if not scale.use_gpu and not scale.ds_cpu_shm_comm:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`) when its comm
+        # layer starts: minutes of C++ on a fresh machine, under a file lock every starting worker waits on.
+        # For CPU runs (tests, demo) gloo's collectives are enough, so skip the op.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    ds_config = build_deepspeed_config(scale, optim, world_size)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           dist_init_required=False)
+    return Engine(engine, engine.optimizer, specs, ds_config, dtype, kind)
