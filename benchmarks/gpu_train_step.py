@@ -96,18 +96,18 @@ def run_deepspeed(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps:
                   zero_stage: int) -> float:
     import deepspeed
 
-    from orchestration.config import RunConfig
-    from orchestration.ds_config import build_deepspeed_config
-    from orchestration.schedule import param_groups
-    from orchestration.worker import ensure_process_group
+    from orchestration.pretrain.config import RunConfig
+    from orchestration.runtime.distributed import ensure_process_group
+    from orchestration.runtime.ds_config import build_deepspeed_config
+    from orchestration.runtime.schedule import param_groups
 
-    cfg = RunConfig(launcher="local", use_gpu=True, precision="bf16", zero_stage=zero_stage,
+    cfg = RunConfig.of(launcher="local", use_gpu=True, precision="bf16", zero_stage=zero_stage,
                     micro_batch_size=batch["input_ids"].shape[0], metrics_port=-1)
     ensure_process_group(use_gpu=True)
     model = model.to(torch.bfloat16)
-    groups, _ = param_groups(model, cfg)
+    groups, _ = param_groups(model, cfg.optim)
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg, 1),
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg.scale, cfg.optim, 1),
                                            dist_init_required=False)
     batch = {**batch, "pixel_values": batch["pixel_values"].to(torch.bfloat16)}
     times = []

@@ -30,9 +30,9 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
-from orchestration.config import RunConfig  # noqa: E402
-from orchestration.schedule import apply_lr, param_groups  # noqa: E402
-from orchestration.worker import step_generator  # noqa: E402
+from orchestration.pretrain.config import RunConfig  # noqa: E402
+from orchestration.pretrain.worker import step_generator  # noqa: E402
+from orchestration.runtime.schedule import apply_lr, param_groups  # noqa: E402
 
 
 def bare_loop(cfg: RunConfig, data_url: str) -> list[float]:
@@ -43,45 +43,45 @@ def bare_loop(cfg: RunConfig, data_url: str) -> list[float]:
     model_cfg = cfg.model_config()  # the model the worker loop trains (preset + model_overrides)
     torch.manual_seed(cfg.seed)
     model = SohoForPretraining(model_cfg)
-    groups, specs = param_groups(model, cfg)
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
-    loader = PretrainLoader(LoaderConfig(urls=data_url, batch_size=cfg.micro_batch_size,
-                                         max_image_side=cfg.image_size,
+    groups, specs = param_groups(model, cfg.optim)
+    opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2))
+    loader = PretrainLoader(LoaderConfig(urls=data_url, batch_size=cfg.scale.micro_batch_size,
+                                         max_image_side=cfg.dataset.image_size,
                                          pad_multiple=model_cfg.encoder.total_stride,
-                                         max_text_len=cfg.max_text_len, resampled=True, seed=cfg.seed,
-                                         num_workers=cfg.loader_workers))
+                                         max_text_len=cfg.dataset.max_text_len, resampled=True, seed=cfg.seed,
+                                         num_workers=cfg.dataset.loader_workers))
     model.train()
     it = iter(loader)
     rates = []
-    for step in range(cfg.max_steps):
+    for step in range(cfg.optim.max_steps):
         t0 = time.perf_counter()
-        apply_lr(opt, specs, cfg, step, frozen=step < cfg.freeze_backbone_steps)  # the worker's cold start
+        apply_lr(opt, specs, cfg.optim, step, frozen=step < cfg.optim.freeze_backbone_steps)  # the worker's cold start
         batch = next(it)
         out = model(batch["pixel_values"], batch["pixel_mask"], batch["input_ids"], batch["attention_mask"],
                     generator=step_generator(cfg.seed, step, 0))
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        rates.append(cfg.micro_batch_size / (time.perf_counter() - t0))
+        rates.append(cfg.scale.micro_batch_size / (time.perf_counter() - t0))
     return rates
 
 
 def worker_loop(cfg: RunConfig, data_url: str) -> list[float]:
-    from orchestration.launch import launch_local
+    from orchestration.pretrain.launch import launch_local
 
     summary = launch_local(cfg, data_url)
     return [r["samples_per_s"] for r in summary["worker"]["history"]]
 
 
 def ray_loop(cfg: RunConfig, data_url: str) -> list[float]:
-    from orchestration.launch import launch_ray
+    from orchestration.pretrain.launch import launch_ray
 
     launch_ray(cfg, data_url)
     # the per-step history lives in the run's history log beside the checkpoints
-    from orchestration.checkpoint import read_history
+    from orchestration.runtime.checkpoint import read_history
 
-    hist = read_history(cfg.storage_path, cfg.name, storage_options=cfg.storage_options())
+    hist = read_history(cfg.checkpoint.storage_path, cfg.name, storage_options=cfg.storage_options())
     return [r["samples_per_s"] for r in hist]
 
 
@@ -105,12 +105,12 @@ def main() -> None:
 
     synth = make_synthetic(str(work / "synth"), num=512, seed=0, image_size=128)
     data_url = synth.get("pretrain_manifest") or str(work / "synth" / "pretrain" / "manifest.json")
-    base = RunConfig(launcher="local", num_workers=1, zero_stage=0, micro_batch_size=args.batch,
+    base = RunConfig.of(launcher="local", num_workers=1, zero_stage=0, micro_batch_size=args.batch,
                      image_size=args.image_size, max_steps=args.steps, checkpoint_every=10**6,
                      metrics_port=-1, storage_path=str(work / "runs"), log_every=10**6, data=data_url,
                      cpus_per_worker=args.threads)
     # One process group for both in-process worker runs: DeepSpeed's comm layer keeps the first group it saw.
-    from orchestration.worker import ensure_process_group
+    from orchestration.runtime.distributed import ensure_process_group
 
     ensure_process_group(use_gpu=False)
     results: dict[str, float] = {}

@@ -19,8 +19,9 @@ import torch
 
 from data_pipeline.downstream import TaskCollator, TaskDataConfig, read_karpathy
 from data_pipeline.synth import SynthConfig, make_synthetic
-from orchestration.downstream_eval import encode_retrieval_set
-from orchestration.finetune import FinetuneConfig, finetune_worker
+from orchestration.finetune.config import FinetuneConfig
+from orchestration.finetune.worker import finetune_worker
+from orchestration.runtime.evaluation import encode_retrieval_set
 from soho.downstream.modeling import SohoForRetrieval
 from soho.downstream.retrieval import exhaustive_retrieval, prefilter_rerank_retrieval
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                            config=SynthConfig(retrieval_images=(512, 8, args.n), retrieval_captions_per_image=1))  # fmt: skip
     ckpt = args.checkpoint
     if ckpt is None:
-        finetune_worker(FinetuneConfig(task="retrieval", data=synth["downstream"], output=str(work / "ft"),
+        finetune_worker(FinetuneConfig.of(task="retrieval", data=synth["downstream"], output=str(work / "ft"),
                                        engine="torch", image_size=args.image_size, micro_batch_size=16,
                                        max_steps=args.train_steps, lr=5e-4, skip_eval=True, progress=True))  # fmt: skip
         ckpt = str(work / "ft" / "model")

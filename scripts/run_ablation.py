@@ -1,6 +1,6 @@
 """The visual-dictionary ablation (and any recipe comparison): same data, budget and seed, one run per
 variant through the real CLI (``python -m soho.train --launcher local``), then held-out ITM accuracy,
-zero-shot retrieval and codebook health of each final model (:mod:`orchestration.heldout_eval`).
+zero-shot retrieval and codebook health of each final model (:mod:`orchestration.pretrain.heldout_eval`).
 
     python scripts/run_ablation.py --config configs/synthetic_cpu.yaml --max-steps 300 \\
         --out docs/results/ablation.json
@@ -23,9 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestration.config import RunConfig, load_yaml
-from orchestration.heldout_eval import HeldoutConfig, evaluate_export, prepare_heldout
-from orchestration.summary import smooth
+from configcli import load_yaml
+from orchestration.pretrain.config import RunConfig
+from orchestration.pretrain.heldout_eval import HeldoutConfig, evaluate_export, prepare_heldout
+from orchestration.pretrain.summary import smooth
 
 logger = logging.getLogger("run_ablation")
 
@@ -51,7 +52,7 @@ def run_variant(config: Path, name: str, overrides: list[str], data_url: str, st
     all_overrides = [*base.model_overrides, *overrides]
     # With --eval-every in the recipe the run needs the embedded data (the only kind with a held-out split);
     # its pre-training scenes are the same as data_url's (held-out scenes come from their own stream).
-    data = [] if base.eval_every else ["--data", data_url]
+    data = [] if base.observability.eval_every else ["--data", data_url]
     cmd = [sys.executable, "-m", "soho.train", "--config", str(config), "--launcher", "local",
            "--num-workers", "1", *data, "--storage-path", str(storage), "--run-name", name,
            "--metrics-port", "-1", *extra_flags]
@@ -62,7 +63,7 @@ def run_variant(config: Path, name: str, overrides: list[str], data_url: str, st
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     run_dir = storage / name
     summary = json.loads((run_dir / "summary.json").read_text())
-    from orchestration.checkpoint import read_history
+    from orchestration.runtime.checkpoint import read_history
 
     history = read_history(str(storage), name)
     return {"summary": summary, "history": history, "overrides": all_overrides,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hcfg = HeldoutConfig.from_run_config(run, num_candidates=a.num_candidates)
     images, data_url = prepare_heldout(hcfg)  # the same scenes the embedded data would hold, plus held-out
     extra = ["--max-steps", str(a.max_steps)] if a.max_steps else []
-    results: dict[str, Any] = {"config": str(a.config), "max_steps": a.max_steps or run.max_steps,
+    results: dict[str, Any] = {"config": str(a.config), "max_steps": a.max_steps or run.optim.max_steps,
                                "seed": run.seed, "variants": {}}
     if a.out.exists():  # resume a partly done comparison: keep finished variants
         done = json.loads(a.out.read_text())

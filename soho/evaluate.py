@@ -1,9 +1,9 @@
 """``python -m soho.evaluate --task vqa|nlvr2|snli_ve|retrieval --checkpoint DIR ...`` (console script
-``soho-evaluate``) — CLI shim; the work is in :mod:`orchestration.finetune`."""
+``soho-evaluate``) — CLI shim; the work is in :mod:`orchestration.finetune.launch`."""
 
 import sys
 
-from orchestration.finetune import evaluate_main
+from orchestration.finetune.launch import evaluate_main
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """``python -m soho.finetune --task vqa|nlvr2|snli_ve|retrieval --init CHECKPOINT ...`` (console script
-``soho-finetune``) — CLI shim; the work is in :mod:`orchestration.finetune`. ``--help`` lists every option."""
+``soho-finetune``) — CLI shim; the work is in :mod:`orchestration.finetune.launch`. ``--help`` lists every option."""
 
 import sys
 
-from orchestration.finetune import main
+from orchestration.finetune.launch import main
 
 
 def cli(argv: list[str] | None = None) -> int:

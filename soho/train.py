@@ -7,7 +7,7 @@ Ray with 2 CPU workers, DeepSpeed ZeRO-2 over gloo). ``python -m soho.train --he
 
 import sys
 
-from orchestration.cli import main
+from orchestration.pretrain.cli import main
 
 
 def cli(argv: list[str] | None = None) -> int:

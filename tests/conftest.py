@@ -32,8 +32,9 @@ def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     subprocess), shared by the learning guard and the "pre-training helps" downstream test. Returns the
     final model directory, the step history, the held-out images and config, and the synthetic data root
     (its ``downstream/`` holds the task files of the same seed)."""
-    from orchestration.config import RunConfig, load_yaml
-    from orchestration.heldout_eval import HeldoutConfig, heldout_data_dir, prepare_heldout
+    from configcli import load_yaml
+    from orchestration.pretrain.config import RunConfig
+    from orchestration.pretrain.heldout_eval import HeldoutConfig, heldout_data_dir, prepare_heldout
     from tests.learning.conftest import run_history, run_train
 
     config = REPO_ROOT / "configs" / "synthetic_cpu.yaml"

@@ -11,6 +11,8 @@ import logging
 import sys
 
 from orchestration.pretrain.config import RunConfig, parse_cli, resolved_config
+from orchestration.pretrain.launch import launch_local, launch_ray
+from soho.encoder import ensure_trunk_weights
 
 logger = logging.getLogger(__name__)
 
@@ -19,8 +21,6 @@ def preflight(cfg: RunConfig) -> None:
     """Fail here, before any worker starts, when the trunk's initial weights cannot be had (an offline
     machine without torchvision's cache): Ray would otherwise restart the failing workers max_failures
     times and bury the message. Downloads them into this machine's cache when it is online."""
-    from soho.encoder import ensure_trunk_weights
-
     ensure_trunk_weights(cfg.model_config().encoder)
 
 
@@ -31,14 +31,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(resolved, indent=1), flush=True)
         return resolved
     preflight(cfg)
-    if cfg.launcher == "ray":
-        from orchestration.pretrain.launch import launch_ray
-
-        summary = launch_ray(cfg)
-    else:
-        from orchestration.pretrain.launch import launch_local
-
-        summary = launch_local(cfg)
+    summary = launch_ray(cfg) if cfg.scale.launcher == "ray" else launch_local(cfg)
     if summary.get("losses"):
         first, last = summary["losses"]["loss"]["first"], summary["losses"]["loss"]["last"]
         print(

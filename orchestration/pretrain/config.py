@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +35,6 @@ from soho.encoder import cache_file, torchvision_weights
 
 PRESETS = ("tiny", "small", "base")
 
-# Bump when the synthetic generator's output changes, so an old cache is never reused silently.
-SYNTHETIC_CACHE_VERSION = 1
-
 # The embedded demo's model recipe on top of the tiny preset: what configs/synthetic_cpu.yaml learned at
 # demo scale (why each one: the comments of configs/demo.yaml). Pass --model-overrides '' for the preset as is.
 DEMO_MODEL_OVERRIDES = (
@@ -52,11 +48,6 @@ DEMO_MODEL_OVERRIDES = (
     "pretrain.itm_interaction=true",
     "pretrain.itc_weight=1.0",
 )
-
-
-def default_cache_dir() -> Path:
-    """Local cache for the embedded synthetic data: ``$SOHO_CACHE_DIR`` or ``~/.cache/soho``."""
-    return Path(os.environ.get("SOHO_CACHE_DIR") or Path.home() / ".cache" / "soho")
 
 
 @dataclass

@@ -28,12 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from configcli import load_yaml
 from data_pipeline.downstream import RetrievalImage, TaskCollator, TaskDataConfig
 from data_pipeline.storage import get_fs
+from data_pipeline.synth import make_synthetic
 from data_pipeline.tarstream import iter_tar
-from orchestration.pretrain.config import SYNTHETIC_CACHE_VERSION, RunConfig, default_cache_dir, load_yaml
+from orchestration.pretrain.config import RunConfig
+from orchestration.runtime.config import synthetic_data_dir
+from orchestration.runtime.distributed import consolidated_fp32_state_dict
 from orchestration.runtime.evaluation import export_recall, pretraining_retrieval_eval
+from soho import SohoConfig, SohoForPretraining
 
 logger = logging.getLogger(__name__)
 
@@ -66,21 +72,18 @@ class HeldoutConfig:
 
     @classmethod
     def from_run_config(cls, run: RunConfig, **changes: Any) -> HeldoutConfig:
-        return cls(synthetic_pairs=run.synthetic_pairs, seed=run.seed, image_size=run.image_size,
-                   max_text_len=run.max_text_len, **changes)
+        return cls(synthetic_pairs=run.dataset.synthetic_pairs, seed=run.seed, image_size=run.dataset.image_size,
+                   max_text_len=run.dataset.max_text_len, **changes)
 
 
 def heldout_data_dir(cfg: HeldoutConfig) -> Path:
-    root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    return root / f"synthetic-v{SYNTHETIC_CACHE_VERSION}-n{cfg.synthetic_pairs}-s{cfg.seed}-heldout{cfg.num_candidates}"
+    return synthetic_data_dir(cfg.synthetic_pairs, cfg.seed, heldout=cfg.num_candidates, root=cfg.cache_dir)
 
 
 def prepare_heldout(cfg: HeldoutConfig) -> tuple[list[RetrievalImage], str]:
     """Make (once) the synthetic data with a held-out split and unpack its first ``num_candidates`` pairs
     as image files. Returns (images with one caption each, the pre-training manifest URL of the same data,
     which a run may train on directly)."""
-    from data_pipeline.synth import make_synthetic
-
     cfg.validate()
     out = heldout_data_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +150,7 @@ def heldout_itm_accuracy(model: Any, collator: TaskCollator, images: list[Retrie
         model.train(was_training)
 
 
-def evaluate_model(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage] | None = None,
+def evaluate_heldout(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage] | None = None,
                    retrieval: bool = True, device: torch.device | str = "cpu") -> dict[str, Any]:
     """All held-out figures of a ``SohoForPretraining``: ITM accuracy, recall@K both ways (percent; skipped
     when ``retrieval`` is False: N² passes), and the codebook health saved with the model."""
@@ -185,7 +188,7 @@ _PERIODIC_IMAGES: dict[str, list[RetrievalImage]] = {}
 def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any, device: torch.device | str = "cpu") -> dict[str, float]:
     """The ``--eval-every`` evaluation inside the pre-training loop; every rank calls it at the same step.
 
-    Rank 0 evaluates the model being trained on the first ``run.eval_candidates`` held-out pairs of the
+    Rank 0 evaluates the model being trained on the first ``run.observability.eval_candidates`` held-out pairs of the
     run's synthetic data (made once, see :func:`prepare_heldout`): ITM accuracy and exhaustive ITM retrieval
     (recall@1/5/10 both ways), in eval mode, then back to the previous mode. Where the engine holds full
     fp32 weights (ZeRO 0-2, fp32) the live module is used; otherwise (ZeRO-3 partitions, bf16 weights) the
@@ -194,10 +197,6 @@ def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any, device: tor
     (one broadcast, which also keeps the ranks in step). Returns the history fields:
     ``eval_{i2t,t2i}_r{1,5,10}`` (0..1, the exported values), ``eval_itm_acc``, ``eval_candidates``,
     ``eval_seconds``."""
-    import torch.distributed as dist
-
-    from soho import SohoForPretraining
-
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     module = getattr(engine, "module", engine)
@@ -205,13 +204,11 @@ def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any, device: tor
     live = stage < 3 and next(module.parameters()).dtype == torch.float32
     state_dict = None
     if not live:
-        from orchestration.pretrain.worker import consolidated_fp32_state_dict
-
         state_dict = consolidated_fp32_state_dict(engine)  # collective: every rank takes part
     record: dict[str, float] | None = None
     if rank == 0:
         t0 = time.perf_counter()
-        cfg = HeldoutConfig.from_run_config(run, num_candidates=run.eval_candidates)
+        cfg = HeldoutConfig.from_run_config(run, num_candidates=run.observability.eval_candidates)
         key = str(heldout_data_dir(cfg))
         if key not in _PERIODIC_IMAGES:
             _PERIODIC_IMAGES[key], _ = prepare_heldout(cfg)
@@ -248,18 +245,14 @@ def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any, device: tor
 
 def evaluate_export(model_dir: str | Path, cfg: HeldoutConfig) -> dict[str, Any]:
     """Load a run's ``final_model`` (``SohoForPretraining.save_pretrained`` format) and evaluate it."""
-    from soho import SohoForPretraining
-
     model = SohoForPretraining.from_pretrained(str(model_dir))
-    return {"model": str(model_dir), **evaluate_model(model, cfg)}
+    return {"model": str(model_dir), **evaluate_heldout(model, cfg)}
 
 
 def model_from_checkpoint(ckpt_dir: str | Path) -> Any:
     """A ``SohoForPretraining`` from a committed mid-run checkpoint (no export there): the model config
     from its train state, the weights from DeepSpeed's stage-0/1/2 model file (full fp32 weights on every
     rank), loaded with ``weights_only=True``."""
-    from soho import SohoConfig, SohoForPretraining
-
     d = Path(ckpt_dir)
     state = json.loads((d / "train_state.json").read_text())
     files = sorted(d.glob("ds/*/mp_rank_00_model_states.pt")) or sorted(d.glob("ds/mp_rank_00_model_states.pt"))
@@ -286,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if a.model:
         result = evaluate_export(a.model, cfg)
     else:
-        result = {"checkpoint": a.checkpoint, **evaluate_model(model_from_checkpoint(a.checkpoint), cfg)}
+        result = {"checkpoint": a.checkpoint, **evaluate_heldout(model_from_checkpoint(a.checkpoint), cfg)}
     text = json.dumps(result, indent=1)
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

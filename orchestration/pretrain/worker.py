@@ -10,13 +10,10 @@ with ``torch.distributed.all_reduce`` (its ``reduce_fn``) so every rank holds th
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import logging
 import os
 import pickle
 import shutil
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +21,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from fsspec.utils import get_protocol
 
+from data_pipeline.loader import LoaderConfig, PretrainLoader
+from orchestration.pretrain.config import RunConfig
+from orchestration.pretrain.heldout_eval import periodic_heldout_eval
 from orchestration.runtime import faults
 from orchestration.runtime.checkpoint import (
     DS_TAG,
@@ -42,11 +43,24 @@ from orchestration.runtime.checkpoint import (
     write_json_atomic,
     write_rank_record,
 )
-from orchestration.pretrain.config import RunConfig
-from orchestration.runtime.ds_config import build_deepspeed_config
+from orchestration.runtime.distributed import (
+    all_agree,
+    consolidated_fp32_state_dict,
+    destroy_process_group,
+    ensure_process_group,
+    rng_state,
+    set_rng_state,
+    step_generator,
+    sum_over_ranks,
+    tensor_sha256,
+    unwrap,
+    visual_dictionary,
+)
+from orchestration.runtime.engine import build_engine
 from orchestration.runtime.loggers import RunLogger
 from orchestration.runtime.metrics import SohoMetrics
-from orchestration.runtime.schedule import apply_lr, backbone_frozen, param_groups
+from orchestration.runtime.schedule import apply_lr, backbone_frozen
+from soho import SohoForPretraining
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +111,16 @@ class WorkerResult:
     param_dtype: str = ""
 
 
+def open_run_logger(cfg: RunConfig, rank: int, start_step: int) -> RunLogger:
+    """The TensorBoard / W&B logger of a pre-training run on ``rank``, resuming at ``start_step``."""
+    obs = cfg.observability
+    tb = obs.tensorboard_dir
+    opts = cfg.storage_options() if tb and get_protocol(tb) in ("s3", "s3a") else {}
+    return RunLogger(run_name=cfg.name, rank=rank, tensorboard_dir=tb, wandb_project=obs.wandb_project,
+                     start_step=start_step, storage_options=opts, config={**cfg.to_dict(), "run_name": cfg.name},
+                     wandb_id_seed=f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.name}")
+
+
 # --- the loop ---------------------------------------------------------------------------------------
 class _Trainer:
     """State of one rank's training; methods are the phases of ``train_loop``."""
@@ -106,7 +130,7 @@ class _Trainer:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
-        self.device = torch.device(f"cuda:{self.local_rank}" if cfg.use_gpu else "cpu")
+        self.device = torch.device(f"cuda:{self.local_rank}" if cfg.scale.use_gpu else "cpu")
         self.step = 0
         self.batches_seen = 0
         self.samples_seen = 0
@@ -114,24 +138,20 @@ class _Trainer:
         self.consecutive_nonfinite = 0
         self.history: list[dict[str, float]] = []  # this attempt's steps; the run's are in the history log
         self._history_saved = 0  # records of self.history already in the history log
-        self.history_log = HistoryLog.for_run(cfg.storage_path, cfg.name, cfg.storage_options())
+        self.history_log = HistoryLog.for_run(cfg.checkpoint.storage_path, cfg.name, cfg.storage_options())
         if getattr(store, "staging", None) is None:
-            store.staging = Staging(cfg.storage_path, cfg.name, self.rank)
+            store.staging = Staging(cfg.checkpoint.storage_path, cfg.name, self.rank)
         self.staging: Staging = store.staging  # type: ignore[assignment]
         self._grads_skipped = False
         self.resumes: list[dict[str, int]] = []
         self.start_step = 0
         self.frozen: bool | None = None
         self.run_logger = RunLogger(run_name=cfg.name, rank=self.rank)  # disabled until run() opens the real one
+        self.fault_site = faults.FaultSite(cfg.faults, cfg.checkpoint.storage_path, cfg.name, cfg.storage_options())
         self._first_keys: list[str] = []  # this rank's first sample keys (tests check ranks read different data)
 
     # --- set-up ---------------------------------------------------------------------------------
     def build(self) -> None:
-        import deepspeed
-
-        from data_pipeline.loader import LoaderConfig, PretrainLoader
-        from soho import SohoForPretraining
-
         cfg = self.cfg
         model_cfg = cfg.model_config()  # preset + backbone_weights + vd_decay + model_overrides
         self.model_cfg = model_cfg
@@ -140,44 +160,22 @@ class _Trainer:
         model = SohoForPretraining(model_cfg)
         if self.world_size > 1:
             model.soho.visual_dictionary.reduce_fn = sum_over_ranks
-        if cfg.precision in ("bf16", "fp16"):
-            # ZeRO-1/2 cast the whole module (params and buffers) to 16 bit; ZeRO-3 casts only the partitioned
-            # params, leaving BatchNorm running stats fp32 (a dtype mismatch in the trunk). Casting up front
-            # gives every stage the same model; the visual dictionary keeps its buffers fp32 by design.
-            model = model.to(torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-        groups, self.group_specs = param_groups(model, cfg)
-        if cfg.backbone_optimizer == "sgd":  # the paper's: SGD+momentum trunk, AdamW rest, one client optimizer
-            from orchestration.runtime.optim import HybridSGDAdamW
-
-            optimizer = HybridSGDAdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-                                       weight_decay=cfg.weight_decay, momentum=cfg.backbone_momentum)
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                          eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-        if not cfg.use_gpu and not cfg.ds_cpu_shm_comm:
-            # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce (`deepspeed_shm_comm`) when its
-            # comm layer starts: minutes of C++ on a fresh machine, under a file lock every starting worker
-            # waits on. For CPU runs (tests, demo) gloo's collectives are enough, so skip the op.
-            import deepspeed.ops
-
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        self.ds_config = build_deepspeed_config(cfg, self.world_size)
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=self.ds_config,
-                                                    dist_init_required=False)
-        self.model_dtype = torch.bfloat16 if cfg.precision == "bf16" else (
-            torch.float16 if cfg.precision == "fp16" else torch.float32)
+        built = build_engine(model, cfg.optim, cfg.scale, self.world_size)
+        self.engine, self.group_specs, self.ds_config = built.engine, built.group_specs, built.ds_config
+        self.model_dtype = built.dtype
+        data = cfg.dataset
         self.loader = PretrainLoader(
             LoaderConfig(
                 urls=self.data_url,
-                batch_size=cfg.micro_batch_size,
-                max_image_side=cfg.image_size,
+                batch_size=cfg.scale.micro_batch_size,
+                max_image_side=data.image_size,
                 pad_multiple=model_cfg.encoder.total_stride,
-                max_text_len=cfg.max_text_len,
-                resampled=cfg.use_resampled,
-                epochs=cfg.epochs,
+                max_text_len=data.max_text_len,
+                resampled=data.use_resampled,
+                epochs=data.epochs,
                 seed=cfg.seed,
-                num_workers=cfg.loader_workers,
-                verify=cfg.verify_data,
+                num_workers=data.loader_workers,
+                verify=data.verify_data,
                 storage_options=cfg.storage_options(),
             ),
             rank=self.rank,
@@ -187,17 +185,44 @@ class _Trainer:
         self.metrics.set_info({**cfg.to_dict(), "run_name": cfg.name})
         self.metrics.set_vd_num_codes(model_cfg.vd.num_codes)
         self.metrics_port: int | None = None
-        if cfg.metrics_port >= 0:
-            port = cfg.metrics_port + self.local_rank if cfg.metrics_port > 0 else 0
-            self.metrics_port = self.metrics.start_http_server(port)
+        port = cfg.observability.metrics_port
+        if port >= 0:
+            self.metrics_port = self.metrics.start_http_server(port + self.local_rank if port > 0 else 0)
 
     def _all_agree(self, ok: bool) -> bool:
-        """One all-reduce (MIN) of a flag: True only when every rank says True."""
-        if self.world_size == 1:
-            return ok
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        return all_agree(ok, self.device)
+
+    # --- trainer state: what a checkpoint's train_state.json restores ---------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The run-level counters every rank shares (rank 0 writes them as ``train_state.json``)."""
+        return {
+            "step": self.step,
+            "batches_seen": self.batches_seen,
+            "samples_seen": self.samples_seen,
+            "nonfinite_steps": self.nonfinite_total,
+            "world_size": self.world_size,
+            "resumes": list(self.resumes),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a checkpoint of another world size is refused (ZeRO partitions)."""
+        if int(state["world_size"]) != self.world_size:
+            raise RuntimeError(
+                f"checkpoint was written by {state['world_size']} workers, this run has {self.world_size}; "
+                "ZeRO shards cannot be re-partitioned here (use the same --num-workers)")
+        self.step = int(state["step"])
+        self.batches_seen = int(state["batches_seen"])
+        self.samples_seen = int(state["samples_seen"])
+        self.nonfinite_total = int(state["nonfinite_steps"])
+        self.resumes = [*state["resumes"], {"from_step": self.step, "first_step": -1}]
+
+    def rank_state_dict(self) -> dict[str, Any]:
+        """What only this rank knows: its loader position and RNG (its checkpoint rank record)."""
+        return {"loader_state": self.loader.state_dict(), "rng": rng_state()}
+
+    def load_rank_state_dict(self, record: dict[str, Any]) -> None:
+        self.loader.load_state_dict(record["loader_state"])
+        set_rng_state(record["rng"])
 
     def resume(self) -> None:
         # Every rank verifies each candidate (sizes, sha256, weights-only test load) and all ranks vote, so
@@ -210,11 +235,10 @@ class _Trainer:
             return
         try:
             state = ckpt.state
-            if int(state["world_size"]) != self.world_size:
-                raise RuntimeError(
-                    f"checkpoint {ckpt.source} was written by {state['world_size']} workers, this run has "
-                    f"{self.world_size}; ZeRO shards cannot be re-partitioned here (use the same --num-workers)"
-                )
+            try:  # the run-level counters first: a checkpoint of another world size is refused here
+                self.load_state_dict(state)
+            except RuntimeError as exc:
+                raise RuntimeError(f"{ckpt.source}: {exc}") from exc
             # DeepSpeed's loader calls torch.load(weights_only=False); forced weights-only here (allow-listed
             # DeepSpeed types), so even a file swapped after verification cannot run code. State files are JSON.
             try:
@@ -229,18 +253,11 @@ class _Trainer:
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed could not load {ckpt.source}")
             record = read_rank_record(ckpt.path, self.rank)
-            self.loader.load_state_dict(record["loader_state"])
-            _set_rng_state(record["rng"])
-            self.step = int(state["step"])
-            self.batches_seen = int(state["batches_seen"])
-            self.samples_seen = int(state["samples_seen"])
-            self.nonfinite_total = int(state["nonfinite_steps"])
+            self.load_rank_state_dict(record)
             if self.rank == 0:
                 self.history_log.truncate_after(self.step)  # steps of an attempt that never committed
                 if "history" in state and not self.history_log.segments():  # a format-1 checkpoint
                     self.history_log.append([r for r in state["history"] if int(r["step"]) <= self.step])
-            self.resumes = list(state["resumes"])
-            self.resumes.append({"from_step": self.step, "first_step": -1})
             if tensor_sha256(visual_dictionary(self.engine).codebook) != record["vd_codebook_sha256"]:
                 raise RuntimeError(f"{ckpt.source}: visual dictionary differs from the checksum saved with it")
             if self.rank == 0:
@@ -292,7 +309,7 @@ class _Trainer:
         on every rank, or None on every rank (the run's data ended)."""
         if self._ready:
             return
-        limit = self.cfg.epochs if not self.cfg.use_resampled else None
+        limit = self.cfg.dataset.epochs if not self.cfg.dataset.use_resampled else None
         while True:
             if self._pending is None:
                 self._pending = self._fetch()
@@ -329,13 +346,13 @@ class _Trainer:
     # --- one step ---------------------------------------------------------------------------------
     def _set_cold_start(self) -> None:
         self._agree_on_batch()  # the agreed epoch of this step's first batch drives an epoch cold start
-        frozen = backbone_frozen(self.cfg, self.step, self.data_epoch)
+        frozen = backbone_frozen(self.cfg.optim, self.step, self.data_epoch)
         if frozen != self.frozen:
             unwrap(self.engine).soho.set_backbone_trainable(not frozen)
             if self.rank == 0:
                 logger.info("step %d: ResNet trunk %s", self.step, "frozen (cold start)" if frozen else "trainable")
             self.frozen = frozen
-        self.lr = apply_lr(self.engine.optimizer, self.group_specs, self.cfg, self.step, frozen)
+        self.lr = apply_lr(self.engine.optimizer, self.group_specs, self.cfg.optim, self.step, frozen)
 
     def _micro_step(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """Forward, global finiteness check, backward. Returns the rank-averaged [loss, mlm, mvm, itm, accs]
@@ -354,9 +371,9 @@ class _Trainer:
             generator=step_generator(self.cfg.seed, self.batches_seen, self.rank),
         )
         loss = out.loss
-        if self.batches_seen in self.cfg.fault_nonfinite_batches:
+        if self.batches_seen in self.cfg.faults.fault_nonfinite_batches:
             loss = loss * float("nan")  # test-only fault: a poisoned batch
-        if self.batches_seen in self.cfg.fault_nonfinite_grad_batches:
+        if self.batches_seen in self.cfg.faults.fault_nonfinite_grad_batches:
             loss = _NaNGradient.apply(loss)  # test-only fault: finite loss, NaN gradients
         stats = torch.stack([loss.detach().float(), out.mlm_loss.detach().float(), out.mvm_loss.detach().float(),
                              out.itm_loss.detach().float(), out.itc_loss.detach().float(), out.mlm_acc.float(),
@@ -395,11 +412,11 @@ class _Trainer:
         self.metrics.inc_nonfinite()
         logger.warning("rank %d: %s at step %d (batch %d): step skipped, %d in a row",
                        self.rank, what, self.step + 1, self.batches_seen - 1, self.consecutive_nonfinite)
-        if self.consecutive_nonfinite >= self.cfg.max_consecutive_nonfinite:
+        if self.consecutive_nonfinite >= self.cfg.faults.max_consecutive_nonfinite:
             raise NonFiniteLossError(
                 f"aborting at step {self.step + 1}: {self.consecutive_nonfinite} consecutive steps had a "
                 f"non-finite loss or non-finite gradients (last: {what}; --max-consecutive-nonfinite "
-                f"{self.cfg.max_consecutive_nonfinite}); lower --lr, use --precision fp32, or check the data"
+                f"{self.cfg.faults.max_consecutive_nonfinite}); lower --lr, use --precision fp32, or check the data"
             )
 
     def _drop_nonfinite_grads(self) -> bool:
@@ -424,7 +441,7 @@ class _Trainer:
         """DeepSpeed's optimizer wrappers set ``overflow`` when they skipped the step for a non-finite global
         gradient norm (all-reduced, so every rank agrees). Under fp16 that is also the loss scaler's normal
         scale search, which is not counted."""
-        if self.cfg.precision == "fp16":
+        if self.cfg.scale.precision == "fp16":
             return False
         return bool(getattr(self.engine.optimizer, "overflow", False))
 
@@ -437,7 +454,7 @@ class _Trainer:
         done = 0
         vd = visual_dictionary(self.engine)
         step_vd = {k: v.clone() for k, v in vd.state_dict().items()}  # undone when the step is skipped
-        while done < self.cfg.grad_accum:
+        while done < self.cfg.scale.grad_accum:
             tw = time.perf_counter()
             batch = self._next_batch()
             wait += time.perf_counter() - tw
@@ -456,10 +473,10 @@ class _Trainer:
             acc = stats if acc is None else acc + stats
             done += 1
         assert acc is not None
-        acc /= self.cfg.grad_accum
+        acc /= self.cfg.scale.grad_accum
         self.consecutive_nonfinite = 0
         self.step += 1
-        step_samples = self.cfg.micro_batch_size * self.cfg.grad_accum * self.world_size
+        step_samples = self.cfg.scale.micro_batch_size * self.cfg.scale.grad_accum * self.world_size
         self.samples_seen += step_samples
         seconds = time.perf_counter() - t0
         vals = dict(zip(LOSS_KEYS + ACC_KEYS, acc.tolist(), strict=True))
@@ -468,7 +485,7 @@ class _Trainer:
         if self.model_cfg.pretrain.itc_weight > 0:
             losses["itc"] = vals["itc"]
         self.metrics.observe_step(losses,
-                                  samples=self.cfg.micro_batch_size * self.cfg.grad_accum,
+                                  samples=self.cfg.scale.micro_batch_size * self.cfg.scale.grad_accum,
                                   step_seconds=seconds, data_wait_seconds=wait)
         self.metrics.set_vd_health(health)
         if hasattr(self.loader, "bad_sample_counts"):
@@ -483,12 +500,12 @@ class _Trainer:
                   "step_s": round(seconds, 4), "data_wait_s": round(wait, 4)}
         self.history.append(record)
         self.run_logger.log_step(self.step, record, itc="itc" in losses)  # TensorBoard/W&B (rank 0; opt-in)
-        if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == 1 or self.step == self.cfg.max_steps):
+        if self.rank == 0 and (self.step % self.cfg.observability.log_every == 0 or self.step == 1 or self.step == self.cfg.optim.max_steps):
             itc = f" itc {vals['itc']:.4f}" if "itc" in losses else ""
             logger.info(
                 "step %d/%d  loss %.4f (mlm %.4f mvm %.4f itm %.4f%s)  itm_acc %.2f  %.1f samples/s  "
                 "VD usage %.2f perplexity %.1f",
-                self.step, self.cfg.max_steps, vals["loss"], vals["mlm"], vals["mvm"], vals["itm"], itc,
+                self.step, self.cfg.optim.max_steps, vals["loss"], vals["mlm"], vals["mvm"], vals["itm"], itc,
                 vals["itm_acc"], record["samples_per_s"], health["usage_ratio"], health["perplexity"],
             )
         return True
@@ -538,8 +555,7 @@ class _Trainer:
             if self.rank == 0:
                 write_json_atomic(local / TRAIN_STATE, self._train_state(codebook_sha))
             write_rank_record(local, self.rank, {
-                "loader_state": self.loader.state_dict(),
-                "rng": _rng_state(),
+                **self.rank_state_dict(),
                 "vd_codebook_sha256": codebook_sha,
                 "step": self.step,
                 "metrics_port": self.metrics_port,
@@ -551,7 +567,7 @@ class _Trainer:
                 self.history_log.append(self.history[self._history_saved:])
                 self.run_logger.flush()  # TensorBoard events up to this step on disk / uploaded
             self.store.upload(local, self.step)
-            faults.maybe_crash_during_checkpoint(self.cfg, self.step, self.rank)
+            faults.maybe_crash_during_checkpoint(self.fault_site, self.step, self.rank)
             last = self.history[-1] if self.history else {}
             self.store.commit(local, self.step, {"step": self.step, "samples_seen": self.samples_seen,
                                                  "loss": last.get("loss", float("nan")), "final": final})
@@ -566,22 +582,17 @@ class _Trainer:
         self.metrics.observe_checkpoint(self.step, seconds)
         if self.rank == 0:
             logger.info("checkpoint at step %d committed to %s in %.1f s", self.step, self.store.describe(), seconds)
-        faults.maybe_kill_after_checkpoint(self.cfg, self.step, self.rank, self.under_ray)
+        faults.maybe_kill_after_checkpoint(self.fault_site, self.step, self.rank, self.under_ray)
 
     def _train_state(self, codebook_sha: str) -> dict[str, Any]:
         return {
             "format": STATE_FORMAT,
-            "step": self.step,
-            "batches_seen": self.batches_seen,
-            "samples_seen": self.samples_seen,
-            "nonfinite_steps": self.nonfinite_total,
-            "world_size": self.world_size,
+            **self.state_dict(),
             "seeds": {"seed": self.cfg.seed, "masking": "step_generator(seed, batch_index, rank)"},
             "config": {**self.cfg.to_dict(), "run_name": self.cfg.name},
             "model_config": self.model_cfg.to_dict(),
             "deepspeed_config": self.ds_config,
             "history_log": f"{HISTORY_DIR}/ beside the checkpoints (orchestration.runtime.checkpoint.read_history)",
-            "resumes": self.resumes,
             "vd_codebook_sha256": codebook_sha,
             "time": time.time(),
         }
@@ -597,8 +608,6 @@ class _Trainer:
 
     def _export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         """Consolidated fp32 ``SohoForPretraining`` (``SohoModel.from_pretrained`` loads its backbone)."""
-        from soho import SohoForPretraining
-
         fresh = SohoForPretraining(self.model_cfg)
         expected = fresh.state_dict()
         missing = sorted(set(expected) - set(state_dict))
@@ -614,24 +623,22 @@ class _Trainer:
         self.resume()
         self.start_step = self.step
         # rank 0 only; a resumed attempt purges what an earlier one logged after the checkpoint
-        self.run_logger = RunLogger.for_pretraining(self.cfg, self.rank, self.start_step)
+        self.run_logger = open_run_logger(self.cfg, self.rank, self.start_step)
         self.engine.train()
         self._start_data()
-        final_saved = self.step >= self.cfg.max_steps
-        while self.step < self.cfg.max_steps:
+        final_saved = self.step >= self.cfg.optim.max_steps
+        while self.step < self.cfg.optim.max_steps:
             if not self.train_step():
                 if self.rank == 0:
                     logger.info("data exhausted after %d loader epochs at step %d on every rank", self.data_epoch,
                                 self.step)
                 break
-            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:  # held-out eval (rank 0; ranks wait)
-                from orchestration.pretrain.heldout_eval import periodic_heldout_eval
-
+            if self.cfg.observability.eval_every and self.step % self.cfg.observability.eval_every == 0:  # held-out eval (rank 0; ranks wait)
                 figures = periodic_heldout_eval(self.cfg, self.engine, self.metrics, self.device)
                 self.history[-1].update(figures)
                 self.run_logger.log_eval(self.step, figures)
-            final = self.step >= self.cfg.max_steps
-            if final or self.step % self.cfg.checkpoint_every == 0:
+            final = self.step >= self.cfg.optim.max_steps
+            if final or self.step % self.cfg.checkpoint.checkpoint_every == 0:
                 self.save_checkpoint(final=final)
                 final_saved = final
         if not final_saved:
@@ -653,9 +660,9 @@ class _Trainer:
 
 
 def train_loop(cfg: RunConfig, store: CheckpointStore, data_url: str, *, under_ray: bool = False) -> WorkerResult:
-    """Train to ``cfg.max_steps`` (resuming from ``store``'s latest committed checkpoint) on this rank."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.use_gpu else "cpu")
-    created = ensure_process_group(cfg.use_gpu)
+    """Train to ``cfg.optim.max_steps`` (resuming from ``store``'s latest committed checkpoint) on this rank."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scale.use_gpu else "cpu")
+    created = ensure_process_group(cfg.scale.use_gpu)
     trainer = _Trainer(cfg, store, data_url, under_ray)
     try:
         return trainer.run()

@@ -48,16 +48,19 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import fsspec
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -243,11 +246,6 @@ def deepspeed_safe_globals() -> list[Any]:
 
 def check_weights_only(path: Path) -> None:
     """Test-load one file with the weights-only unpickler (memory-mapped: tensors are not read)."""
-    import pickle
-    import zipfile
-
-    import torch
-
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             # torch.save's zip format (what DeepSpeed writes) maps lazily; a legacy-format file is read whole
@@ -265,8 +263,6 @@ def check_weights_only(path: Path) -> None:
 def weights_only_loads() -> Iterator[None]:
     """Inside: every ``torch.load`` (DeepSpeed's checkpoint engine calls it with ``weights_only=False``) runs
     weights-only with DeepSpeed's few types allow-listed. Process-wide while active: use around a load only."""
-    import torch
-
     original = torch.load
 
     def forced(*args: Any, **kwargs: Any) -> Any:

@@ -11,15 +11,33 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from configcli import opt
+from orchestration.runtime.loggers import WANDB_MISSING, wandb_available
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("cosine", "linear", "constant", "step")
 BACKBONE_OPTIMIZERS = ("adamw", "sgd")
 LAUNCHERS = ("ray", "local")
 DEFAULT_METRICS_PORT = 9450  # worker with local rank r serves base + r
+
+# Bump when the synthetic generator's output changes, so an old cache is never reused silently.
+SYNTHETIC_CACHE_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """Local cache for the embedded synthetic data: ``$SOHO_CACHE_DIR`` or ``~/.cache/soho``."""
+    return Path(os.environ.get("SOHO_CACHE_DIR") or Path.home() / ".cache" / "soho")
+
+
+def synthetic_data_dir(pairs: int, seed: int, heldout: int = 0, root: str | Path | None = None) -> Path:
+    """The one place that names a cached copy of the embedded synthetic data: ``pairs`` pre-training pairs
+    of generator ``seed``, plus ``heldout`` scenes never trained on (0: none)."""
+    base = Path(root) if root else default_cache_dir()
+    name = f"synthetic-v{SYNTHETIC_CACHE_VERSION}-n{pairs}-s{seed}"
+    return base / (f"{name}-heldout{heldout}" if heldout else name)
 
 
 def need(cond: bool, msg: str) -> None:
@@ -307,8 +325,6 @@ class ObservabilityConfig:
              "tensorboard_dir must not be empty (omit --tensorboard-dir to turn TensorBoard logging off)")
         need(-1 <= self.metrics_port <= 65535, f"metrics_port={self.metrics_port!r} must be in -1..65535")
         if self.wandb_project is not None:
-            from orchestration.runtime.loggers import WANDB_MISSING, wandb_available
-
             need(bool(self.wandb_project.strip()), "wandb_project must not be empty (omit --wandb-project)")
             need(wandb_available(), WANDB_MISSING.format(project=self.wandb_project))
 

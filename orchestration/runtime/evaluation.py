@@ -1,107 +1,49 @@
-"""Evaluation of fine-tuned task models (and of a pre-training model's ITM head) on task examples.
+"""Image-text retrieval evaluation, shared by both jobs: fine-tuned retrieval models (prefilter + ITM
+re-rank, and exhaustive ITM ranking) and a pre-training model's ITM head on a held-out split.
 
-Rank-agnostic functions over a model in eval mode; `orchestration.finetune` calls them after (or during)
-fine-tuning, `soho.evaluate` on a saved checkpoint, and the pre-training loop may call
-`pretraining_retrieval_eval` every N steps on a held-out Karpathy-format split and export the result with
-`export_recall` as ``soho_eval_recall{direction, k}``.
+Rank-agnostic functions over a model in eval mode; fine-tuning's retrieval task calls
+:func:`evaluate_retrieval`, the pre-training loop calls :func:`pretraining_retrieval_eval` every N steps and
+publishes the result with :func:`export_recall` as ``soho_eval_recall{direction, k}``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from data_pipeline.downstream import (
-    NLVR2Example,
     RetrievalImage,
-    SNLIVEExample,
     TaskCollator,
-    VQAExample,
-    collate_nlvr2,
-    collate_snli_ve,
-    collate_vqa,
     flatten_captions,
 )
-from soho.downstream.metrics import accuracy, vqa_soft_accuracy
-from soho.downstream.modeling import SohoForNLVR2, SohoForRetrieval, SohoForSNLIVE, SohoForVQA, VisualTokens
+from soho.downstream.modeling import SohoForRetrieval, VisualTokens
 from soho.downstream.retrieval import RetrievalResult, exhaustive_retrieval, prefilter_rerank_retrieval
-from soho.downstream.vqa import AnswerVocab
 
 logger = logging.getLogger(__name__)
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def _to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def batch_to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     if "pixel_values" in out:
         out["pixel_values"] = out["pixel_values"].to(dtype)
     return out
 
 
-def _progress(it: Iterator[Any] | Sequence[Any], desc: str, enabled: bool, total: int | None = None) -> Any:
+def progress_bar(it: Iterator[Any] | Sequence[Any], desc: str, enabled: bool, total: int | None = None) -> Any:
     if not enabled:
         return it
     from tqdm import tqdm
 
     return tqdm(it, desc=desc, total=total, leave=False)
-
-
-@torch.no_grad()
-def evaluate_vqa(
-    model: SohoForVQA,
-    collator: TaskCollator,
-    examples: list[VQAExample],
-    vocab: AnswerVocab,
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    progress: bool = False,
-) -> dict[str, float]:
-    """VQA soft accuracy (0..1) of the argmax answer against each question's human answers."""
-    if any(not e.answers for e in examples):
-        raise ValueError("evaluate_vqa needs annotated questions (the test split has no answers)")
-    model.eval()
-    preds: list[str] = []
-    for chunk in _progress(list(_chunks(examples, batch_size)), "eval vqa", progress):
-        b = _to(collate_vqa(collator, list(chunk)), torch.device(device), dtype)
-        logits = model(b["pixel_values"], b["pixel_mask"], b["input_ids"], b["attention_mask"]).logits
-        preds.extend(vocab.decode(logits.argmax(dim=-1).cpu()))
-    return {
-        "vqa_accuracy": vqa_soft_accuracy(preds, [e.answers for e in examples]),
-        "num_examples": len(examples),
-    }
-
-
-@torch.no_grad()
-def evaluate_classification(
-    model: SohoForNLVR2 | SohoForSNLIVE,
-    collator: TaskCollator,
-    examples: list[NLVR2Example] | list[SNLIVEExample],
-    batch_size: int = 64,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.float32,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Accuracy (0..1) for NLVR2 (true/false) or SNLI-VE (3-way)."""
-    model.eval()
-    nlvr2 = isinstance(model, SohoForNLVR2)
-    collate: Callable[..., dict[str, Any]] = collate_nlvr2 if nlvr2 else collate_snli_ve
-    logits, labels = [], []
-    for chunk in _progress(list(_chunks(examples, batch_size)), "eval", progress):
-        b = _to(collate(collator, list(chunk)), torch.device(device), dtype)
-        logits.append(
-            model(b["pixel_values"], b["pixel_mask"], b["input_ids"], b["attention_mask"]).logits.cpu()
-        )
-        labels.append(b["labels"].cpu())
-    return {"accuracy": accuracy(torch.cat(logits), torch.cat(labels)), "num_examples": len(examples)}
 
 
 @torch.no_grad()
@@ -118,8 +60,8 @@ def encode_retrieval_set(
     pair's score does not depend on which batch it is scored in), and the image index of each caption."""
     model.eval()
     parts = []
-    for chunk in _chunks(images, batch_size):
-        b = _to(collator.images([im.image_path for im in chunk]), torch.device(device), dtype)
+    for chunk in chunks(images, batch_size):
+        b = batch_to(collator.images([im.image_path for im in chunk]), torch.device(device), dtype)
         parts.append(model.encode_images(b["pixel_values"], b["pixel_mask"]))
     visual = VisualTokens.cat(parts)
     texts, owner = flatten_captions(images, max_captions)
@@ -198,8 +140,8 @@ def pretraining_retrieval_eval(
     try:
         soho = model.soho
         parts = []
-        for chunk in _chunks(images, batch_size):
-            b = _to(collator.images([im.image_path for im in chunk]), torch.device(device), torch.float32)
+        for chunk in chunks(images, batch_size):
+            b = batch_to(collator.images([im.image_path for im in chunk]), torch.device(device), torch.float32)
             feats, mask, grid = soho.encode_image_grid(b["pixel_values"], b["pixel_mask"])
             parts.append(VisualTokens(soho.visual_dictionary(feats, mask).quantized, mask, grid))
         visual = VisualTokens.cat(parts)

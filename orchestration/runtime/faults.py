@@ -13,12 +13,14 @@ import os
 import signal
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import fsspec
 
 from orchestration.runtime.checkpoint import step_dir_name
-from orchestration.pretrain.config import RunConfig
+from orchestration.runtime.config import FaultConfig
 
 logger = logging.getLogger(__name__)
 
@@ -26,14 +28,24 @@ logger = logging.getLogger(__name__)
 RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 
-def _marker(cfg: RunConfig, kind: str, step: int) -> Path:
+@dataclass(frozen=True)
+class FaultSite:
+    """The faults a run asks for and where that run lives (its storage path and name)."""
+
+    faults: FaultConfig
+    storage_path: str
+    name: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+def _marker(cfg: FaultSite, kind: str, step: int) -> Path:
     root = Path(os.environ.get("SOHO_FAULT_DIR") or Path(tempfile.gettempdir()) / "soho-faults")
-    run_id = hashlib.sha256(f"{os.path.abspath(cfg.storage_path) if '://' not in cfg.storage_path else cfg.storage_path}"
-                            f"|{cfg.name}".encode()).hexdigest()[:16]
+    where = os.path.abspath(cfg.storage_path) if "://" not in cfg.storage_path else cfg.storage_path
+    run_id = hashlib.sha256(f"{where}|{cfg.name}".encode()).hexdigest()[:16]
     return root / f"{run_id}-{kind}-{step}"
 
 
-def _claim(cfg: RunConfig, kind: str, step: int) -> bool:
+def _claim(cfg: FaultSite, kind: str, step: int) -> bool:
     """True exactly once per (run, fault): atomically create the marker."""
     marker = _marker(cfg, kind, step)
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -52,26 +64,26 @@ def _die(reason: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def maybe_crash_during_checkpoint(cfg: RunConfig, step: int, rank: int) -> None:
+def maybe_crash_during_checkpoint(cfg: FaultSite, step: int, rank: int) -> None:
     """Rank 0 dies after its checkpoint files are written/uploaded but before the commit."""
-    if cfg.fault_crash_during_checkpoint != step or rank != 0:
+    if cfg.faults.fault_crash_during_checkpoint != step or rank != 0:
         return
     if _claim(cfg, "crash-during-checkpoint", step):
         _die(f"crash while writing the checkpoint at step {step}")
 
 
-def maybe_kill_after_checkpoint(cfg: RunConfig, step: int, rank: int, under_ray: bool, timeout_s: float = 60.0) -> None:
+def maybe_kill_after_checkpoint(cfg: FaultSite, step: int, rank: int, under_ray: bool, timeout_s: float = 60.0) -> None:
     """``fault_kill_rank`` dies once the checkpoint at ``step`` is committed.
 
     Under Ray the report returns before the controller has registered the checkpoint; dying at once could
     lose it, so wait until the controller's snapshot in storage names it (bounded by ``timeout_s``).
     """
-    if cfg.fault_kill_after_checkpoint != step or rank != cfg.fault_kill_rank:
+    if cfg.faults.fault_kill_after_checkpoint != step or rank != cfg.faults.fault_kill_rank:
         return
     if not _claim(cfg, "kill-after-checkpoint", step):
         return
     if under_ray:
-        fs, root = fsspec.core.url_to_fs(cfg.storage_path, **cfg.storage_options())
+        fs, root = fsspec.core.url_to_fs(cfg.storage_path, **cfg.storage_options)
         snapshot = f"{root.rstrip('/')}/{cfg.name}/{RAY_SNAPSHOT_FILE}"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -27,6 +27,10 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from fsspec.utils import get_protocol
+
+from data_pipeline.storage import get_fs, join
+
 logger = logging.getLogger(__name__)
 
 UPLOAD_EVERY_S = 60.0  # a remote --tensorboard-dir also gets the event file this often (and at checkpoints)
@@ -56,8 +60,6 @@ def wandb_available() -> bool:
 
 def is_remote(url: str) -> bool:
     """True for fsspec URLs other than local files (``s3://``, ``gs://``, ``memory://``)."""
-    from fsspec.utils import get_protocol
-
     return get_protocol(url) not in ("file", "local")
 
 
@@ -106,22 +108,9 @@ class RunLogger:
         if wandb_project:
             self._open_wandb(wandb_project, dict(config or {}), wandb_id_seed or run_name)
 
-    @classmethod
-    def for_pretraining(cls, cfg: Any, rank: int, start_step: int) -> RunLogger:
-        """The logger of a pre-training run (``RunConfig``) on ``rank``, resuming at ``start_step``."""
-        from fsspec.utils import get_protocol
-
-        tb = cfg.tensorboard_dir
-        opts = cfg.storage_options() if tb and get_protocol(tb) in ("s3", "s3a") else {}
-        return cls(run_name=cfg.name, rank=rank, tensorboard_dir=tb, wandb_project=cfg.wandb_project,
-                   start_step=start_step, storage_options=opts, config={**cfg.to_dict(), "run_name": cfg.name},
-                   wandb_id_seed=f"{cfg.storage_path.rstrip('/')}/{cfg.name}")
-
     # --- set-up ---------------------------------------------------------------------------------------
     def _open_tensorboard(self, url: str, start_step: int, storage_options: Mapping[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter
-
-        from data_pipeline.storage import get_fs, join
 
         if is_remote(url):
             fs, root = get_fs(url, dict(storage_options))
@@ -206,8 +195,6 @@ class RunLogger:
     def _upload(self) -> None:
         """Copy each local event file that grew since its last upload to the remote dir (whole file: event
         files are small and append-only). A failure is logged and retried at the next upload."""
-        from data_pipeline.storage import join
-
         self._last_upload = time.monotonic()
         assert self.log_dir is not None and self.remote_dir is not None
         for name in sorted(os.listdir(self.log_dir)):

@@ -81,7 +81,7 @@ def test_shards_changed_in_place_are_rejected_and_skipped_later(
     assert all(v.startswith("shard_hash_mismatch") for v in rejected.values())
     assert loader.state_dict()["rejected_shards"] == rejected
     # What the training worker exports: soho_data_bad_samples_total{reason=...}
-    from orchestration.metrics import SohoMetrics
+    from orchestration.runtime.metrics import SohoMetrics
 
     metrics = SohoMetrics(rank=0)
     metrics.set_bad_samples(loader.bad_sample_counts())

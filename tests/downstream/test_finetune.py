@@ -18,9 +18,12 @@ from data_pipeline.downstream import (
     read_karpathy,
     read_snli_ve,
 )
-from orchestration.downstream_eval import encode_retrieval_set, evaluate_classification, evaluate_retrieval
-from orchestration.finetune import FinetuneConfig, evaluate_main, finetune_worker
-from orchestration.finetune import main as finetune_main
+from orchestration.finetune.config import FinetuneConfig
+from orchestration.finetune.launch import evaluate_main
+from orchestration.finetune.launch import main as finetune_main
+from orchestration.finetune.tasks import evaluate_classification
+from orchestration.finetune.worker import finetune_worker
+from orchestration.runtime.evaluation import encode_retrieval_set, evaluate_retrieval
 from soho.downstream.modeling import SohoForRetrieval, SohoForSNLIVE, load_task_model
 from soho.downstream.retrieval import exhaustive_retrieval, prefilter_rerank_retrieval
 
@@ -32,7 +35,7 @@ def _cfg(synthetic: dict, tmp_path: Path, **kw) -> FinetuneConfig:
                 micro_batch_size=8, max_steps=12, lr=1e-3, warmup_steps=0, progress=False, log_every=100,
                 eval_batch_size=32)  # fmt: skip
     base.update(kw)
-    return FinetuneConfig(**base)
+    return FinetuneConfig.of(**base)
 
 
 def _falls(history: list[dict]) -> tuple[float, float]:
@@ -89,7 +92,7 @@ def test_snli_ve_through_deepspeed_and_cli_evaluate(synthetic: dict, tmp_path: P
             hits += int(model(b["pixel_values"], b["pixel_mask"], b["input_ids"], b["attention_mask"]).logits.argmax()
                         == e.label)  # fmt: skip
     assert ev["eval"]["accuracy"] == pytest.approx(hits / len(examples))
-    assert evaluate_classification(model, coll, examples, batch_size=5)["accuracy"] == pytest.approx(
+    assert evaluate_classification(model, coll, examples, collate_snli_ve, batch_size=5)["accuracy"] == pytest.approx(
         hits / len(examples)
     )
 
@@ -138,7 +141,7 @@ def test_pretraining_helps_vqa(recipe_run: dict, tmp_path: Path) -> None:
     0.520/0.515 vs 0.460/0.460. Before the recipe learned alignment (40 pre-training steps at ITM chance)
     the two tied at the answer prior."""
     data = str(recipe_run["data_root"] / "downstream")
-    common = FinetuneConfig(data=data, output=str(tmp_path / "out"), engine="torch", task="vqa", image_size=64,
+    common = FinetuneConfig.of(data=data, output=str(tmp_path / "out"), engine="torch", task="vqa", image_size=64,
                             micro_batch_size=16, max_steps=120, lr=1e-3, warmup_steps=0, progress=False,
                             log_every=1000, eval_batch_size=64)  # fmt: skip
     scratch, warm = [], []
@@ -149,7 +152,7 @@ def test_pretraining_helps_vqa(recipe_run: dict, tmp_path: Path) -> None:
                                                         init=str(recipe_run["model_dir"])))["eval"])  # fmt: skip
     a_s = [e["vqa_accuracy"] for e in scratch]
     a_w = [e["vqa_accuracy"] for e in warm]
-    print(f"VQA soft accuracy after {common.max_steps} steps, seeds 0/1: from scratch {a_s}, from the "
+    print(f"VQA soft accuracy after {common.optim.max_steps} steps, seeds 0/1: from scratch {a_s}, from the "
           f"{recipe_run['steps']}-step pre-training {a_w}")
     assert scratch[0]["num_examples"] == warm[0]["num_examples"] >= 100
     assert statistics.mean(a_w) > statistics.mean(a_s), (a_w, a_s)
@@ -171,7 +174,7 @@ def test_fast_retrieval_recall_at_1_within_one_point_of_exhaustive(recipe_run: d
     Fast can beat exhaustive: the prefilter drops distractors the ITM head ranks too high, so the bound
     checked is the loss (exhaustive top-1 hits that the prefilter threw away)."""
     data = recipe_run["data_root"] / "downstream"
-    cfg = FinetuneConfig(data=str(data), output=str(tmp_path / "ret"), engine="torch", task="retrieval",
+    cfg = FinetuneConfig.of(data=str(data), output=str(tmp_path / "ret"), engine="torch", task="retrieval",
                          image_size=64, micro_batch_size=16, max_steps=200, lr=5e-4, warmup_steps=0,
                          progress=False, log_every=1000, skip_eval=True, init=str(recipe_run["model_dir"]))  # fmt: skip
     finetune_worker(cfg)

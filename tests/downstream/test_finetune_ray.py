@@ -27,8 +27,8 @@ def ray_local() -> Iterator[None]:
 
 def test_vqa_finetune_on_two_ray_workers(ray_local: None, synthetic: dict, tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from orchestration.finetune import evaluate_main
-    from orchestration.finetune import main as finetune_main
+    from orchestration.finetune.launch import evaluate_main
+    from orchestration.finetune.launch import main as finetune_main
     from soho.downstream.modeling import SohoForVQA, load_task_model
 
     # Relative paths, as a user types them: Ray workers run in another directory, the launcher must

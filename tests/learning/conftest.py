@@ -26,7 +26,7 @@ def run_train(args: list[str], cache_dir: Path, env: dict[str, str] | None = Non
 
 def run_history(storage: Path, name: str) -> list[dict[str, Any]]:
     """The step history up to the newest committed checkpoint, from the run's history log."""
-    from orchestration.checkpoint import read_history
+    from orchestration.runtime.checkpoint import read_history
 
     states = sorted((storage / name / "checkpoints").glob("checkpoint_step_*/train_state.json"))
     assert states, f"no committed checkpoint under {storage / name}"

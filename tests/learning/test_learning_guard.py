@@ -1,7 +1,7 @@
 """Guard against regressions that silently stop learning: a fixed-seed run of the shipped CPU recipe
 (configs/synthetic_cpu.yaml, shortened to RECIPE_STEPS, through the real CLI: the session fixture
 ``recipe_run`` of tests/conftest.py, shared with the downstream tests that start from it), then the
-held-out scenes it never trained on (orchestration.heldout_eval): held-out ITM accuracy >= 0.8 (the issue's
+held-out scenes it never trained on (orchestration.pretrain.heldout_eval): held-out ITM accuracy >= 0.8 (the issue's
 bar) and not one-sided, VD usage >= 0.5 with no collapse during the run, losses falling, the ITC term
 learning. Before the recipe had the ITM interaction head this run stayed at chance (0.49-0.51 through 2,000
 steps); with the head and without ITC it reached 0.76-0.785 after 1,000 steps; with ITC (the recipe now)
@@ -21,11 +21,11 @@ ITM_FLOOR = 0.8  # the issue's bar; 4 binomial SDs above chance would be 0.64
 def short_run(recipe_run: dict[str, Any]) -> dict[str, Any]:
     """The suite's one recipe run (tests/conftest.py: RECIPE_STEPS steps of configs/synthetic_cpu.yaml) and
     its held-out figures (ITM accuracy, codebook health; no retrieval: N² passes)."""
-    from orchestration.heldout_eval import evaluate_model
+    from orchestration.pretrain.heldout_eval import evaluate_heldout
     from soho import SohoForPretraining
 
     model = SohoForPretraining.from_pretrained(str(recipe_run["model_dir"]))
-    heldout = evaluate_model(model, recipe_run["heldout_cfg"], recipe_run["heldout_images"], retrieval=False)
+    heldout = evaluate_heldout(model, recipe_run["heldout_cfg"], recipe_run["heldout_images"], retrieval=False)
     print(f"guard: held-out after {recipe_run['steps']} steps: {heldout}")
     return {"history": recipe_run["history"], "heldout": heldout, "steps": recipe_run["steps"]}
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from orchestration.config import RunConfig
+from orchestration.pretrain.config import RunConfig
 from soho import GridEncoder, soho_base, soho_small
 from soho.config import IMAGENET_WEIGHTS
 from soho.encoder import TrunkWeightsUnavailableError, cache_file, torchvision_weights
@@ -40,29 +40,29 @@ def test_presets_start_from_imagenet_and_tiny_cannot() -> None:
     assert soho_small().encoder.weights == soho_base().encoder.weights == IMAGENET_WEIGHTS == "IMAGENET1K_V1"
     w = torchvision_weights("resnet101", IMAGENET_WEIGHTS)
     assert type(w).__name__ == "ResNet101_Weights" and w.url.endswith("/resnet101-63fe2227.pth")
-    cfg = RunConfig(preset="small")
+    cfg = RunConfig.of(preset="small")
     assert cfg.model_config().encoder.weights == "IMAGENET1K_V1"
-    assert RunConfig(preset="small", backbone_weights="none").model_config().encoder.weights is None
-    assert RunConfig(preset="base", backbone_weights="imagenet").model_config().encoder.weights == "IMAGENET1K_V1"
-    assert RunConfig(preset="base", backbone_weights="IMAGENET1K_V2").model_config().encoder.weights == "IMAGENET1K_V2"
+    assert RunConfig.of(preset="small", backbone_weights="none").model_config().encoder.weights is None
+    assert RunConfig.of(preset="base", backbone_weights="imagenet").model_config().encoder.weights == "IMAGENET1K_V1"
+    assert RunConfig.of(preset="base", backbone_weights="IMAGENET1K_V2").model_config().encoder.weights == "IMAGENET1K_V2"
     with pytest.raises(ValueError, match="IMAGENET1K_V3.*IMAGENET1K_V1"):
-        RunConfig(preset="base", backbone_weights="IMAGENET1K_V3")
+        RunConfig.of(preset="base", backbone_weights="IMAGENET1K_V3")
     with pytest.raises(ValueError, match="tiny trunk is not a torchvision ResNet"):
-        RunConfig(preset="tiny", backbone_weights="imagenet")
+        RunConfig.of(preset="tiny", backbone_weights="imagenet")
 
 
 def test_local_state_dict_file_loads_through_the_run_config(tmp_path: Path) -> None:
     state = _random_resnet18_state(seed=11)
     path = tmp_path / "r18.pt"
     torch.save(state, path)
-    cfg = RunConfig(preset="small", backbone_weights=str(path))
+    cfg = RunConfig.of(preset="small", backbone_weights=str(path))
     enc = GridEncoder(cfg.model_config().encoder)
     assert _assert_trunk_equals(enc, state) > 100  # every conv/BN tensor of ResNet-18's trunk
     # a second seed gives other tensors: the equality above is not an accident of initialisation
     other = _random_resnet18_state(seed=12)
     assert not torch.equal(other["conv1.weight"], state["conv1.weight"])
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        GridEncoder(RunConfig(preset="small", backbone_weights=str(tmp_path / "missing.pt")).model_config().encoder)
+        GridEncoder(RunConfig.of(preset="small", backbone_weights=str(tmp_path / "missing.pt")).model_config().encoder)
 
 
 def test_imagenet_weights_come_from_the_torch_home_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,7 +76,7 @@ def test_imagenet_weights_come_from_the_torch_home_cache(tmp_path: Path, monkeyp
     path.parent.mkdir(parents=True)
     state = _random_resnet18_state(seed=21)
     torch.save(state, path)
-    enc = GridEncoder(RunConfig(preset="small").model_config().encoder)
+    enc = GridEncoder(RunConfig.of(preset="small").model_config().encoder)
     _assert_trunk_equals(enc, state)
 
 
@@ -100,7 +100,7 @@ def test_offline_machine_gets_an_error_naming_torch_home_and_the_override(
 def test_cli_fails_before_training_when_the_weights_are_missing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from orchestration.cli import main
+    from orchestration.pretrain.cli import main
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     monkeypatch.setenv("SOHO_OFFLINE", "1")

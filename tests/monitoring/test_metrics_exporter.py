@@ -1,4 +1,4 @@
-"""orchestration.metrics: values read back from the registry and from a real HTTP scrape."""
+"""orchestration.runtime.metrics: values read back from the registry and from a real HTTP scrape."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestration.metrics import DEFAULT_METRICS_PORT, HISTOGRAM_NAMES, METRIC_NAMES, SohoMetrics
+from orchestration.runtime.metrics import DEFAULT_METRICS_PORT, HISTOGRAM_NAMES, METRIC_NAMES, SohoMetrics
 
 
 def _fill(m: SohoMetrics) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.metrics import SohoMetrics
+from orchestration.runtime.metrics import SohoMetrics
 from tests.helpers_prometheus import LABEL_VALUES, PrometheusServer, dashboard_expressions, rule_expressions
 
 pytestmark = [pytest.mark.integration, pytest.mark.prometheus, pytest.mark.slow]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from orchestration.metrics import HISTOGRAM_NAMES, METRIC_NAMES
+from orchestration.runtime.metrics import HISTOGRAM_NAMES, METRIC_NAMES
 from tests.helpers_prometheus import DASHBOARD_JSON, dashboard_expressions, metric_names_in, rule_expressions
 
 HISTOGRAM_SERIES = {f"{h}_{s}" for h in HISTOGRAM_NAMES for s in ("bucket", "sum", "count")}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestration.checkpoint import (
+from orchestration.runtime.checkpoint import (
     COMMITTED,
     TRAIN_STATE,
     CorruptCheckpointError,

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 
-from orchestration.config import RunConfig, build_parser, parse_run_config
-from orchestration.ds_config import build_deepspeed_config
-from orchestration.schedule import (
+import configcli
+from orchestration.pretrain.config import RunConfig, build_parser, parse_run_config
+from orchestration.runtime.ds_config import build_deepspeed_config
+from orchestration.runtime.schedule import (
     apply_lr,
     backbone_frozen,
     backbone_parameter_names,
@@ -21,8 +21,10 @@ from orchestration.schedule import (
 
 def test_every_field_is_a_flag() -> None:
     flags = {a.option_strings[0] for a in build_parser()._actions if a.option_strings}
-    for f in dataclasses.fields(RunConfig):
-        assert "--" + f.name.replace("_", "-") in flags, f.name
+    leaves = configcli.leaves(RunConfig)
+    assert len(leaves) == 60  # every option of the flat config before it was split into sections
+    for leaf in leaves:
+        assert leaf.flag in flags, leaf.name
     # the names the k8s manifests use
     for flag in ("--preset", "--data", "--s3-endpoint-url", "--storage-path", "--run-name", "--max-steps",
                  "--epochs", "--checkpoint-every", "--keep-checkpoints", "--num-workers", "--use-gpu",
@@ -36,10 +38,10 @@ def test_every_field_is_a_flag() -> None:
 def test_defaults_are_the_embedded_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SOHO_STORAGE_PATH", raising=False)
     cfg = parse_run_config([])
-    assert (cfg.preset, cfg.num_workers, cfg.zero_stage, cfg.use_gpu, cfg.launcher) == ("tiny", 2, 2, False, "ray")
-    assert cfg.storage_path == "./runs" and cfg.name == "soho-tiny" and cfg.data is None
-    assert cfg.metrics_port == 9450 and cfg.max_failures > 0
-    assert cfg.use_resampled is True
+    assert (cfg.preset, cfg.scale.num_workers, cfg.scale.zero_stage, cfg.scale.use_gpu, cfg.scale.launcher) == ("tiny", 2, 2, False, "ray")
+    assert cfg.checkpoint.storage_path == "./runs" and cfg.name == "soho-tiny" and cfg.dataset.data is None
+    assert cfg.observability.metrics_port == 9450 and cfg.faults.max_failures > 0
+    assert cfg.dataset.use_resampled is True
 
 
 def test_yaml_then_flags_win(tmp_path: Path) -> None:
@@ -47,11 +49,11 @@ def test_yaml_then_flags_win(tmp_path: Path) -> None:
     y.write_text("preset: small\nmax-steps: 50\nzero_stage: 3\nprecision: bf16\nfault_nonfinite_batches: [3, 4]\n"
                  "use_gpu: false\nlr: 2.0e-4\n")
     cfg = parse_run_config(["--config", str(y), "--max-steps", "7", "--lr", "1e-3"])
-    assert cfg.preset == "small" and cfg.zero_stage == 3 and cfg.precision == "bf16"
-    assert cfg.max_steps == 7 and cfg.lr == pytest.approx(1e-3)  # flags win
-    assert cfg.fault_nonfinite_batches == [3, 4]
-    assert parse_run_config(["--fault-nonfinite-batches", "1,5"]).fault_nonfinite_batches == [1, 5]
-    assert parse_run_config(["--use-gpu", "--precision", "fp16"]).use_gpu is True
+    assert cfg.preset == "small" and cfg.scale.zero_stage == 3 and cfg.scale.precision == "bf16"
+    assert cfg.optim.max_steps == 7 and cfg.optim.lr == pytest.approx(1e-3)  # flags win
+    assert cfg.faults.fault_nonfinite_batches == [3, 4]
+    assert parse_run_config(["--fault-nonfinite-batches", "1,5"]).faults.fault_nonfinite_batches == [1, 5]
+    assert parse_run_config(["--use-gpu", "--precision", "fp16"]).scale.use_gpu is True
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
 
 
@@ -75,9 +77,9 @@ def test_bad_input_names_the_option(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (2, "fp32"), (3, "bf16"), (1, "fp16")])
 def test_deepspeed_config(stage: int, precision: str) -> None:
-    cfg = RunConfig(zero_stage=stage, precision=precision, micro_batch_size=4, grad_accum=3,
+    cfg = RunConfig.of(zero_stage=stage, precision=precision, micro_batch_size=4, grad_accum=3,
                     use_gpu=precision == "fp16")
-    ds = build_deepspeed_config(cfg, world_size=2)
+    ds = build_deepspeed_config(cfg.scale, cfg.optim, world_size=2)
     assert ds["train_batch_size"] == 4 * 3 * 2
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 3
     assert ds["zero_optimization"]["stage"] == stage
@@ -87,23 +89,23 @@ def test_deepspeed_config(stage: int, precision: str) -> None:
 
 
 def test_lr_schedule_and_cold_start() -> None:
-    cfg = RunConfig(max_steps=100, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1,
+    cfg = RunConfig.of(max_steps=100, warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1,
                     freeze_backbone_steps=5, freeze_backbone_epochs=1, epochs=3)
-    assert lr_factor(cfg, 0) == pytest.approx(0.1) and lr_factor(cfg, 9) == pytest.approx(1.0)
-    assert lr_factor(cfg, 10) == pytest.approx(1.0)
-    assert lr_factor(cfg, 100) == pytest.approx(0.1)
-    assert lr_factor(cfg, 55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(cfg.optim, 0) == pytest.approx(0.1) and lr_factor(cfg.optim, 9) == pytest.approx(1.0)
+    assert lr_factor(cfg.optim, 10) == pytest.approx(1.0)
+    assert lr_factor(cfg.optim, 100) == pytest.approx(0.1)
+    assert lr_factor(cfg.optim, 55) == pytest.approx(0.1 + 0.9 * 0.5)
     lin = cfg.replace(lr_schedule="linear")
-    assert lr_factor(lin, 55) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert backbone_frozen(cfg, 4, 1) and backbone_frozen(cfg, 10, 0) and not backbone_frozen(cfg, 5, 1)
+    assert lr_factor(lin.optim, 55) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert backbone_frozen(cfg.optim, 4, 1) and backbone_frozen(cfg.optim, 10, 0) and not backbone_frozen(cfg.optim, 5, 1)
 
 
 def test_param_groups_split_the_resnet_trunk() -> None:
     from soho import SohoForPretraining, soho_tiny
 
     model = SohoForPretraining(soho_tiny())
-    cfg = RunConfig(lr=1e-3, backbone_lr=1e-4, weight_decay=0.05, warmup_steps=0, lr_schedule="constant")
-    groups, specs = param_groups(model, cfg)
+    cfg = RunConfig.of(lr=1e-3, backbone_lr=1e-4, weight_decay=0.05, warmup_steps=0, lr_schedule="constant")
+    groups, specs = param_groups(model, cfg.optim)
     trunk = backbone_parameter_names(model)
     assert trunk and all(".trunk." in n for n in trunk)
     n_params = sum(1 for _ in model.parameters())
@@ -113,10 +115,10 @@ def test_param_groups_split_the_resnet_trunk() -> None:
     assert by_name[("rest", True)]["lr"] == pytest.approx(1e-3)
     assert by_name[("rest", False)]["weight_decay"] == 0.0 and by_name[("rest", True)]["weight_decay"] == 0.05
     opt = torch.optim.AdamW(groups)
-    apply_lr(opt, specs, cfg, step=0, frozen=True)
+    apply_lr(opt, specs, cfg.optim, step=0, frozen=True)
     for s, g in zip(specs, opt.param_groups, strict=True):
         assert g["lr"] == (0.0 if s.name == "backbone" else pytest.approx(1e-3))
-    apply_lr(opt, specs, cfg, step=0, frozen=False)
+    apply_lr(opt, specs, cfg.optim, step=0, frozen=False)
     assert min(g["lr"] for g in opt.param_groups) == pytest.approx(1e-4)
 
 
@@ -127,7 +129,7 @@ def test_shipped_run_yamls_parse(name: str) -> None:
     assert cfg.preset in ("tiny", "small", "base")
     if name == "demo.yaml":  # the file documents the embedded default exactly
         defaults = parse_run_config([])
-        assert dataclasses.replace(cfg, storage_path=defaults.storage_path) == defaults
+        assert cfg.replace(storage_path=defaults.checkpoint.storage_path) == defaults
 
 
 def test_epoch_cold_start_on_a_resampled_stream_is_refused() -> None:
@@ -138,9 +140,9 @@ def test_epoch_cold_start_on_a_resampled_stream_is_refused() -> None:
         parse_run_config(["--freeze-backbone-epochs", "2"])
     with pytest.raises(ValueError, match="epochs needs epoch passes"):  # epochs with a forced resampled stream
         parse_run_config(["--freeze-backbone-epochs", "2", "--epochs", "4", "--resampled"])
-    ok = RunConfig(freeze_backbone_epochs=1, epochs=2)  # epoch passes: real epochs
-    assert ok.use_resampled is False and ok.freeze_backbone_epochs == 1
-    assert RunConfig(freeze_backbone_steps=100).freeze_backbone_steps == 100
+    ok = RunConfig.of(freeze_backbone_epochs=1, epochs=2)  # epoch passes: real epochs
+    assert ok.dataset.use_resampled is False and ok.optim.freeze_backbone_epochs == 1
+    assert RunConfig.of(freeze_backbone_steps=100).optim.freeze_backbone_steps == 100
 
 
 @pytest.mark.parametrize("field,value,fix", [
@@ -155,7 +157,7 @@ def test_epoch_cold_start_on_a_resampled_stream_is_refused() -> None:
 ])
 def test_optimiser_values_out_of_range_are_refused_naming_field_and_fix(field: str, value: float, fix: str) -> None:
     with pytest.raises(ValueError) as err:
-        RunConfig(**{field: value})
+        RunConfig.of(**{field: value})
     msg = str(err.value)
     assert f"{field}=" in msg and fix in msg, msg
     # the same through YAML strings and flags (".nan" is YAML's NaN)
@@ -165,10 +167,10 @@ def test_optimiser_values_out_of_range_are_refused_naming_field_and_fix(field: s
 
 
 def test_optimiser_values_in_range_pass_and_reach_the_optimizer() -> None:
-    cfg = RunConfig(lr=1e-4, adam_beta1=0.0, adam_beta2=0.999, adam_eps=1e-6, grad_clip=0.0, weight_decay=0.0,
+    cfg = RunConfig.of(lr=1e-4, adam_beta1=0.0, adam_beta2=0.999, adam_eps=1e-6, grad_clip=0.0, weight_decay=0.0,
                     backbone_optimizer="sgd", backbone_lr=1e-2, backbone_weight_decay=1e-4)
-    assert (cfg.adam_eps, cfg.backbone_lr) == (1e-6, 1e-2)
-    assert RunConfig().adam_eps == 1e-8  # torch's AdamW default: unchanged behaviour
+    assert (cfg.optim.adam_eps, cfg.optim.backbone_lr) == (1e-6, 1e-2)
+    assert RunConfig.of().optim.adam_eps == 1e-8  # torch's AdamW default: unchanged behaviour
 
 
 def _shipped_configs() -> list[Path]:
@@ -182,7 +184,7 @@ def test_print_config_resolves_every_shipped_config(path: Path, capsys: pytest.C
     recipes start the trunk from torchvision's ImageNet weights and have a cold start that can end."""
     import json
 
-    from orchestration.cli import main
+    from orchestration.pretrain.cli import main
 
     out = main(["--config", str(path), "--print-config"])
     printed = json.loads(capsys.readouterr().out)

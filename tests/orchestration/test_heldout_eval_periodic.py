@@ -1,7 +1,7 @@
 """``--eval-every``: held-out retrieval inside the pre-training loop (real DeepSpeed worker, one process).
 
 The figures recorded in the step history and exported as ``soho_eval_recall{direction,k}`` must be the
-ones :mod:`orchestration.heldout_eval` computes offline on the committed model of the same step."""
+ones :mod:`orchestration.pretrain.heldout_eval` computes offline on the committed model of the same step."""
 
 from __future__ import annotations
 
@@ -9,21 +9,21 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.config import RunConfig, parse_run_config
+from orchestration.pretrain.config import RunConfig, parse_run_config
 
 KEYS = [f"eval_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
 
 
 def test_eval_every_needs_the_synthetic_heldout_split() -> None:
     with pytest.raises(ValueError, match="eval_every=5 needs the embedded synthetic data"):
-        RunConfig(eval_every=5, data="s3://bucket/shards/manifest.json")
+        RunConfig.of(eval_every=5, data="s3://bucket/shards/manifest.json")
     with pytest.raises(ValueError, match="eval_candidates=1 must be >= 2"):
-        RunConfig(eval_every=5, eval_candidates=1)
+        RunConfig.of(eval_every=5, eval_candidates=1)
     with pytest.raises(ValueError, match="eval_every=-1 must be >= 0"):
-        RunConfig(eval_every=-1)
+        RunConfig.of(eval_every=-1)
     cfg = parse_run_config(["--eval-every", "50", "--eval-candidates", "16"])
-    assert (cfg.eval_every, cfg.eval_candidates) == (50, 16)
-    assert RunConfig(data="x/manifest.json").eval_every == 0  # off by default: --data runs are unaffected
+    assert (cfg.observability.eval_every, cfg.observability.eval_candidates) == (50, 16)
+    assert RunConfig.of(data="x/manifest.json").observability.eval_every == 0  # off by default: --data runs are unaffected
 
 
 def test_final_eval_is_on_exactly_for_the_embedded_synthetic_data() -> None:
@@ -41,7 +41,7 @@ def test_summary_carries_the_heldout_figures(tmp_path: Path) -> None:
     loss-curve PNG is drawn with its accuracy/usage panel."""
     import json
 
-    from orchestration.summary import write_run_artifacts
+    from orchestration.pretrain.summary import write_run_artifacts
 
     history = [{"step": s, "loss": 10.0 - s / 10, "mlm": 5.0, "mvm": 4.0, "itm": 0.69 - s / 1000, "itc": 2.0,
                 "itm_acc": 0.5 + s / 200, "itc_acc": s / 100, "vd_usage": min(1.0, 0.04 * s),
@@ -67,23 +67,24 @@ def test_summary_carries_the_heldout_figures(tmp_path: Path) -> None:
 def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.distributed as dist
 
-    from orchestration.checkpoint import EXPORT_DIR, StorageStore
-    from orchestration.heldout_eval import HeldoutConfig, evaluate_model, model_from_checkpoint
-    from orchestration.launch import ensure_data
-    from orchestration.worker import _Trainer, destroy_process_group, ensure_process_group
+    from orchestration.pretrain.heldout_eval import HeldoutConfig, evaluate_heldout, model_from_checkpoint
+    from orchestration.pretrain.launch import ensure_data
+    from orchestration.pretrain.worker import _Trainer
+    from orchestration.runtime.checkpoint import EXPORT_DIR, StorageStore
+    from orchestration.runtime.distributed import destroy_process_group, ensure_process_group
     from soho import SohoForPretraining
 
     monkeypatch.setenv("SOHO_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    cfg = RunConfig(preset="tiny", launcher="local", synthetic_pairs=64, image_size=64, max_text_len=24,
+    cfg = RunConfig.of(preset="tiny", launcher="local", synthetic_pairs=64, image_size=64, max_text_len=24,
                     micro_batch_size=4, warmup_steps=2, max_steps=6, checkpoint_every=3, keep_checkpoints=2,
                     eval_every=3, eval_candidates=12, metrics_port=-1, log_every=1,
                     storage_path=str(tmp_path / "runs"), run_name="periodic", tensorboard_dir=str(tmp_path / "tb"))
     data_url = ensure_data(cfg)
     created = ensure_process_group(False)
     try:
-        store = StorageStore(cfg.storage_path, cfg.name, cfg.keep_checkpoints, rank=0, world_size=1,
+        store = StorageStore(cfg.checkpoint.storage_path, cfg.name, cfg.checkpoint.keep_checkpoints, rank=0, world_size=1,
                              barrier=dist.barrier)
         trainer = _Trainer(cfg, store, data_url, under_ray=False)
         try:
@@ -107,7 +108,7 @@ def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: p
             assert r10 > 0.0  # 10 of 12 candidates: at least some positive lies in the top 10
         assert 0.0 <= rec["eval_itm_acc"] <= 1.0
     # the run's history log (what summary.json and the docs' plots read) holds the same entries
-    from orchestration.checkpoint import read_history
+    from orchestration.runtime.checkpoint import read_history
 
     ckroot = tmp_path / "runs" / "periodic" / "checkpoints"
     history = read_history(str(tmp_path / "runs"), "periodic")
@@ -127,7 +128,7 @@ def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: p
     hcfg = HeldoutConfig.from_run_config(cfg, num_candidates=12)
     for step, model in ((6, SohoForPretraining.from_pretrained(str(ckroot / "checkpoint_step_00000006" / EXPORT_DIR))),
                         (3, model_from_checkpoint(ckroot / "checkpoint_step_00000003"))):
-        offline = evaluate_model(model, hcfg)
+        offline = evaluate_heldout(model, hcfg)
         assert offline["itm_acc"] == evals[step]["eval_itm_acc"], step
         for key in KEYS:
             assert offline[key[len("eval_"):]] == round(evals[step][key] * 100, 2), (step, key)

@@ -12,13 +12,9 @@ from pathlib import Path
 import pytest
 
 from data_pipeline.cli import main as data_pipeline_main
-from orchestration.config import RunConfig, parse_run_config
-from orchestration.launch import (
-    SECRET_ENV_NAME,
-    check_run_paths,
-    in_ray_working_dir_copy,
-    ray_runtime_env,
-)
+from orchestration.pretrain.config import RunConfig, parse_run_config
+from orchestration.pretrain.launch import check_run_paths, in_ray_working_dir_copy
+from orchestration.runtime.ray_launch import SECRET_ENV_NAME, ray_runtime_env
 
 CREDS = {"AWS_ACCESS_KEY_ID": "AKIASOHOUNITTEST0001", "AWS_SECRET_ACCESS_KEY": "soho-unit-secret-7f3a",
          "AWS_SESSION_TOKEN": "soho-unit-session-91c2", "HF_TOKEN": "hf_soho_unit_token"}
@@ -27,12 +23,12 @@ CREDS = {"AWS_ACCESS_KEY_ID": "AKIASOHOUNITTEST0001", "AWS_SECRET_ACCESS_KEY": "
 def test_runtime_env_carries_settings_but_no_credential() -> None:
     environ = {**CREDS, "AWS_DEFAULT_REGION": "eu-west-1", "SOHO_CACHE_DIR": "/data/cache", "HF_HUB_OFFLINE": "1",
                "AWS_SHARED_CREDENTIALS_FILE": "/secrets/aws"}
-    env = ray_runtime_env(RunConfig(), environ)
+    env = ray_runtime_env(False, environ)
     assert env == {"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "AWS_DEFAULT_REGION": "eu-west-1",
                                 "SOHO_CACHE_DIR": "/data/cache", "HF_HUB_OFFLINE": "1"}}
     text = json.dumps(env)
     assert [v for v in CREDS.values() if v in text] == []
-    assert ray_runtime_env(RunConfig(use_gpu=True), {})["env_vars"] == {"DS_ACCELERATOR": "cuda",
+    assert ray_runtime_env(True, {})["env_vars"] == {"DS_ACCELERATOR": "cuda",
                                                                          "PYTHONUNBUFFERED": "1"}
 
 
@@ -74,21 +70,21 @@ def test_relative_storage_path_is_refused_inside_a_ray_working_dir_copy(tmp_path
     assert not in_ray_working_dir_copy(str(tmp_path)) and not in_ray_working_dir_copy(str(copy.parent) + "x")
     for relative in ("./runs", "runs", "../runs"):
         with pytest.raises(ValueError) as exc:
-            check_run_paths(RunConfig(storage_path=relative), cwd=str(copy))
+            check_run_paths(RunConfig.of(storage_path=relative), cwd=str(copy))
         msg = str(exc.value)
         assert repr(relative) in msg and "absolute path" in msg and "s3://" in msg and "working dir" in msg
     for ok in (str(tmp_path / "runs"), "s3://bucket/runs"):  # absolute or object storage: accepted there
-        check_run_paths(RunConfig(storage_path=ok), cwd=str(copy))
-    check_run_paths(RunConfig(storage_path="./runs"), cwd=str(tmp_path))  # a user's own folder: fine
+        check_run_paths(RunConfig.of(storage_path=ok), cwd=str(copy))
+    check_run_paths(RunConfig.of(storage_path="./runs"), cwd=str(tmp_path))  # a user's own folder: fine
 
 
 def test_relative_storage_path_refused_through_the_real_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(_ray_copy(tmp_path))
     with pytest.raises(ValueError, match="temporary copy"):
-        check_run_paths(RunConfig())  # the default ./runs
+        check_run_paths(RunConfig.of())  # the default ./runs
     monkeypatch.setenv("SOHO_STORAGE_PATH", str(tmp_path / "runs"))  # the documented cluster-wide default
-    check_run_paths(RunConfig())
-    assert os.path.isabs(RunConfig().storage_path)
+    check_run_paths(RunConfig.of())
+    assert os.path.isabs(RunConfig.of().checkpoint.storage_path)
 
 
 @pytest.mark.parametrize("field,value", [("storage_path", "s3://AKIAX:topsecret@bucket/runs"),
@@ -96,7 +92,7 @@ def test_relative_storage_path_refused_through_the_real_cwd(tmp_path: Path, monk
                                          ("data", "https://user:pw123@example.com/shards/manifest.json")])
 def test_urls_with_a_password_are_refused(field: str, value: str) -> None:
     with pytest.raises(ValueError) as exc:
-        check_run_paths(RunConfig(**{field: value}))
+        check_run_paths(RunConfig.of(**{field: value}))
     msg = str(exc.value)
     assert f"--{field.replace('_', '-')}" in msg and "AWS_SECRET_ACCESS_KEY" in msg
     assert value not in msg and "secret@" not in msg and "pw123" not in msg

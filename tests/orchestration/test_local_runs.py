@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestration.checkpoint import read_history
+from orchestration.runtime.checkpoint import read_history
 from tests.orchestration.conftest import FAST_FLAGS, REPO, last_json, rank_records, run_cli
 from tests.orchestration.test_tensorboard import assert_matches_history, event_files, raw_steps
 
@@ -50,7 +50,7 @@ def test_zero3_bf16_two_ranks_under_torchrun(tmp_path: Path, synth_manifest: str
     model = SohoModel.from_pretrained(str(export))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     pre = SohoForPretraining.from_pretrained(str(export))
-    from orchestration.worker import tensor_sha256
+    from orchestration.runtime.distributed import tensor_sha256
 
     assert tensor_sha256(pre.soho.visual_dictionary.codebook) == recs[0]["vd_codebook_sha256"]
 
@@ -88,15 +88,16 @@ def test_crash_while_writing_checkpoint_resumes_from_previous(tmp_path: Path, sy
 NONFINITE_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
-    from orchestration.config import RunConfig
-    from orchestration.checkpoint import StorageStore
-    from orchestration.schedule import backbone_parameter_names
-    from orchestration.worker import NonFiniteLossError, _Trainer, ensure_process_group, unwrap, visual_dictionary
+    from orchestration.pretrain.config import RunConfig
+    from orchestration.runtime.checkpoint import StorageStore
+    from orchestration.runtime.schedule import backbone_parameter_names
+    from orchestration.runtime.distributed import ensure_process_group, unwrap, visual_dictionary
+    from orchestration.pretrain.worker import NonFiniteLossError, _Trainer
     ensure_process_group(False)
-    cfg = RunConfig(launcher="local", data=sys.argv[1], storage_path=sys.argv[2], image_size=64, micro_batch_size=4,
+    cfg = RunConfig.of(launcher="local", data=sys.argv[1], storage_path=sys.argv[2], image_size=64, micro_batch_size=4,
                     max_text_len=24, max_steps=20, warmup_steps=0, lr_schedule="constant", metrics_port=-1,
                     fault_nonfinite_batches=[1, 3, 4, 5], max_consecutive_nonfinite=3, freeze_backbone_steps=1)
-    t = _Trainer(cfg, StorageStore(cfg.storage_path, cfg.name, 2), cfg.data, under_ray=False)
+    t = _Trainer(cfg, StorageStore(cfg.checkpoint.storage_path, cfg.name, 2), cfg.dataset.data, under_ray=False)
     t.build(); t.engine.train(); t._it = iter(t.loader)
     out = {}
     trunk = backbone_parameter_names(unwrap(t.engine))

@@ -15,10 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from orchestration.checkpoint import read_history
-from orchestration.config import RunConfig
-from orchestration.optim import HybridSGDAdamW
-from orchestration.schedule import apply_lr, lr_factor, param_groups
+from orchestration.pretrain.config import RunConfig
+from orchestration.runtime.checkpoint import read_history
+from orchestration.runtime.optim import HybridSGDAdamW
+from orchestration.runtime.schedule import apply_lr, lr_factor, param_groups
 from tests.orchestration.conftest import FAST_FLAGS, REPO, last_json, run_cli
 
 SGD_HP = {"lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4}
@@ -111,31 +111,31 @@ def test_state_dict_round_trip_continues_exactly(tmp_path: Path) -> None:
 
 
 def test_lr_factor_step_exact_values() -> None:
-    cfg = RunConfig(max_steps=100, warmup_steps=10, lr_schedule="step", lr_milestones=[40, 70], lr_step_gamma=0.1)
-    assert lr_factor(cfg, 0) == pytest.approx(0.1)
-    assert lr_factor(cfg, 8) == pytest.approx(0.9)
-    assert lr_factor(cfg, 9) == 1.0 and lr_factor(cfg, 10) == 1.0  # warm-up ends at step 9 (0-based)
-    assert lr_factor(cfg, 39) == 1.0
-    assert lr_factor(cfg, 40) == pytest.approx(0.1) and lr_factor(cfg, 69) == pytest.approx(0.1)
-    assert lr_factor(cfg, 70) == pytest.approx(0.01) and lr_factor(cfg, 99) == pytest.approx(0.01)
+    cfg = RunConfig.of(max_steps=100, warmup_steps=10, lr_schedule="step", lr_milestones=[40, 70], lr_step_gamma=0.1)
+    assert lr_factor(cfg.optim, 0) == pytest.approx(0.1)
+    assert lr_factor(cfg.optim, 8) == pytest.approx(0.9)
+    assert lr_factor(cfg.optim, 9) == 1.0 and lr_factor(cfg.optim, 10) == 1.0  # warm-up ends at step 9 (0-based)
+    assert lr_factor(cfg.optim, 39) == 1.0
+    assert lr_factor(cfg.optim, 40) == pytest.approx(0.1) and lr_factor(cfg.optim, 69) == pytest.approx(0.1)
+    assert lr_factor(cfg.optim, 70) == pytest.approx(0.01) and lr_factor(cfg.optim, 99) == pytest.approx(0.01)
     early = cfg.replace(lr_milestones=[5])  # a milestone inside the warm-up scales the ramp
-    assert lr_factor(early, 4) == pytest.approx(0.5) and lr_factor(early, 5) == pytest.approx(0.06)
-    assert lr_factor(early, 50) == pytest.approx(0.1)
+    assert lr_factor(early.optim, 4) == pytest.approx(0.5) and lr_factor(early.optim, 5) == pytest.approx(0.06)
+    assert lr_factor(early.optim, 50) == pytest.approx(0.1)
 
 
 def test_param_groups_and_apply_lr_for_the_paper_recipe() -> None:
     from soho import SohoForPretraining, soho_tiny
 
-    cfg = RunConfig(lr=1e-4, backbone_lr=1e-2, weight_decay=0.01, backbone_optimizer="sgd", backbone_momentum=0.9,
+    cfg = RunConfig.of(lr=1e-4, backbone_lr=1e-2, weight_decay=0.01, backbone_optimizer="sgd", backbone_momentum=0.9,
                     backbone_weight_decay=1e-4, warmup_steps=2, lr_schedule="step", lr_milestones=[3, 5])
-    groups, specs = param_groups(SohoForPretraining(soho_tiny()), cfg)
+    groups, specs = param_groups(SohoForPretraining(soho_tiny()), cfg.optim)
     kinds = {(s.name, s.decay): (g["optimizer"], g["weight_decay"], g.get("momentum")) for s, g in zip(specs, groups, strict=True)}
     assert kinds == {("backbone", True): ("sgd", 1e-4, 0.9), ("backbone", False): ("sgd", 0.0, 0.9),
                      ("rest", True): ("adamw", 0.01, None), ("rest", False): ("adamw", 0.0, None)}
-    opt = HybridSGDAdamW(groups, lr=cfg.lr)
+    opt = HybridSGDAdamW(groups, lr=cfg.optim.lr)
     expected = {0: 0.5, 1: 1.0, 2: 1.0, 3: 0.1, 4: 0.1, 5: 0.01}
     for step, factor in expected.items():
-        rest = apply_lr(opt, specs, cfg, step, frozen=False)
+        rest = apply_lr(opt, specs, cfg.optim, step, frozen=False)
         assert rest == pytest.approx(1e-4 * factor)
         for s, g in zip(specs, opt.param_groups, strict=True):
             assert g["lr"] == pytest.approx((1e-2 if s.name == "backbone" else 1e-4) * factor)
@@ -153,7 +153,7 @@ def test_param_groups_and_apply_lr_for_the_paper_recipe() -> None:
 ])
 def test_bad_optimizer_options_name_the_field(changes: dict, field: str) -> None:
     with pytest.raises(ValueError, match=field):
-        RunConfig(**changes)
+        RunConfig.of(**changes)
     with pytest.raises(ValueError, match=field):
         RunConfig.from_dict({k.replace("_", "-"): v for k, v in changes.items()})
 
@@ -163,8 +163,8 @@ DS_SCRIPT = textwrap.dedent(
     import copy, json, os, sys, tempfile, torch
     from torch import nn
     import deepspeed, deepspeed.ops
-    from orchestration.optim import HybridSGDAdamW
-    from orchestration.worker import ensure_process_group
+    from orchestration.runtime.optim import HybridSGDAdamW
+    from orchestration.runtime.distributed import ensure_process_group
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     ensure_process_group(False)
 

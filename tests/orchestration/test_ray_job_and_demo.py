@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestration.checkpoint import read_history
-from orchestration.launch import in_ray_working_dir_copy
+from orchestration.pretrain.launch import in_ray_working_dir_copy
+from orchestration.runtime.checkpoint import read_history
 from tests.orchestration.conftest import FAST_FLAGS, REPO, free_port, last_json
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.ray]

@@ -103,7 +103,7 @@ class Prometheus:
 @pytest.fixture(scope="module")
 def faulted_run(ray_session: None, synth_manifest: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """2 workers, ZeRO-2, rank 1 SIGKILLed right after the checkpoint at step 5, scraped by Prometheus."""
-    from orchestration.cli import main
+    from orchestration.pretrain.cli import main
 
     tmp = tmp_path_factory.mktemp("faulted")
     base = _two_free_ports()
@@ -122,7 +122,7 @@ def faulted_run(ray_session: None, synth_manifest: str, tmp_path_factory: pytest
     ckpt = Path(summary["checkpoint"])
     records = [json.loads(p.read_text()) for p in sorted(ckpt.glob("rank-*.json"))]
     state = json.loads((ckpt / "train_state.json").read_text())
-    from orchestration.checkpoint import read_history
+    from orchestration.runtime.checkpoint import read_history
 
     history = read_history(str(tmp / "runs"), "faulted", upto=int(state["step"]))
     return {"summary": summary, "records": records, "state": state, "history": history, "loss": loss,
@@ -162,7 +162,7 @@ def test_sigkilled_worker_restarts_from_the_checkpoint(faulted_run: dict[str, An
 def test_final_export_loads(faulted_run: dict[str, Any]) -> None:
     import torch
 
-    from orchestration.worker import tensor_sha256
+    from orchestration.runtime.distributed import tensor_sha256
     from soho import SohoForPretraining, SohoModel
 
     export = Path(faulted_run["summary"]["final_model"])
@@ -201,7 +201,7 @@ def test_epoch_mode_with_uneven_shards_ends_together_with_a_final_checkpoint(
     import torch
 
     from data_pipeline.synth import SynthConfig, make_synthetic
-    from orchestration.cli import main
+    from orchestration.pretrain.cli import main
     from soho import SohoForPretraining, soho_tiny
 
     data = make_synthetic(str(tmp_path / "data"), num=7, seed=5, image_size=64,
@@ -247,7 +247,7 @@ def test_s3_storage_checkpoints_land_in_the_bucket_and_relaunch_resumes(
     import s3fs
     from moto.server import ThreadedMotoServer
 
-    from orchestration.cli import main
+    from orchestration.pretrain.cli import main
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port())
     server.start()
@@ -287,7 +287,7 @@ def test_s3_storage_checkpoints_land_in_the_bucket_and_relaunch_resumes(
         assert summary["steps"] == 6 and summary["run_dir"] == "s3://soho-ckpt/runs/s3run"
         # --tensorboard-dir s3://: each attempt uploaded its event file; read back, steps 1-6 show once each
         # (the relaunch purged the first attempt's steps 3-4) with the values of the run's history
-        from orchestration.checkpoint import read_history
+        from orchestration.runtime.checkpoint import read_history
         from tests.orchestration.test_tensorboard import assert_matches_history
 
         tb_files = fs.ls("soho-ckpt/tb/s3run")

@@ -1,4 +1,4 @@
-"""``--tensorboard-dir`` / ``--wandb-project`` (orchestration.loggers): event files read back with TensorBoard's
+"""``--tensorboard-dir`` / ``--wandb-project`` (orchestration.runtime.loggers): event files read back with TensorBoard's
 own loader (``EventAccumulator``), a resumed attempt's purge, rank 0 only, a remote (moto S3) directory, and the
 error when W&B is asked for without its package.
 
@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from orchestration.config import RunConfig, parse_run_config
-from orchestration.loggers import RunLogger, wandb_available
+from orchestration.pretrain.config import RunConfig, parse_run_config
+from orchestration.pretrain.worker import open_run_logger
+from orchestration.runtime.loggers import RunLogger, wandb_available
 from tests.orchestration.conftest import free_port
 
 # history record key -> the tag it must appear under (written out here, not imported: a rename is caught)
@@ -140,10 +141,10 @@ def test_only_rank_0_writes_and_off_means_nothing_written(tmp_path: Path) -> Non
 
 def test_config_flags_and_the_wandb_error() -> None:
     cfg = parse_run_config(["--tensorboard-dir", "s3://bucket/tb", "--launcher", "local"])
-    assert cfg.tensorboard_dir == "s3://bucket/tb" and cfg.wandb_project is None
-    assert RunConfig().tensorboard_dir is None  # off by default
+    assert cfg.observability.tensorboard_dir == "s3://bucket/tb" and cfg.observability.wandb_project is None
+    assert RunConfig.of().observability.tensorboard_dir is None  # off by default
     with pytest.raises(ValueError, match="tensorboard_dir must not be empty"):
-        RunConfig(tensorboard_dir=" ")
+        RunConfig.of(tensorboard_dir=" ")
     if wandb_available():  # the error below is about a missing package; nothing to check where it is installed
         return
     with pytest.raises(ValueError, match=r"wandb_project='proj' needs the `wandb` package.*pip install wandb"):
@@ -171,9 +172,9 @@ def test_remote_dir_is_uploaded_with_fsspec_to_moto_s3(tmp_path: Path, monkeypat
         opts = {"client_kwargs": {"endpoint_url": endpoint}}
         fs = s3fs.S3FileSystem(**opts)
         fs.mkdir("tbbucket")
-        cfg = RunConfig(launcher="local", run_name="remote", tensorboard_dir="s3://tbbucket/tb",
+        cfg = RunConfig.of(launcher="local", run_name="remote", tensorboard_dir="s3://tbbucket/tb",
                         s3_endpoint_url=endpoint, storage_path=str(tmp_path / "runs"))
-        log = RunLogger.for_pretraining(cfg, rank=0, start_step=0)  # the worker's constructor (endpoint from cfg)
+        log = open_run_logger(cfg, rank=0, start_step=0)  # the worker's constructor (endpoint from cfg)
         local_dir = Path(log.log_dir)
         assert local_dir.is_dir() and not str(local_dir).startswith(str(tmp_path))
         for s in (1, 2):
@@ -192,6 +193,6 @@ def test_remote_dir_is_uploaded_with_fsspec_to_moto_s3(tmp_path: Path, monkeypat
         assert [s for s, _ in tb_scalars(tmp_path / "dl2")["loss/total"]] == [1, 2, 3]
 
         with pytest.raises(RuntimeError, match=r"--tensorboard-dir s3://no-such-bucket/tb: cannot write"):
-            RunLogger.for_pretraining(cfg.replace(tensorboard_dir="s3://no-such-bucket/tb"), rank=0, start_step=0)
+            open_run_logger(cfg.replace(tensorboard_dir="s3://no-such-bucket/tb"), rank=0, start_step=0)
     finally:
         server.stop()

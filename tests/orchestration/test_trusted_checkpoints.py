@@ -7,7 +7,7 @@
   the summary and loss curve still get every step;
 * one changed byte (same size) in the newest checkpoint: resume falls back to the previous one and says why;
 * a planted pickle, with the records rewritten to match it, never executes: resume falls back, and DeepSpeed's
-  own loader refuses it too under :func:`~orchestration.checkpoint.weights_only_loads`;
+  own loader refuses it too under :func:`~orchestration.runtime.checkpoint.weights_only_loads`;
 * stale staging folders of this run and rank are removed at start, another run's are left alone.
 """
 
@@ -32,11 +32,11 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from orchestration.checkpoint import (TRAIN_STATE, StorageStore, Staging, read_history, rank_record_name,
+    from orchestration.runtime.checkpoint import (TRAIN_STATE, StorageStore, Staging, read_history, rank_record_name,
                                           sha256_file, step_dir_name, weights_only_loads)
-    from orchestration.config import RunConfig
-    from orchestration.summary import write_run_artifacts
-    from orchestration.worker import (NonFiniteLossError, NonFiniteWeightsError, _Trainer, ensure_process_group,
+    from orchestration.pretrain.config import RunConfig
+    from orchestration.pretrain.summary import write_run_artifacts
+    from orchestration.pretrain.worker import (NonFiniteLossError, NonFiniteWeightsError, _Trainer, ensure_process_group,
                                       unwrap, visual_dictionary)
 
     data, root, marker = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
@@ -44,10 +44,10 @@ SCRIPT = textwrap.dedent(
     out = {}
 
     def trainer(name, **kw):
-        cfg = RunConfig(launcher="local", data=data, storage_path=str(root), run_name=name, image_size=64,
+        cfg = RunConfig.of(launcher="local", data=data, storage_path=str(root), run_name=name, image_size=64,
                         micro_batch_size=4, max_text_len=24, warmup_steps=0, lr_schedule="constant",
                         metrics_port=-1, **kw)
-        return _Trainer(cfg, StorageStore(cfg.storage_path, cfg.name, cfg.keep_checkpoints), cfg.data, False)
+        return _Trainer(cfg, StorageStore(cfg.checkpoint.storage_path, cfg.name, cfg.checkpoint.keep_checkpoints), cfg.dataset.data, False)
 
     def params(t):
         return {n: p.detach().clone() for n, p in unwrap(t.engine).named_parameters()}
