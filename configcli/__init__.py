@@ -213,6 +213,8 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *,
             text = f"{text} (required)"
         elif "(default" not in text:
             default = shown.get(leaf.name)
+            if meta.get("negated_flag") and isinstance(default, bool):
+                default = not default  # the switch's own default: --ignore-noai is off unless given
             if isinstance(default, list):
                 default = ",".join(str(v) for v in default)
             text = f"{text} [default: {default}]"
