@@ -50,6 +50,8 @@ ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 NUMBER_WORDS = {0: "no", 1: "one", 2: "two", 3: "three", 4: "four"}
 DONE_MARKER = "synth_done.json"
+# Bump when the generator's output changes, so that a cache made by an older version is never reused silently.
+SYNTHETIC_CACHE_VERSION = 1
 
 
 @dataclass
@@ -465,6 +467,18 @@ def _downstream(fs: Any, root: str, cfg: SynthConfig) -> dict[str, Any]:
     write_json(fs, path, {"dataset": "synth", "images": images})
     out["retrieval"], out["retrieval_count"] = path, len(images)
     return out
+
+
+def cache_name(pairs: int, seed: int, heldout: int = 0) -> str:
+    """The folder name, in a local cache, of the synthetic data that ``make_synthetic(out, num=pairs,
+    seed=seed, heldout=heldout)`` writes: ``synthetic-v{SYNTHETIC_CACHE_VERSION}-n{pairs}-s{seed}``, with
+    ``-heldout{heldout}`` when there is a held-out split. One name per (version, pairs, seed, held-out) so that
+    concurrent runs with other settings never share (or rewrite) one folder."""
+    for name, value, low in (("pairs", pairs, 1), ("seed", seed, 0), ("heldout", heldout, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"cache_name: {name} must be an integer >= {low} (got {value!r})")
+    name = f"synthetic-v{SYNTHETIC_CACHE_VERSION}-n{pairs}-s{seed}"
+    return f"{name}-heldout{heldout}" if heldout else name
 
 
 def make_synthetic(

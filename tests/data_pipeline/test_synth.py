@@ -5,11 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
+import pytest
 from helpers import read_shards
 
-from data_pipeline.synth import SynthConfig, make_caption, make_synthetic, relation, sample_scene
+from data_pipeline.synth import (
+    SYNTHETIC_CACHE_VERSION,
+    SynthConfig,
+    cache_name,
+    make_caption,
+    make_synthetic,
+    relation,
+    sample_scene,
+)
 
 SMALL = SynthConfig(samples_per_shard=10, vqa_images=(3, 2), nlvr2_pairs=(4, 2), snli_ve_images=(2, 2),
                     retrieval_images=(3, 2, 2))
@@ -118,3 +128,19 @@ def test_synth_cli_and_memory_url() -> None:
     fs = fsspec.filesystem("memory")
     manifest = json.loads(fs.cat("/synth-cli/pretrain/manifest.json"))
     assert [s["samples"] for s in manifest["shards"]] == [5, 5, 2]
+
+
+def test_cache_name_is_one_folder_per_version_pairs_seed_and_heldout() -> None:
+    # The names the embedded default data has always had (an existing cache stays valid).
+    assert SYNTHETIC_CACHE_VERSION == 1
+    assert cache_name(2000, 0) == "synthetic-v1-n2000-s0"
+    assert cache_name(2000, 3, heldout=100) == "synthetic-v1-n2000-s3-heldout100"
+    assert cache_name(2000, 3, heldout=0) == cache_name(2000, 3)
+    names = {cache_name(p, s, h) for p in (10, 2000) for s in (0, 1) for h in (0, 100)}
+    assert len(names) == 8  # no two settings share a folder
+    for args, message in (((0, 0), "pairs must be an integer >= 1 (got 0)"),
+                          ((10, -1), "seed must be an integer >= 0 (got -1)"),
+                          ((10, 0, -5), "heldout must be an integer >= 0 (got -5)"),
+                          ((10.0, 0), "pairs must be an integer >= 1 (got 10.0)")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            cache_name(*args)
