@@ -6,8 +6,9 @@ How work is laid out (this is what makes resume and parallel jobs simple):
   ``r // samples_per_shard``; shard ``k`` therefore always covers the same rows, whatever happened before.
 * Threads of the main process download a chunk's URLs (``fetch.Fetcher``: total deadline, size cap);
   worker processes then read local/fsspec files, decode, repair, resize and re-encode the chunk; the main
-  process takes the results in row order, drops duplicates (a bounded LRU of image+caption digests and of source keys),
-  writes the shard (temporary name, then move) and then a small record ``_work/{prefix}-{k:06d}.json``
+  process takes the results in row order, drops duplicates (a bounded LRU of image+caption digests and of
+  source keys), writes the shard (temporary name, then move) and then a small record
+  ``_work/{prefix}-{k:06d}.json``
   (counts, sha256, rejected rows, repairs, the digests it accepted). The record is the commit: a rerun
   skips every shard that has one (replaying its digests into the LRU so that later shards dedupe exactly
   as in an uninterrupted run) and redoes the rest.
@@ -62,25 +63,30 @@ WORK_DIR = "_work"
 
 @dataclass
 class ShardJobConfig:
-    """One shard job; each field is a flag of ``python -m data_pipeline shard`` (``configcli``), in --help order."""
+    """One shard job; each field is a flag of ``python -m data_pipeline shard`` (``configcli``), in --help
+    order."""
 
-    source: str = field(metadata=opt("table, a folder or glob of table parts, COCO json, VG region_descriptions.json, "
-                                     "image folder, tar(s); path or URL"))
+    source: str = field(metadata=opt("table, a folder or glob of table parts, COCO json, VG "
+                                     "region_descriptions.json, image folder, tar(s); path or URL"))
     output: str = field(metadata=opt("output URL or path (file://, s3://bucket/prefix, memory://)"))
     samples_per_shard: int = field(
-        default=1000, metadata=opt("image-text pairs per shard tar (row r of the source goes to shard r // this)"))
+        default=1000,
+        metadata=opt("image-text pairs per shard tar (row r of the source goes to shard r // this)"))
     workers: int = field(default=2, metadata=opt("worker processes (0: in this process)"))  # 0: debugging
     max_image_side: int = field(
-        default=512, metadata=opt("images are resized so that their longest side is at most this many pixels"))
+        default=512,
+        metadata=opt("images are resized so that their longest side is at most this many pixels"))
     source_format: str = field(
-        default="auto", metadata=opt("how to read --source (auto: from its extension or layout)", choices=FORMATS))
+        default="auto",
+        metadata=opt("how to read --source (auto: from its extension or layout)", choices=FORMATS))
     image_column: str = field(
         default="image", metadata=opt("table column with the image: path, URL or (Parquet) bytes"))
     caption_column: str = field(default="caption", metadata=opt("table column with the caption"))
     key_column: str | None = field(
         default=None, metadata=opt("optional column of unique keys (duplicates rejected)"))
     image_root: str | None = field(  # COCO/table images relative to this instead of the source's folder
-        default=None, metadata=opt("folder that relative image paths are under (default: the source's own folder)"))
+        default=None,
+        metadata=opt("folder that relative image paths are under (default: the source's own folder)"))
     prefix: str = field(default="shards", metadata=opt("shard file names: PREFIX-000000.tar, …"))
     max_pixels: int = field(
         default=im.DEFAULT_MAX_PIXELS,
@@ -88,7 +94,8 @@ class ShardJobConfig:
     jpeg_quality: int = field(default=90, metadata=opt("JPEG quality of the re-encoded images"))
     max_caption_chars: int = field(default=1000, metadata=opt("longer captions are cut at a word boundary"))
     columns: list[str] | None = field(
-        default=None, metadata=opt("header-less CSV/TSV: column names in file order, e.g. caption,url (CC3M)"))
+        default=None,
+        metadata=opt("header-less CSV/TSV: column names in file order, e.g. caption,url (CC3M)"))
     vg_max_regions: int = field(
         default=10, metadata=opt("--source-format vg: at most this many region phrases (pairs) per image"))
     url_timeout: float = field(  # one deadline per URL: all attempts, redirects and body bytes
@@ -96,7 +103,8 @@ class ShardJobConfig:
     url_retries: int = field(
         default=2, metadata=opt("retries of connect/read errors, 429 and 5xx (within --url-timeout)"))
     max_image_bytes: int = field(
-        default=DEFAULT_MAX_BYTES, metadata=opt("larger downloads are refused while streaming (url_too_large)"))
+        default=DEFAULT_MAX_BYTES,
+        metadata=opt("larger downloads are refused while streaming (url_too_large)"))
     respect_noai: bool = field(  # X-Robots-Tag: noai / noimageai → skipped and reported
         default=True,
         metadata=opt("fetch images whose X-Robots-Tag says noai/noimageai (skipped and reported by default)",
@@ -108,11 +116,13 @@ class ShardJobConfig:
     chunk_size: int = field(default=64, metadata=opt("rows per worker task"))
     dedupe_window: int = field(  # bounded memory, whatever the source size
         default=1_000_000,
-        metadata=opt("image+caption digests and keys remembered to drop duplicates (bounded memory, ~100 B each)"))
+        metadata=opt("image+caption digests and keys remembered to drop duplicates "
+                     "(bounded memory, ~100 B each)"))
     num_jobs: int = field(default=1, metadata=opt("parallel jobs sharing this output"))
     job_index: int = field(  # the CLI reads $JOB_COMPLETION_INDEX when the flag is not given
         default=0, metadata=opt("this job's index (default: $JOB_COMPLETION_INDEX or 0)"))
-    progress: bool = field(default=True, metadata=opt("no progress bar on stderr", negated_flag="no-progress"))
+    progress: bool = field(
+        default=True, metadata=opt("no progress bar on stderr", negated_flag="no-progress"))
     # Not a flag: output (and s3 source) fsspec options, filled by the --s3-* storage flags.
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -144,11 +154,12 @@ class ShardJobConfig:
                 ("--vg-max-regions", self.vg_max_regions, 1, None)]
         for flag, v, lo, hi in ints:
             accepted = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-            need(flag, v, isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi),
-                 accepted)
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+            need(flag, v, ok, accepted)
         need("--url-timeout", self.url_timeout, isinstance(self.url_timeout, (int, float))
              and math.isfinite(self.url_timeout) and 0 < self.url_timeout <= 3600, "in (0, 3600] seconds")
-        need("--job-index", self.job_index, isinstance(self.job_index, int) and 0 <= self.job_index < self.num_jobs,
+        need("--job-index", self.job_index,
+             isinstance(self.job_index, int) and 0 <= self.job_index < self.num_jobs,
              f"in [0, --num-jobs {self.num_jobs})")
         if self.columns is not None:
             need("--columns", ",".join(self.columns), len(self.columns) > 0 and all(self.columns)
@@ -222,7 +233,8 @@ def _load_image_bytes(image: str | bytes | None, cfg: ShardJobConfig) -> bytes:
     if isinstance(image, bytes):
         return image
     if not isinstance(image, str):
-        raise im.BadSample(im.BAD_IMAGE_REFERENCE, f"image reference is a {type(image).__name__}, not a string")
+        raise im.BadSample(im.BAD_IMAGE_REFERENCE,
+                           f"image reference is a {type(image).__name__}, not a string")
     if image.startswith(("http://", "https://")):
         assert _FETCHER is not None, "worker not initialised"
         return _FETCHER.fetch(image)
@@ -346,7 +358,8 @@ class ShardSummary:
 
     def text(self) -> str:
         lines = [f"rows read: {self.rows}; samples written: {self.samples} in {self.shards} shard(s) "
-                 f"({self.skipped_shards} already complete); {self.seconds:.1f}s, {self.samples_per_second:.1f} samples/s",
+                 f"({self.skipped_shards} already complete); {self.seconds:.1f}s, "
+                 f"{self.samples_per_second:.1f} samples/s",
                  f"rejected: {sum(self.rejected.values())} {dict(sorted(self.rejected.items()))}",
                  f"repaired: {sum(self.repaired.values())} {dict(sorted(self.repaired.items()))}"]
         if self.manifest:
@@ -398,7 +411,8 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
     cfg.validate()
     t0 = time.time()
     source = Source(cfg.source, cfg.source_format, cfg.image_column, cfg.caption_column, cfg.key_column,
-                    cfg.image_root, cfg.storage_options, columns=cfg.columns, vg_max_regions=cfg.vg_max_regions)
+                    cfg.image_root, cfg.storage_options, columns=cfg.columns,
+                    vg_max_regions=cfg.vg_max_regions)
 
     def storage(what: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -464,7 +478,8 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
     def submit(r0: int, rows: list[SourceRow]) -> cf.Future:
         urls = [j for j, r in enumerate(rows) if r.bad is None and isinstance(r.image, str)
                 and r.image.startswith(("http://", "https://"))
-                and (isinstance(r.caption, (str, bytes)) or r.caption_path is not None)]  # else rejected unfetched
+                # (a row whose caption is not text is rejected without fetching its image)
+                and (isinstance(r.caption, (str, bytes)) or r.caption_path is not None)]
         if loader is None or fetcher is None or not urls:
             return pool_submit(r0, rows)
         final: cf.Future = cf.Future()
@@ -534,7 +549,8 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
     if cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit="row", desc=f"shard job {cfg.job_index}/{cfg.num_jobs}", file=sys.stderr, mininterval=0.5)
+        bar = tqdm(unit="row", desc=f"shard job {cfg.job_index}/{cfg.num_jobs}", file=sys.stderr,
+                   mininterval=0.5)
     processed_samples = 0
 
     def finalize(ps: _PendingShard) -> None:
@@ -555,7 +571,8 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
                     e = exc
                 reason, detail = _unexpected(e)
                 rows = task.rows or []
-                results.extend(RowResult(task.r0 + j, r.source_id, None, bad=reason, detail=f"worker task: {detail}")
+                results.extend(RowResult(task.r0 + j, r.source_id, None, bad=reason,
+                                         detail=f"worker task: {detail}")
                                for j, r in enumerate(rows))
                 task.rows = None
             rec = storage(f"writing shard {ps.index}", _commit_shard, fs, root, cfg, ps, results, keys_seen,
@@ -654,7 +671,8 @@ def _commit_shard(
         if reason is None and r.key is not None and keys_seen.get(r.key) is not None:
             reason, detail = im.DUPLICATE_KEY, f"key {r.key!r} already used by row {keys_seen.get(r.key)}"
         if reason is None and digests_seen.get(r.digest) is not None:
-            reason, detail = im.DUPLICATE_SAMPLE, f"same image and caption as row {digests_seen.get(r.digest)}"
+            reason = im.DUPLICATE_SAMPLE
+            detail = f"same image and caption as row {digests_seen.get(r.digest)}"
         if reason is not None:
             bad.append({"row": r.row, "source_id": r.source_id, "reason": reason, "detail": detail})
             continue
@@ -718,7 +736,8 @@ _NOT_FLAGS = ("storage_options",)
 
 
 def _config_from_args(a: argparse.Namespace, storage_options: dict[str, Any]) -> ShardJobConfig:
-    """The job config of the flags given (the others keep the dataclass defaults; ValueError names a bad one)."""
+    """The job config of the flags given (the others keep the dataclass defaults); a bad value raises a
+    ValueError naming its flag."""
     names = {leaf.name for leaf in leaves(ShardJobConfig)} - set(_NOT_FLAGS)
     given = {k: v for k, v in vars(a).items() if k in names}
     if given.get("columns") is not None:
@@ -731,10 +750,11 @@ def _config_from_args(a: argparse.Namespace, storage_options: dict[str, Any]) ->
 def _run_shard(a: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     from data_pipeline.sources import SourceError
 
-    if getattr(a, "job_index", None) is None:  # Kubernetes indexed Jobs expose the index as JOB_COMPLETION_INDEX
+    if getattr(a, "job_index", None) is None:  # Kubernetes indexed Jobs expose it as JOB_COMPLETION_INDEX
         env = os.environ.get("JOB_COMPLETION_INDEX", "0")
         if not env.isdigit():
-            print(f"error: $JOB_COMPLETION_INDEX must be a non-negative integer (got {env!r})", file=sys.stderr)
+            print(f"error: $JOB_COMPLETION_INDEX must be a non-negative integer (got {env!r})",
+                  file=sys.stderr)
             return 2
         a.job_index = int(env)
     try:
@@ -777,8 +797,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def add_cli_subcommands(sub: Any, add_storage_flags: Callable[[argparse.ArgumentParser], None]) -> None:
     p = sub.add_parser("shard", help="image-text sources → WebDataset shards + manifest",
-                       description="Image-text sources → WebDataset shards, manifest.json and bad_samples.jsonl "
-                                   "(resumable: rerun the same command after an interruption).",
+                       description="Image-text sources → WebDataset shards, manifest.json and "
+                                   "bad_samples.jsonl (resumable: rerun the same command after an "
+                                   "interruption).",
                        formatter_class=_HelpFormatter)
     add_flags(p, ShardJobConfig, skip=_NOT_FLAGS)  # one flag per field, help and choices from its metadata
     add_storage_flags(p)
