@@ -20,12 +20,13 @@ def _config(argv: list[str], storage_options: dict | None = None) -> ShardJobCon
 
 def test_every_flag_sets_its_field() -> None:
     argv = ["--source", "s3://b/t.tsv", "--output", "out", "--samples-per-shard", "7", "--workers", "3",
-            "--max-image-side", "64", "--source-format", "tsv", "--image-column", "url", "--caption-column", "text",
-            "--key-column", "id", "--image-root", "imgs", "--prefix", "cc", "--max-pixels", "4096",
-            "--jpeg-quality", "80", "--max-caption-chars", "50", "--columns", " caption , url",
-            "--vg-max-regions", "4", "--url-timeout", "2.5", "--url-retries", "0", "--max-image-bytes", "2048",
-            "--ignore-noai", "--user-agent", "me/1", "--fetch-threads", "5", "--chunk-size", "9",
-            "--dedupe-window", "11", "--num-jobs", "3", "--job-index", "2", "--no-progress"]
+            "--max-image-side", "64", "--source-format", "tsv", "--image-column", "url",
+            "--caption-column", "text", "--key-column", "id", "--image-root", "imgs", "--prefix", "cc",
+            "--max-pixels", "4096", "--jpeg-quality", "80", "--max-caption-chars", "50",
+            "--columns", " caption , url", "--vg-max-regions", "4", "--url-timeout", "2.5",
+            "--url-retries", "0", "--max-image-bytes", "2048", "--ignore-noai", "--user-agent", "me/1",
+            "--fetch-threads", "5", "--chunk-size", "9", "--dedupe-window", "11", "--num-jobs", "3",
+            "--job-index", "2", "--no-progress"]
     opts = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
     assert _config(argv, opts) == ShardJobConfig(
         source="s3://b/t.tsv", output="out", samples_per_shard=7, workers=3, max_image_side=64,
@@ -39,8 +40,8 @@ def test_every_flag_sets_its_field() -> None:
 def test_flags_left_out_keep_the_dataclass_defaults() -> None:
     cfg = _config(["--source", "t.csv", "--output", "o"])
     assert cfg == ShardJobConfig(source="t.csv", output="o")
-    assert (cfg.respect_noai, cfg.progress, cfg.columns, cfg.job_index, cfg.storage_options) == (True, True, None,
-                                                                                                0, {})
+    assert (cfg.respect_noai, cfg.progress, cfg.columns, cfg.job_index) == (True, True, None, 0)
+    assert cfg.storage_options == {}
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -49,7 +50,8 @@ def test_flags_left_out_keep_the_dataclass_defaults() -> None:
     (["--respect-noai"], "unrecognized arguments: --respect-noai"),  # the switch is --ignore-noai, as before
     (["--workers", "two"], "argument --workers: invalid int value: 'two'"),
 ])
-def test_bad_flags_exit_2_naming_them(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_flags_exit_2_naming_them(argv: list[str], message: str,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as e:
         main(["shard", "--source", "t.csv", "--output", "o", *argv])
     assert e.value.code == 2 and message in capsys.readouterr().err
@@ -60,7 +62,8 @@ def test_columns_with_an_empty_name_are_refused(tmp_path: Path, capsys: pytest.C
     code = main(["shard", "--source", str(tmp_path / "never-read.tsv"), "--output", str(tmp_path / "o"),
                  "--columns", "caption,,url", "--no-progress"])
     err = capsys.readouterr().err
-    assert code == 2 and "--columns must be a comma-separated list of distinct names (got caption,,url)" in err
+    assert code == 2
+    assert "--columns must be a comma-separated list of distinct names (got caption,,url)" in err
     assert not (tmp_path / "o").exists()
 
 

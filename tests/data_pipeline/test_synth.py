@@ -106,16 +106,17 @@ def test_downstream_files_in_dataset_formats(tmp_path: Path) -> None:
     assert len(nl) == 4 and {x["label"] for x in nl} <= {"True", "False"}
     for x in nl:
         stem = x["identifier"].rsplit("-", 1)[0]
-        assert (ds / "images" / f"{stem}-img0.jpg").is_file() and (ds / "images" / f"{stem}-img1.jpg").is_file()
+        assert (ds / "images" / f"{stem}-img0.jpg").is_file()
+        assert (ds / "images" / f"{stem}-img1.jpg").is_file()
     ve = [json.loads(x) for x in (ds / "snli_ve" / "dev.jsonl").read_text().splitlines()]
-    assert sorted(x["gold_label"] for x in ve) == ["contradiction", "contradiction", "entailment", "entailment",
-                                                   "neutral", "neutral"]
+    assert sorted(x["gold_label"] for x in ve) == ["contradiction", "contradiction", "entailment",
+                                                   "entailment", "neutral", "neutral"]
     assert all((ds / "images" / x["Flikr30kID"]).is_file() and x["Flikr30kID"] == x["Flickr30K_ID"] + ".jpg"
                for x in ve)
     ret = json.loads((ds / "retrieval" / "dataset_synth.json").read_text())
     assert [i["split"] for i in ret["images"]].count("test") == 2
-    assert all(len(i["sentences"]) == SMALL.retrieval_captions_per_image and (ds / "images" / i["filename"]).is_file()
-               for i in ret["images"])
+    assert all(len(i["sentences"]) == SMALL.retrieval_captions_per_image
+               and (ds / "images" / i["filename"]).is_file() for i in ret["images"])
 
 
 def test_synth_cli_and_memory_url() -> None:
@@ -123,8 +124,8 @@ def test_synth_cli_and_memory_url() -> None:
 
     from data_pipeline.cli import main
 
-    assert main(["synth", "--num", "12", "--output", "memory://synth-cli", "--seed", "4", "--image-size", "32",
-                 "--samples-per-shard", "5"]) == 0
+    assert main(["synth", "--num", "12", "--output", "memory://synth-cli", "--seed", "4",
+                 "--image-size", "32", "--samples-per-shard", "5"]) == 0
     fs = fsspec.filesystem("memory")
     manifest = json.loads(fs.cat("/synth-cli/pretrain/manifest.json"))
     assert [s["samples"] for s in manifest["shards"]] == [5, 5, 2]
