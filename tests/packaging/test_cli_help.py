@@ -66,7 +66,8 @@ def test_every_shard_option_has_a_description_and_its_default(capsys: pytest.Cap
     text = _help(main, ["shard", "--help"], capsys)
     options = _options(text)
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    actions = [a for a in sub.choices["shard"]._actions if a.help is not argparse.SUPPRESS and a.dest != "help"]
+    actions = [a for a in sub.choices["shard"]._actions
+               if a.help is not argparse.SUPPRESS and a.dest != "help"]
     assert set(options) - {"-h"} == {a.option_strings[0] for a in actions}  # the parse found every option
     assert len(actions) >= 28
     squash = lambda s: re.sub(r"\s+", "", s)  # noqa: E731 - argparse wraps (and may break at hyphens)
@@ -78,9 +79,9 @@ def test_every_shard_option_has_a_description_and_its_default(capsys: pytest.Cap
         assert len(words) >= 3, f"{flag}: no description: {desc!r}"
         if action.required:
             assert desc.endswith("(required)") and not desc.endswith("(required) (required)"), flag
-        elif action.default is argparse.SUPPRESS:  # a field of ShardJobConfig: its default, from the dataclass
+        elif action.default is argparse.SUPPRESS:  # a field of ShardJobConfig: the dataclass default
             default = config_defaults[action.dest]
-            if isinstance(action, argparse._StoreFalseAction):  # --ignore-noai / --no-progress: off by default
+            if isinstance(action, argparse._StoreFalseAction):  # --ignore-noai, --no-progress: off by default
                 default = not default
             if "(default: " not in desc:  # else the help says where the value comes from
                 assert squash(desc).endswith(squash(f"[default: {default}]")), f"{flag}: {desc!r}"
