@@ -137,7 +137,8 @@ def main() -> None:
     ap.add_argument("--cpu-smoke", action="store_true", help="run on CPU (code-path check only; no MFU)")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.cpu_smoke:
-        raise SystemExit("gpu_train_step.py needs a CUDA GPU (none found); use --cpu-smoke for a code-path check")
+        raise SystemExit("gpu_train_step.py needs a CUDA GPU (none found); "
+                         "use --cpu-smoke for a code-path check")
     if args.cpu_smoke and args.engine == "deepspeed":
         raise SystemExit("--cpu-smoke supports --engine torch only")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -169,7 +170,8 @@ def main() -> None:
         "achieved_tflops": round(flops / step_s / 1e12, 1),
         "mfu": round(flops / step_s / peak, 3) if peak else None,
         "peak_bf16_tflops": peak / 1e12 if peak else None,
-        "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "max_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                           if device.type == "cuda" else None),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
     print(f"{name}: {result['pairs_per_s']} pairs/s, MFU {result['mfu']}, {result['median_step_s']} s/step")

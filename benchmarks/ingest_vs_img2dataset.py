@@ -1,4 +1,5 @@
-"""Ingest throughput: ``python -m data_pipeline shard`` vs img2dataset 1.47 on the same URLs; where our time goes.
+"""Ingest throughput: ``python -m data_pipeline shard`` vs img2dataset 1.47 on the same URLs; where our time
+goes.
 
 One command runs everything (creates the img2dataset venv on first use, then both variants, then the profile):
 
@@ -236,7 +237,8 @@ def compare(a: argparse.Namespace, work: Path, port: int, variant: str) -> dict[
                           "--thread_count", str(a.threads), "--image_size", str(a.size),
                           "--resize_mode", "keep_ratio_largest", "--resize_only_if_bigger", "True",
                           "--encode_format", "jpg", "--encode_quality", "90",
-                          "--number_sample_per_shard", str(a.samples_per_shard), "--timeout", str(a.url_timeout),
+                          "--number_sample_per_shard", str(a.samples_per_shard),
+                          "--timeout", str(a.url_timeout),
                           "--retries", "0", "--enable_wandb", "False", "--distributor", "multiprocessing"],
                          env=env)
     if r.returncode != 0:
@@ -257,8 +259,9 @@ def compare(a: argparse.Namespace, work: Path, port: int, variant: str) -> dict[
     m = json.loads((out_ours / "manifest.json").read_text())
     n_ours = m["totals"]["samples"]
     s_i2d, s_ours = n_i2d / t_i2d, n_ours / t_ours
-    print(f"[{variant}] {a.num} URLs ({good} good), 640x480 JPEGs over http://127.0.0.1, {a.processes} processes "
-          f"× {a.threads} threads, longest side ≤ {a.size}, timeout {a.url_timeout:g}s, webdataset output")
+    print(f"[{variant}] {a.num} URLs ({good} good), 640x480 JPEGs over http://127.0.0.1, "
+          f"{a.processes} processes × {a.threads} threads, longest side ≤ {a.size}, "
+          f"timeout {a.url_timeout:g}s, webdataset output")
     print(f"  img2dataset 1.47   : {n_i2d:5d} samples in {t_i2d:6.1f}s = {s_i2d:7.1f} samples/s, "
           f"{1000 * cpu_i2d / max(n_i2d, 1):5.1f} CPU-ms/sample  ({load_i2d} at start)")
     print(f"  data_pipeline shard: {n_ours:5d} samples in {t_ours:6.1f}s = {s_ours:7.1f} samples/s, "
@@ -266,8 +269,8 @@ def compare(a: argparse.Namespace, work: Path, port: int, variant: str) -> dict[
     if variant == "bad":
         print(f"  ours rejected: {m['totals']['rejected_by_reason']}")
     cpu_ratio = (cpu_i2d / max(n_i2d, 1)) / max(cpu_ours / max(n_ours, 1), 1e-9)
-    print(f"  ratio (ours / img2dataset): {s_ours / s_i2d:.2f}× samples/s (target ≥ 1.5×), {cpu_ratio:.2f}× less "
-          f"CPU per sample  ({load()} at the end)", flush=True)
+    print(f"  ratio (ours / img2dataset): {s_ours / s_i2d:.2f}× samples/s (target ≥ 1.5×), "
+          f"{cpu_ratio:.2f}× less CPU per sample  ({load()} at the end)", flush=True)
     return {"img2dataset": s_i2d, "ours": s_ours, "ratio": s_ours / s_i2d, "cpu_ratio": cpu_ratio}
 
 
@@ -319,8 +322,9 @@ def profile(a: argparse.Namespace, work: Path, port: int) -> dict[str, float]:
     results = []
     for s in range(0, n, cfg.chunk_size):
         results += shard.process_chunk(s, rows[s : s + cfg.chunk_size])
-    samples = [ShardSample(f"{r.row:012d}", r.jpeg, r.caption, {"source": r.source_id, "width": r.width,
-                                                                 "height": r.height}) for r in results if not r.bad]
+    samples = [ShardSample(f"{r.row:012d}", r.jpeg, r.caption,
+                           {"source": r.source_id, "width": r.width, "height": r.height})
+               for r in results if not r.bad]
     write_shard(fs, root, "p", 0, samples)
     prof.disable()
     total = time.perf_counter() - t
@@ -335,8 +339,9 @@ def profile(a: argparse.Namespace, work: Path, port: int) -> dict[str, float]:
         "writer.py" in c[0] and c[2] == "build_shard_bytes" for c in v[4]))
     by_stage["tar"] -= inner_hash
     by_stage["other"] = total - sum(by_stage.values())
-    print(f"[profile] {len(samples)} samples in one thread, {total:.2f}s = {1000 * total / len(samples):.2f} ms/sample "
-          f"under cProfile ({load_start} at start, {load()} at the end)")
+    print(f"[profile] {len(samples)} samples in one thread, {total:.2f}s = "
+          f"{1000 * total / len(samples):.2f} ms/sample under cProfile ({load_start} at start, "
+          f"{load()} at the end)")
     for stage, sec in by_stage.items():
         print(f"  {stage:7s} {1000 * sec / len(samples):7.2f} ms/sample  {100 * sec / total:5.1f} %")
     return by_stage
@@ -366,8 +371,8 @@ def scale(a: argparse.Namespace) -> None:
             for i in range(n):  # unique captions: no row is a duplicate, every row is written
                 w.writerow([f"images/{i % 1000:05d}.jpg", f"pair {i}"])
         subprocess.run(["rm", "-rf", str(work / f"out-{n}")], check=True)
-        r = subprocess.run([sys.executable, "-c", _MEASURE, str(src), str(work / f"out-{n}")], capture_output=True,
-                           text=True, cwd=REPO, check=True)
+        r = subprocess.run([sys.executable, "-c", _MEASURE, str(src), str(work / f"out-{n}")],
+                           capture_output=True, text=True, cwd=REPO, check=True)
         m = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"{n:7d}  {m['seconds']:8.1f}  {m['samples'] / m['seconds']:10.1f}  {m['main_rss_mib']:20.1f}"
               f"  {m['worker_rss_mib']:22.1f}")

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     os.sched_setaffinity(0, {a.core})  # same single core for both measurements
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
-        cfg = SynthConfig(samples_per_shard=a.num, noise_background_prob=1.0, vqa_images=(0, 0), nlvr2_pairs=(0, 0),
-                          snli_ve_images=(0, 0), retrieval_images=(0, 0, 0))
+        cfg = SynthConfig(samples_per_shard=a.num, noise_background_prob=1.0, vqa_images=(0, 0),
+                          nlvr2_pairs=(0, 0), snli_ve_images=(0, 0), retrieval_images=(0, 0, 0))
         r = make_synthetic(d, num=a.num, seed=0, image_size=a.size, config=cfg)
         shard = Path(d) / "pretrain" / "shards-000000.tar"
         with tarfile.open(shard) as tar:
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         def loader(verify: bool = True) -> float:
             lcfg = LoaderConfig(urls=r["pretrain_manifest"], batch_size=a.batch_size, max_image_side=a.size,
-                                pad_multiple=32, max_text_len=40, shuffle_buffer=1000, epochs=1, num_workers=0,
-                                verify=verify)
+                                pad_multiple=32, max_text_len=40, shuffle_buffer=1000, epochs=1,
+                                num_workers=0, verify=verify)
             pl = PretrainLoader(lcfg)
             t = time.perf_counter()
             n = sum(len(b["keys"]) for b in pl)
@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"raw decode ceiling : {ceil:8.1f} samples/s")
     print(f"PretrainLoader     : {load:8.1f} samples/s")
     print(f"ratio              : {load / ceil:8.3f}  (target ≥ 0.8)")
-    print(f"  verify=False     : {unverified:8.1f} samples/s (verification costs {1 - load / unverified:+.1%})")
+    print(f"  verify=False     : {unverified:8.1f} samples/s "
+          f"(verification costs {1 - load / unverified:+.1%})")
     return {"ceiling": ceil, "loader": load, "ratio": load / ceil, "loader_unverified": unverified}
 
 

@@ -128,9 +128,9 @@ def main() -> None:
         print(f"Ray Train, 1 worker, ZeRO-2: {results['ray_zero2']:.2f} samples/s "
               f"(ratio {results['ray_zero2'] / results['bare']:.3f})", flush=True)
     ratios = {k: round(v / results["bare"], 3) for k, v in results.items() if k != "bare"}
-    print(json.dumps({"samples_per_s": {k: round(v, 2) for k, v in results.items()}, "ratio_vs_bare": ratios,
-                      "steps": args.steps, "skip": args.skip, "batch": args.batch, "image_size": args.image_size,
-                      "threads": args.threads}))
+    print(json.dumps({"samples_per_s": {k: round(v, 2) for k, v in results.items()},
+                      "ratio_vs_bare": ratios, "steps": args.steps, "skip": args.skip, "batch": args.batch,
+                      "image_size": args.image_size, "threads": args.threads}))
 
 
 if __name__ == "__main__":

@@ -39,12 +39,14 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="soho-retrieval-bench-"))
     synth = make_synthetic(str(work / "synth"), num=16, seed=0, image_size=args.image_size,
-                           config=SynthConfig(retrieval_images=(512, 8, args.n), retrieval_captions_per_image=1))  # fmt: skip
+                           config=SynthConfig(retrieval_images=(512, 8, args.n),
+                                              retrieval_captions_per_image=1))  # fmt: skip
     ckpt = args.checkpoint
     if ckpt is None:
         finetune_worker(FinetuneConfig.of(task="retrieval", data=synth["downstream"], output=str(work / "ft"),
                                        engine="torch", image_size=args.image_size, micro_batch_size=16,
-                                       max_steps=args.train_steps, lr=5e-4, skip_eval=True, progress=True))  # fmt: skip
+                                       max_steps=args.train_steps, lr=5e-4, skip_eval=True,
+                                       progress=True))  # fmt: skip
         ckpt = str(work / "ft" / "model")
     model = SohoForRetrieval.from_pretrained(ckpt).to(args.device).eval()
     images = read_karpathy(synth["retrieval"], synth["downstream"], "test")[: args.n]

@@ -14,7 +14,8 @@ section a leaf lives in, so a config can be re-sectioned without changing a flag
   are coerced from strings (YAML, env, flags) and unknown keys are refused with the list of known ones.
 * :func:`parse` — argv (+ ``--config FILE.yaml``) to a config instance.
 
-This package imports nothing of the project's, so ``data_pipeline``, ``orchestration`` and tools may all use it.
+This package imports nothing of the project's, so ``data_pipeline``, ``orchestration`` and tools may all use
+it.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def leaves(cls: type, _prefix: tuple[str, ...] = ()) -> list[Leaf]:
         seen: dict[str, tuple[str, ...]] = {}
         for leaf in out:
             if leaf.name in seen:
-                raise TypeError(f"{cls.__name__}: leaf {leaf.name!r} appears in {seen[leaf.name]} and {leaf.path}")
+                raise TypeError(f"{cls.__name__}: leaf {leaf.name!r} appears in {seen[leaf.name]} "
+                                f"and {leaf.path}")
             seen[leaf.name] = leaf.path
     return out
 
@@ -207,12 +209,15 @@ def add_flags(parser: argparse.ArgumentParser | Any, cls: type, *,
         if leaf.name in skip:
             continue
         meta = leaf.field.metadata
-        required = leaf.field.default is dataclasses.MISSING and leaf.field.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        required = (leaf.field.default is dataclasses.MISSING
+                    and leaf.field.default_factory is dataclasses.MISSING)  # type: ignore[misc]
         text = meta.get("help", "")
         if required:
             text = f"{text} (required)"
         elif "(default" not in text:
             default = shown.get(leaf.name)
+            if meta.get("negated_flag") and isinstance(default, bool):
+                default = not default  # the switch's own default: --ignore-noai is off unless given
             if isinstance(default, list):
                 default = ",".join(str(v) for v in default)
             text = f"{text} [default: {default}]"

@@ -17,7 +17,8 @@ def _add_storage_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--s3-endpoint-url", default=None,
                    help="e.g. http://127.0.0.1:9000 for MinIO or moto (default: $AWS_ENDPOINT_URL_S3 or "
                         "$AWS_ENDPOINT_URL, else AWS)")
-    g.add_argument("--s3-region", default=None, help="region of the S3 bucket (default: boto's, e.g. $AWS_DEFAULT_REGION)")
+    g.add_argument("--s3-region", default=None,
+                   help="region of the S3 bucket (default: boto's, e.g. $AWS_DEFAULT_REGION)")
     refuse_secret_flags(g)  # credentials only from AWS_* / a credentials file, never argv
 
 

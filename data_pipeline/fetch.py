@@ -190,7 +190,8 @@ class Fetcher:
     def _body(self, resp: urllib3.BaseHTTPResponse, url: str, deadline: float) -> bytes:
         length = resp.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            raise BadSample(URL_TOO_LARGE, f"{url}: Content-Length {length} > --max-image-bytes {self.max_bytes}")
+            raise BadSample(URL_TOO_LARGE,
+                            f"{url}: Content-Length {length} > --max-image-bytes {self.max_bytes}")
         parts: list[bytes] = []
         got = 0
         sock = getattr(resp.connection, "sock", None)

@@ -153,7 +153,8 @@ def process_caption(raw: object, max_chars: int) -> tuple[str, list[str]]:
     if raw is None:
         raise BadSample(MISSING_CAPTION, "no caption")
     if not isinstance(raw, (str, bytes)):
-        raise BadSample(CAPTION_NOT_STRING, f"caption is a {type(raw).__name__} ({str(raw)[:80]!r}), not text")
+        raise BadSample(CAPTION_NOT_STRING,
+                        f"caption is a {type(raw).__name__} ({str(raw)[:80]!r}), not text")
     if isinstance(raw, str):
         # Tabular readers decode with surrogateescape: undecodable bytes survive as lone surrogates.
         raw = raw.encode("utf-8", "surrogateescape")

@@ -42,13 +42,14 @@ Verification (``LoaderConfig.verify``, on by default; nothing changed after shar
   per-sample check would be what protects the samples yielded before the shard's end.) Shards from a brace
   pattern or a list have no recorded hash: only the per-sample check applies.
 * A rejected shard is logged with its name and the reason and remembered (``rejected_shards()``, saved in
-  ``state_dict()``); later passes skip it without reading it (unless ``verify`` is off). Each DataLoader worker process finds
-  rejections in its own shards; they reach this process with the batches, and the next pass's workers
-  start with all of them. Skipping a known-bad shard and reading-then-rejecting it give the same window
-  (no samples, the same position), so shard assignment, windows and batches are a function of the shard
-  bytes alone (while they do not change during the run): what this process happens to know never changes
-  the batch sequence, and resume stays exact (only I/O is saved). Ranks do not share what they found; the split of shards by rank and worker is that
-  of the full list, as without verification. A resampled stream's worker keeps its own findings only.
+  ``state_dict()``); later passes skip it without reading it (unless ``verify`` is off). Each DataLoader
+  worker process finds rejections in its own shards; they reach this process with the batches, and the
+  next pass's workers start with all of them. Skipping a known-bad shard and reading-then-rejecting it
+  give the same window (no samples, the same position), so shard assignment, windows and batches are a
+  function of the shard bytes alone (while they do not change during the run): what this process happens
+  to know never changes the batch sequence, and resume stays exact (only I/O is saved). Ranks do not share
+  what they found; the split of shards by rank and worker is that of the full list, as without
+  verification. A resampled stream's worker keeps its own findings only.
   Counts are per detection: a shard is counted again when another process reads it.
 
 Failing loudly (whether or not ``verify`` is on): a shard "gives nothing" when it yields no sample that
@@ -196,7 +197,8 @@ def check_enough_shards(n_shards: int, world_size: int, num_workers: int, what: 
     need = world_size * max(1, num_workers)
     if n_shards < need:
         raise ValueError(
-            f"{what}: {n_shards} shard(s) < world_size {world_size} × workers {max(1, num_workers)} = {need}; "
+            f"{what}: {n_shards} shard(s) < world_size {world_size} × workers {max(1, num_workers)} "
+            f"= {need}; "
             "every rank and worker needs at least one shard — write more, smaller shards "
             "(--samples-per-shard), use fewer workers, or set resampled=True"
         )
@@ -225,7 +227,8 @@ def check_sample_hashes(raw: RawSample, required: bool) -> str | None:
     if isinstance(jpg_hash, str) and (required or txt_hash is not None):
         if hashlib.sha256(raw.members.get("jpg", b"")).hexdigest() != jpg_hash.lower():
             return SAMPLE_HASH_MISMATCH
-    if isinstance(txt_hash, str) and hashlib.sha256(raw.members.get("txt", b"")).hexdigest() != txt_hash.lower():
+    txt_digest = hashlib.sha256(raw.members.get("txt", b"")).hexdigest()
+    if isinstance(txt_hash, str) and txt_digest != txt_hash.lower():
         return SAMPLE_HASH_MISMATCH
     return None
 
@@ -354,7 +357,9 @@ class Collator:
 
 def _open_shard(url: str, storage_options: dict[str, Any]) -> Any:
     fs, path = get_fs(url, storage_options)
-    return fs.open(path, "rb", block_size=8 * 2**20) if not fs.protocol or "file" not in fs.protocol else open(path, "rb")
+    if not fs.protocol or "file" not in fs.protocol:
+        return fs.open(path, "rb", block_size=8 * 2**20)
+    return open(path, "rb")
 
 
 class WorkerStream:
@@ -431,7 +436,8 @@ class WorkerStream:
                     assert rec is not None
                     stream.drain()
                     if rec.bytes is not None and stream.nbytes != rec.bytes:
-                        return reject(SHARD_SIZE_MISMATCH, f"read {stream.nbytes} bytes, the manifest says {rec.bytes}")
+                        return reject(SHARD_SIZE_MISMATCH,
+                                      f"read {stream.nbytes} bytes, the manifest says {rec.bytes}")
                     if stream.hexdigest() != rec.sha256:
                         return reject(SHARD_HASH_MISMATCH, f"sha256 {stream.hexdigest()}")
         except (OSError, ValueError) as e:  # missing object, permission, bad URL: skip the shard
@@ -441,7 +447,8 @@ class WorkerStream:
             return out, ""
         if not problems:
             return [], "no samples in the tar"
-        return [], "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more problems" if len(problems) > 3 else "")
+        more = f"; and {len(problems) - 3} more problems" if len(problems) > 3 else ""
+        return [], "; ".join(problems[:3]) + more
 
     def _read_window(self, pos: int, mine: list[str] | None, count_bad: bool) -> tuple[list[RawSample], int]:
         """Raw samples of the window starting at shard ``pos``; returns them and the next window's pos."""
@@ -462,11 +469,14 @@ class WorkerStream:
             if len(self._streak) >= self.cfg.max_bad_shards_in_row:
                 raise DataUnreadableError(
                     f"{len(self._streak)} shards in a row gave no usable sample (rank {self.rank}, worker "
-                    f"{self.worker}, epoch {self.epoch}; max_bad_shards_in_row={self.cfg.max_bad_shards_in_row}): "
+                    f"{self.worker}, epoch {self.epoch}; "
+                    f"max_bad_shards_in_row={self.cfg.max_bad_shards_in_row}): "
                     f"{_name_shards(self._streak)}")
         return items, pos
 
-    def __iter__(self) -> Iterator[tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, int], dict[str, Any]]]:
+    def __iter__(
+        self,
+    ) -> Iterator[tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, int], dict[str, Any]]]:
         cfg = self.cfg
         mine = None if cfg.resampled else epoch_shards(
             self.shards, cfg.seed, self.epoch, self.rank, self.world_size, self.worker, self.num_workers)
@@ -508,7 +518,8 @@ class WorkerStream:
                     pending = []
             pos, skip = next_pos, 0
             if not items and mine is None:
-                raise RuntimeError(f"resampled shards yield no samples (rank {self.rank}, worker {self.worker})")
+                raise RuntimeError(
+                    f"resampled shards yield no samples (rank {self.rank}, worker {self.worker})")
         end = {"pos": pos, "item": 0, "done": True}
         if pending and not cfg.drop_last:
             yield "batch", collate(pending), end, *delta()
@@ -574,11 +585,12 @@ class PretrainLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expect = {"seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
-                  "num_workers": self.num_streams, "resampled": self.cfg.resampled, "num_shards": len(self.shards)}
+                  "num_workers": self.num_streams, "resampled": self.cfg.resampled,
+                  "num_shards": len(self.shards)}
         for k, v in expect.items():
             if state.get(k) != v:
-                raise ValueError(f"loader state was saved with {k}={state.get(k)!r} but this loader has {k}={v!r}; "
-                                 "an exact resume needs the same value")
+                raise ValueError(f"loader state was saved with {k}={state.get(k)!r} but this loader has "
+                                 f"{k}={v!r}; an exact resume needs the same value")
         self.epoch = int(state["epoch"])
         self._positions = {int(k): dict(v) for k, v in state["positions"].items()}
         self._next_worker = int(state["next_worker"])
@@ -649,10 +661,10 @@ class PretrainLoader:
                 yield batch
             if from_start and batches == 0 and not self.cfg.resampled:
                 failed = list(self._pass_failed.items())
+                where = self.cfg.urls if isinstance(self.cfg.urls, str) else "the configured list"
                 raise DataUnreadableError(
-                    f"epoch {self.epoch} of rank {self.rank} gave no batch from {len(self.shards)} shard(s) of "
-                    f"{self.cfg.urls if isinstance(self.cfg.urls, str) else 'the configured list'}; samples "
-                    f"skipped by reason: {dict(self._bad)}; shards that gave nothing: "
+                    f"epoch {self.epoch} of rank {self.rank} gave no batch from {len(self.shards)} shard(s) "
+                    f"of {where}; samples skipped by reason: {dict(self._bad)}; shards that gave nothing: "
                     f"{_name_shards(failed) if failed else 'none'}")
         finally:
             # Stop DataLoader worker processes now (~0.1 s): left to the garbage collector after an error,

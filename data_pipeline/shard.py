@@ -6,8 +6,9 @@ How work is laid out (this is what makes resume and parallel jobs simple):
   ``r // samples_per_shard``; shard ``k`` therefore always covers the same rows, whatever happened before.
 * Threads of the main process download a chunk's URLs (``fetch.Fetcher``: total deadline, size cap);
   worker processes then read local/fsspec files, decode, repair, resize and re-encode the chunk; the main
-  process takes the results in row order, drops duplicates (a bounded LRU of image+caption digests and of source keys),
-  writes the shard (temporary name, then move) and then a small record ``_work/{prefix}-{k:06d}.json``
+  process takes the results in row order, drops duplicates (a bounded LRU of image+caption digests and of
+  source keys), writes the shard (temporary name, then move) and then a small record
+  ``_work/{prefix}-{k:06d}.json``
   (counts, sha256, rejected rows, repairs, the digests it accepted). The record is the commit: a rerun
   skips every shard that has one (replaying its digests into the LRU so that later shards dedupe exactly
   as in an uninterrupted run) and redoes the rest.
@@ -41,6 +42,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from configcli import add_flags, from_flat, leaves, opt
 from data_pipeline import images as im
 from data_pipeline.fetch import DEFAULT_MAX_BYTES, USER_AGENT, Fetcher
 from data_pipeline.sources import FORMATS, Source, SourceRow
@@ -61,34 +63,68 @@ WORK_DIR = "_work"
 
 @dataclass
 class ShardJobConfig:
-    source: str
-    output: str
-    samples_per_shard: int = 1000
-    workers: int = 2  # worker processes; 0 = process in this process (debugging)
-    max_image_side: int = 512
-    source_format: str = "auto"
-    image_column: str = "image"
-    caption_column: str = "caption"
-    key_column: str | None = None
-    image_root: str | None = None  # COCO/table images relative to this instead of the source's folder
-    prefix: str = "shards"
-    max_pixels: int = im.DEFAULT_MAX_PIXELS
-    jpeg_quality: int = 90
-    max_caption_chars: int = 1000
-    url_timeout: float = 10.0  # total per-URL deadline (all attempts, redirects and body bytes)
-    url_retries: int = 2
-    fetch_threads: int = 16  # concurrent URL fetches per worker process
-    max_image_bytes: int = DEFAULT_MAX_BYTES  # larger downloads are refused while streaming
-    respect_noai: bool = True  # X-Robots-Tag: noai / noimageai → skipped and reported
-    user_agent: str = USER_AGENT
-    columns: list[str] | None = None  # header-less CSV/TSV: column names in file order
-    vg_max_regions: int = 10  # --source-format vg: region phrases (pairs) kept per image
-    dedupe_window: int = 1_000_000  # digests remembered for dedupe (bounded memory; ~100 B each)
-    chunk_size: int = 64  # rows per worker task
-    num_jobs: int = 1
-    job_index: int = 0
-    progress: bool = True
-    storage_options: dict[str, Any] = field(default_factory=dict)  # output (and s3 source) fsspec options
+    """One shard job; each field is a flag of ``python -m data_pipeline shard`` (``configcli``), in --help
+    order."""
+
+    source: str = field(metadata=opt("table, a folder or glob of table parts, COCO json, VG "
+                                     "region_descriptions.json, image folder, tar(s); path or URL"))
+    output: str = field(metadata=opt("output URL or path (file://, s3://bucket/prefix, memory://)"))
+    samples_per_shard: int = field(
+        default=1000,
+        metadata=opt("image-text pairs per shard tar (row r of the source goes to shard r // this)"))
+    workers: int = field(default=2, metadata=opt("worker processes (0: in this process)"))  # 0: debugging
+    max_image_side: int = field(
+        default=512,
+        metadata=opt("images are resized so that their longest side is at most this many pixels"))
+    source_format: str = field(
+        default="auto",
+        metadata=opt("how to read --source (auto: from its extension or layout)", choices=FORMATS))
+    image_column: str = field(
+        default="image", metadata=opt("table column with the image: path, URL or (Parquet) bytes"))
+    caption_column: str = field(default="caption", metadata=opt("table column with the caption"))
+    key_column: str | None = field(
+        default=None, metadata=opt("optional column of unique keys (duplicates rejected)"))
+    image_root: str | None = field(  # COCO/table images relative to this instead of the source's folder
+        default=None,
+        metadata=opt("folder that relative image paths are under (default: the source's own folder)"))
+    prefix: str = field(default="shards", metadata=opt("shard file names: PREFIX-000000.tar, …"))
+    max_pixels: int = field(
+        default=im.DEFAULT_MAX_PIXELS,
+        metadata=opt("decompression-bomb limit: larger images (width × height) are rejected"))
+    jpeg_quality: int = field(default=90, metadata=opt("JPEG quality of the re-encoded images"))
+    max_caption_chars: int = field(default=1000, metadata=opt("longer captions are cut at a word boundary"))
+    columns: list[str] | None = field(
+        default=None,
+        metadata=opt("header-less CSV/TSV: column names in file order, e.g. caption,url (CC3M)"))
+    vg_max_regions: int = field(
+        default=10, metadata=opt("--source-format vg: at most this many region phrases (pairs) per image"))
+    url_timeout: float = field(  # one deadline per URL: all attempts, redirects and body bytes
+        default=10.0, metadata=opt("total seconds per URL: every attempt, redirect and body byte"))
+    url_retries: int = field(
+        default=2, metadata=opt("retries of connect/read errors, 429 and 5xx (within --url-timeout)"))
+    max_image_bytes: int = field(
+        default=DEFAULT_MAX_BYTES,
+        metadata=opt("larger downloads are refused while streaming (url_too_large)"))
+    respect_noai: bool = field(  # X-Robots-Tag: noai / noimageai → skipped and reported
+        default=True,
+        metadata=opt("fetch images whose X-Robots-Tag says noai/noimageai (skipped and reported by default)",
+                     negated_flag="ignore-noai"))
+    user_agent: str = field(default=USER_AGENT, metadata=opt("User-Agent header of image downloads"))
+    fetch_threads: int = field(
+        default=16,
+        metadata=opt("concurrent downloads per worker process (run by the main process: workers × this)"))
+    chunk_size: int = field(default=64, metadata=opt("rows per worker task"))
+    dedupe_window: int = field(  # bounded memory, whatever the source size
+        default=1_000_000,
+        metadata=opt("image+caption digests and keys remembered to drop duplicates "
+                     "(bounded memory, ~100 B each)"))
+    num_jobs: int = field(default=1, metadata=opt("parallel jobs sharing this output"))
+    job_index: int = field(  # the CLI reads $JOB_COMPLETION_INDEX when the flag is not given
+        default=0, metadata=opt("this job's index (default: $JOB_COMPLETION_INDEX or 0)"))
+    progress: bool = field(
+        default=True, metadata=opt("no progress bar on stderr", negated_flag="no-progress"))
+    # Not a flag: output (and s3 source) fsspec options, filled by the --s3-* storage flags.
+    storage_options: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that decide shard contents: a rerun with different ones must not mix outputs."""
@@ -118,11 +154,12 @@ class ShardJobConfig:
                 ("--vg-max-regions", self.vg_max_regions, 1, None)]
         for flag, v, lo, hi in ints:
             accepted = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
-            need(flag, v, isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi),
-                 accepted)
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+            need(flag, v, ok, accepted)
         need("--url-timeout", self.url_timeout, isinstance(self.url_timeout, (int, float))
              and math.isfinite(self.url_timeout) and 0 < self.url_timeout <= 3600, "in (0, 3600] seconds")
-        need("--job-index", self.job_index, isinstance(self.job_index, int) and 0 <= self.job_index < self.num_jobs,
+        need("--job-index", self.job_index,
+             isinstance(self.job_index, int) and 0 <= self.job_index < self.num_jobs,
              f"in [0, --num-jobs {self.num_jobs})")
         if self.columns is not None:
             need("--columns", ",".join(self.columns), len(self.columns) > 0 and all(self.columns)
@@ -196,7 +233,8 @@ def _load_image_bytes(image: str | bytes | None, cfg: ShardJobConfig) -> bytes:
     if isinstance(image, bytes):
         return image
     if not isinstance(image, str):
-        raise im.BadSample(im.BAD_IMAGE_REFERENCE, f"image reference is a {type(image).__name__}, not a string")
+        raise im.BadSample(im.BAD_IMAGE_REFERENCE,
+                           f"image reference is a {type(image).__name__}, not a string")
     if image.startswith(("http://", "https://")):
         assert _FETCHER is not None, "worker not initialised"
         return _FETCHER.fetch(image)
@@ -320,7 +358,8 @@ class ShardSummary:
 
     def text(self) -> str:
         lines = [f"rows read: {self.rows}; samples written: {self.samples} in {self.shards} shard(s) "
-                 f"({self.skipped_shards} already complete); {self.seconds:.1f}s, {self.samples_per_second:.1f} samples/s",
+                 f"({self.skipped_shards} already complete); {self.seconds:.1f}s, "
+                 f"{self.samples_per_second:.1f} samples/s",
                  f"rejected: {sum(self.rejected.values())} {dict(sorted(self.rejected.items()))}",
                  f"repaired: {sum(self.repaired.values())} {dict(sorted(self.repaired.items()))}"]
         if self.manifest:
@@ -372,7 +411,8 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
     cfg.validate()
     t0 = time.time()
     source = Source(cfg.source, cfg.source_format, cfg.image_column, cfg.caption_column, cfg.key_column,
-                    cfg.image_root, cfg.storage_options, columns=cfg.columns, vg_max_regions=cfg.vg_max_regions)
+                    cfg.image_root, cfg.storage_options, columns=cfg.columns,
+                    vg_max_regions=cfg.vg_max_regions)
 
     def storage(what: str, fn: Callable[..., Any], *args: Any) -> Any:
         try:
@@ -438,7 +478,8 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
     def submit(r0: int, rows: list[SourceRow]) -> cf.Future:
         urls = [j for j, r in enumerate(rows) if r.bad is None and isinstance(r.image, str)
                 and r.image.startswith(("http://", "https://"))
-                and (isinstance(r.caption, (str, bytes)) or r.caption_path is not None)]  # else rejected unfetched
+                # (a row whose caption is not text is rejected without fetching its image)
+                and (isinstance(r.caption, (str, bytes)) or r.caption_path is not None)]
         if loader is None or fetcher is None or not urls:
             return pool_submit(r0, rows)
         final: cf.Future = cf.Future()
@@ -508,7 +549,8 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
     if cfg.progress:
         from tqdm import tqdm
 
-        bar = tqdm(unit="row", desc=f"shard job {cfg.job_index}/{cfg.num_jobs}", file=sys.stderr, mininterval=0.5)
+        bar = tqdm(unit="row", desc=f"shard job {cfg.job_index}/{cfg.num_jobs}", file=sys.stderr,
+                   mininterval=0.5)
     processed_samples = 0
 
     def finalize(ps: _PendingShard) -> None:
@@ -529,7 +571,8 @@ def run_shard_job(cfg: ShardJobConfig) -> ShardSummary:
                     e = exc
                 reason, detail = _unexpected(e)
                 rows = task.rows or []
-                results.extend(RowResult(task.r0 + j, r.source_id, None, bad=reason, detail=f"worker task: {detail}")
+                results.extend(RowResult(task.r0 + j, r.source_id, None, bad=reason,
+                                         detail=f"worker task: {detail}")
                                for j, r in enumerate(rows))
                 task.rows = None
             rec = storage(f"writing shard {ps.index}", _commit_shard, fs, root, cfg, ps, results, keys_seen,
@@ -628,7 +671,8 @@ def _commit_shard(
         if reason is None and r.key is not None and keys_seen.get(r.key) is not None:
             reason, detail = im.DUPLICATE_KEY, f"key {r.key!r} already used by row {keys_seen.get(r.key)}"
         if reason is None and digests_seen.get(r.digest) is not None:
-            reason, detail = im.DUPLICATE_SAMPLE, f"same image and caption as row {digests_seen.get(r.digest)}"
+            reason = im.DUPLICATE_SAMPLE
+            detail = f"same image and caption as row {digests_seen.get(r.digest)}"
         if reason is not None:
             bad.append({"row": r.row, "source_id": r.source_id, "reason": reason, "detail": detail})
             continue
@@ -687,27 +731,30 @@ def merge_manifests(output: str, storage_options: dict[str, Any] | None = None) 
 # ------------------------------------------------------------------------------------------------ CLI
 
 
+# The fields that are not flags: storage_options comes from the --s3-* storage flags.
+_NOT_FLAGS = ("storage_options",)
+
+
 def _config_from_args(a: argparse.Namespace, storage_options: dict[str, Any]) -> ShardJobConfig:
-    return ShardJobConfig(
-        source=a.source, output=a.output, samples_per_shard=a.samples_per_shard, workers=a.workers,
-        max_image_side=a.max_image_side, source_format=a.source_format, image_column=a.image_column,
-        caption_column=a.caption_column, key_column=a.key_column, image_root=a.image_root, prefix=a.prefix,
-        max_pixels=a.max_pixels, jpeg_quality=a.jpeg_quality, max_caption_chars=a.max_caption_chars,
-        url_timeout=a.url_timeout, url_retries=a.url_retries, fetch_threads=a.fetch_threads,
-        dedupe_window=a.dedupe_window, num_jobs=a.num_jobs, job_index=a.job_index, progress=not a.no_progress,
-        storage_options=storage_options, max_image_bytes=a.max_image_bytes, respect_noai=not a.ignore_noai,
-        user_agent=a.user_agent, vg_max_regions=a.vg_max_regions, chunk_size=a.chunk_size,
-        columns=None if a.columns is None else [c.strip() for c in a.columns.split(",")],
-    )
+    """The job config of the flags given (the others keep the dataclass defaults); a bad value raises a
+    ValueError naming its flag."""
+    names = {leaf.name for leaf in leaves(ShardJobConfig)} - set(_NOT_FLAGS)
+    given = {k: v for k, v in vars(a).items() if k in names}
+    if given.get("columns") is not None:
+        # Split here, keeping empty names for validate() to refuse: configcli would drop them, and a dropped
+        # name shifts every later column of a header-less file onto the wrong field.
+        given["columns"] = [c.strip() for c in given["columns"].split(",")]
+    return from_flat(ShardJobConfig, {**given, "storage_options": storage_options}, source="flags")
 
 
 def _run_shard(a: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     from data_pipeline.sources import SourceError
 
-    if a.job_index is None:  # Kubernetes indexed Jobs expose the index as JOB_COMPLETION_INDEX
+    if getattr(a, "job_index", None) is None:  # Kubernetes indexed Jobs expose it as JOB_COMPLETION_INDEX
         env = os.environ.get("JOB_COMPLETION_INDEX", "0")
         if not env.isdigit():
-            print(f"error: $JOB_COMPLETION_INDEX must be a non-negative integer (got {env!r})", file=sys.stderr)
+            print(f"error: $JOB_COMPLETION_INDEX must be a non-negative integer (got {env!r})",
+                  file=sys.stderr)
             return 2
         a.job_index = int(env)
     try:
@@ -735,69 +782,26 @@ def _run_merge(a: argparse.Namespace, storage_options: dict[str, Any]) -> int:
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option shows its default ("(default: X)"), a required one says so instead of "default: None",
-    and a help text that already explains its default is left as written."""
+    """Flags of our own and from ``configcli`` (whose help already shows the dataclass default, its argparse
+    default being suppressed) alike: a required one says so instead of "default: None", the others show their
+    default, and a help text that already explains its default is left as written."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         if action.required:
-            return f"{text} (required)"
+            return text if text.endswith("(required)") else f"{text} (required)"
         if "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
 
 def add_cli_subcommands(sub: Any, add_storage_flags: Callable[[argparse.ArgumentParser], None]) -> None:
-    d = ShardJobConfig(source="", output="")
     p = sub.add_parser("shard", help="image-text sources → WebDataset shards + manifest",
-                       description="Image-text sources → WebDataset shards, manifest.json and bad_samples.jsonl "
-                                   "(resumable: rerun the same command after an interruption).",
+                       description="Image-text sources → WebDataset shards, manifest.json and "
+                                   "bad_samples.jsonl (resumable: rerun the same command after an "
+                                   "interruption).",
                        formatter_class=_HelpFormatter)
-    p.add_argument("--source", required=True,
-                   help="table, a folder or glob of table parts, COCO json, VG region_descriptions.json, "
-                        "image folder, tar(s); path or URL")
-    p.add_argument("--output", required=True, help="output URL or path (file://, s3://bucket/prefix, memory://)")
-    p.add_argument("--samples-per-shard", type=int, default=d.samples_per_shard,
-                   help="image-text pairs per shard tar (row r of the source goes to shard r // this)")
-    p.add_argument("--workers", type=int, default=d.workers, help="worker processes (0: in this process)")
-    p.add_argument("--max-image-side", type=int, default=d.max_image_side,
-                   help="images are resized so that their longest side is at most this many pixels")
-    p.add_argument("--source-format", choices=FORMATS, default="auto",
-                   help="how to read --source (auto: from its extension or layout)")
-    p.add_argument("--image-column", default=d.image_column,
-                   help="table column with the image: path, URL or (Parquet) bytes")
-    p.add_argument("--caption-column", default=d.caption_column, help="table column with the caption")
-    p.add_argument("--key-column", default=None, help="optional column of unique keys (duplicates rejected)")
-    p.add_argument("--image-root", default=None,
-                   help="folder that relative image paths are under (default: the source's own folder)")
-    p.add_argument("--prefix", default=d.prefix, help="shard file names: PREFIX-000000.tar, …")
-    p.add_argument("--max-pixels", type=int, default=d.max_pixels,
-                   help="decompression-bomb limit: larger images (width × height) are rejected")
-    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of the re-encoded images")
-    p.add_argument("--max-caption-chars", type=int, default=d.max_caption_chars,
-                   help="longer captions are cut at a word boundary")
-    p.add_argument("--columns", default=None,
-                   help="header-less CSV/TSV: column names in file order, e.g. caption,url (CC3M)")
-    p.add_argument("--vg-max-regions", type=int, default=d.vg_max_regions,
-                   help="--source-format vg: at most this many region phrases (pairs) per image")
-    p.add_argument("--url-timeout", type=float, default=d.url_timeout,
-                   help="total seconds per URL: every attempt, redirect and body byte")
-    p.add_argument("--url-retries", type=int, default=d.url_retries,
-                   help="retries of connect/read errors, 429 and 5xx (within --url-timeout)")
-    p.add_argument("--max-image-bytes", type=int, default=d.max_image_bytes,
-                   help="larger downloads are refused while streaming (url_too_large)")
-    p.add_argument("--ignore-noai", action="store_true",
-                   help="fetch images whose X-Robots-Tag says noai/noimageai (skipped and reported by default)")
-    p.add_argument("--user-agent", default=d.user_agent, help="User-Agent header of image downloads")
-    p.add_argument("--fetch-threads", type=int, default=d.fetch_threads,
-                   help="concurrent downloads per worker process (run by the main process: workers × this)")
-    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="rows per worker task")
-    p.add_argument("--dedupe-window", type=int, default=d.dedupe_window,
-                   help="image+caption digests and keys remembered to drop duplicates (bounded memory, ~100 B each)")
-    p.add_argument("--num-jobs", type=int, default=1, help="parallel jobs sharing this output")
-    p.add_argument("--job-index", type=int, default=None,
-                   help="this job's index (default: $JOB_COMPLETION_INDEX or 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_flags(p, ShardJobConfig, skip=_NOT_FLAGS)  # one flag per field, help and choices from its metadata
     add_storage_flags(p)
     p.set_defaults(run=_run_shard)
     m = sub.add_parser("merge-manifests", help="write manifest.json from the parts of a --num-jobs shard job",

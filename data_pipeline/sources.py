@@ -271,8 +271,10 @@ class Source:
                     self._coco = json.loads(f.read())
                 except json.JSONDecodeError as e:
                     raise SourceError(f"source {self.source!r} is not JSON: {e}") from None
-            if not isinstance(self._coco, dict) or "annotations" not in self._coco or "images" not in self._coco:
-                raise SourceError(f"source {self.source!r} is not a COCO captions file (needs 'annotations' and 'images')")
+            coco = self._coco
+            if not isinstance(coco, dict) or "annotations" not in coco or "images" not in coco:
+                raise SourceError(f"source {self.source!r} is not a COCO captions file "
+                                  "(needs 'annotations' and 'images')")
         elif self.fmt == "vg":
             if self.fs.isdir(self.path) or _first_char(self.fs, self.path) != "[":
                 raise SourceError(f"source {self.source!r} is not a Visual Genome region_descriptions.json "
@@ -287,8 +289,8 @@ class Source:
 
     def _text(self, path: str | None = None) -> io.TextIOWrapper:
         # surrogateescape keeps undecodable caption bytes so the worker can reject exactly that row.
-        return io.TextIOWrapper(self.fs.open(path or self.path, "rb"), encoding="utf-8", errors="surrogateescape",
-                                newline="")
+        return io.TextIOWrapper(self.fs.open(path or self.path, "rb"), encoding="utf-8",
+                                errors="surrogateescape", newline="")
 
     def _tars(self) -> list[str]:
         if "{" in self.source:
@@ -316,9 +318,10 @@ class Source:
                     self._check_part(path, f"{self.source} ({name})")
                 for i, row in enumerate(reader(path)):  # noqa: B007 - i is reported after a failure
                     yield self._table_row(row, f"{name}:row{i}", base)
-            except Exception as e:  # a part that cannot be read (or stops being readable) ends, the job goes on
+            except Exception as e:  # a part that cannot be read (or stops being readable) ends, not the job
                 logger.warning("source part %s unreadable after %d rows: %s", name, i, e)
-                yield SourceRow(f"{name}:?", None, None, bad=UNREADABLE_PART, detail=f"{type(e).__name__}: {e}")
+                yield SourceRow(f"{name}:?", None, None, bad=UNREADABLE_PART,
+                                detail=f"{type(e).__name__}: {e}")
 
     def _table_row(self, row: dict[str, Any] | str | None, sid: str, base: str) -> SourceRow:
         if not isinstance(row, dict):
@@ -332,7 +335,8 @@ class Source:
             return SourceRow(sid, img, cap, key=key)  # Parquet with embedded image bytes
         if isinstance(img, str) and img.strip():
             return SourceRow(sid, _resolve(img.strip(), base), cap, key=key)
-        detail = "no image reference" if img is None or img == "" else f"image column holds a {type(img).__name__}"
+        detail = ("no image reference" if img is None or img == ""
+                  else f"image column holds a {type(img).__name__}")
         return SourceRow(sid, None, cap, key=key, bad="bad_image_reference" if img not in (None, "") else
                          "missing_file", detail=detail)
 
@@ -370,7 +374,8 @@ class Source:
                 except json.JSONDecodeError as e:
                     yield f"line {n}: {e}"
                     continue
-                yield obj if isinstance(obj, dict) else f"line {n}: a JSON {type(obj).__name__}, not an object"
+                yield obj if isinstance(obj, dict) else (
+                    f"line {n}: a JSON {type(obj).__name__}, not an object")
 
     def _rows_parquet(self, path: str) -> Iterator[dict[str, Any] | str | None]:
         import pyarrow.parquet as pq
@@ -386,12 +391,14 @@ class Source:
                  if isinstance(img, dict) and "id" in img and isinstance(img.get("file_name"), str)}
         for i, ann in enumerate(self._coco["annotations"]):
             if not isinstance(ann, dict):
-                yield SourceRow(f"coco:annotation#{i}", None, None, bad=UNPARSEABLE_ROW, detail="not an object")
+                yield SourceRow(f"coco:annotation#{i}", None, None, bad=UNPARSEABLE_ROW,
+                                detail="not an object")
                 continue
             sid = f"coco:annotation{ann.get('id', i)}"
             fname = files.get(ann.get("image_id"))
             if fname is None:
-                yield SourceRow(sid, None, None, bad="missing_file", detail=f"image_id {ann.get('image_id')} not in 'images'")
+                yield SourceRow(sid, None, None, bad="missing_file",
+                                detail=f"image_id {ann.get('image_id')} not in 'images'")
                 continue
             yield SourceRow(sid, _resolve(fname, base), ann.get("caption"),
                             key=str(ann["id"]) if "id" in ann else None)
@@ -409,7 +416,8 @@ class Source:
         return out
 
     def _iter_vg(self) -> Iterator[SourceRow]:
-        """One pair per region phrase (the whole image with the phrase), at most ``vg_max_regions`` per image."""
+        """One pair per region phrase (the whole image with the phrase), at most ``vg_max_regions`` per
+        image."""
         images = self._vg_index()
         with self.fs.open(self.path, "rb") as f:
             i = -1
@@ -428,7 +436,8 @@ class Source:
                         rid = reg.get("region_id", j) if isinstance(reg, dict) else j
                         sid = f"vg:image{image_id}:region{rid}"
                         if not isinstance(reg, dict):
-                            yield SourceRow(sid, None, None, bad=UNPARSEABLE_ROW, detail="region is not an object")
+                            yield SourceRow(sid, None, None, bad=UNPARSEABLE_ROW,
+                                            detail="region is not an object")
                         elif path is None:
                             yield SourceRow(sid, None, None, bad="missing_file",
                                             detail=f"no image {image_id}.* under the image root")
@@ -445,7 +454,8 @@ class Source:
             if ext.lower() not in FOLDER_IMAGE_EXTS:
                 continue
             rel = p[len(self.path.rstrip("/")) + 1 :]
-            yield SourceRow(f"folder:{rel}", proto + p if proto else p, None, caption_path=(proto + stem if proto else stem) + ".txt")
+            yield SourceRow(f"folder:{rel}", proto + p if proto else p, None,
+                            caption_path=(proto + stem if proto else stem) + ".txt")
 
     def _iter_webdataset(self) -> Iterator[SourceRow]:
         tars = self._tars()
@@ -470,9 +480,11 @@ class Source:
                         problems.clear()
                         image = next((raw.members[e] for e in IMAGE_EXTS if e in raw.members), None)
                         if image is None:
-                            yield SourceRow(f"{rel}:{raw.key}", None, None, bad="missing_file", detail="no image member")
+                            yield SourceRow(f"{rel}:{raw.key}", None, None, bad="missing_file",
+                                            detail="no image member")
                             continue
-                        yield SourceRow(f"{rel}:{raw.key}", image, raw.members.get("txt"), key=f"{stem}/{raw.key}")
+                        yield SourceRow(f"{rel}:{raw.key}", image, raw.members.get("txt"),
+                                        key=f"{stem}/{raw.key}")
             except FileNotFoundError:
                 problems.append(("missing_file", f"{url} does not exist"))
             except Exception as e:  # an unreadable tar is one bad input, not the end of the job

@@ -23,7 +23,8 @@ logger = logging.getLogger(__name__)
 
 def s3_storage_options(endpoint_url: str | None = None, region: str | None = None) -> dict[str, Any]:
     """s3fs options from the non-secret flags; credentials always come from the standard AWS chain
-    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_SHARED_CREDENTIALS_FILE, AWS_PROFILE)."""
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN, AWS_SHARED_CREDENTIALS_FILE,
+    AWS_PROFILE)."""
     opts: dict[str, Any] = {}
     endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     client_kwargs: dict[str, Any] = {}
@@ -50,9 +51,10 @@ class _RefuseSecretFlag(argparse.Action):
                  option_string: str | None = None) -> None:
         flag = next(f for f in self.option_strings if f in SECRET_FLAGS)
         parser.error(
-            f"{flag} is not accepted: a secret on the command line is visible in `ps`, shell history and Ray's "
-            f"job info. Set {SECRET_FLAGS[flag]} in the environment (on Kubernetes: the soho-s3-credentials "
-            "Secret) or use a credentials file (~/.aws/credentials, AWS_SHARED_CREDENTIALS_FILE, AWS_PROFILE).")
+            f"{flag} is not accepted: a secret on the command line is visible in `ps`, shell history and "
+            f"Ray's job info. Set {SECRET_FLAGS[flag]} in the environment (on Kubernetes: the "
+            "soho-s3-credentials Secret) or use a credentials file (~/.aws/credentials, "
+            "AWS_SHARED_CREDENTIALS_FILE, AWS_PROFILE).")
 
 
 def refuse_secret_flags(parser: argparse.ArgumentParser | Any) -> None:

@@ -50,6 +50,8 @@ ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
 NUMBER_WORDS = {0: "no", 1: "one", 2: "two", 3: "three", 4: "four"}
 DONE_MARKER = "synth_done.json"
+# Bump when the generator's output changes, so that a cache made by an older version is never reused silently.
+SYNTHETIC_CACHE_VERSION = 1
 
 
 @dataclass
@@ -98,7 +100,8 @@ class Scene:
         return tuple(sorted((o.shape, o.colour, o.size, o.row, o.col) for o in self.objects))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"background": self.background, "noisy": self.noisy, "objects": [asdict(o) for o in self.objects]}
+        return {"background": self.background, "noisy": self.noisy,
+                "objects": [asdict(o) for o in self.objects]}
 
 
 # ----------------------------------------------------------------------------------------------- scenes
@@ -113,7 +116,8 @@ def sample_scene(rng: random.Random, noise_prob: float = 0.5) -> Scene:
         # Jitter inside the cell keeps relations between different cells unambiguous.
         x = (col + 0.5) / 3 + rng.uniform(-0.04, 0.04)
         y = (row + 0.5) / 3 + rng.uniform(-0.04, 0.04)
-        objs.append(SceneObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)), row, col, x, y))
+        objs.append(SceneObject(rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(list(SIZES)),
+                                row, col, x, y))
     return Scene(tuple(objs), rng.choice(list(BACKGROUNDS)), rng.random() < noise_prob)
 
 
@@ -122,7 +126,8 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         r *= 0.85
         return [(cx - r, cy - r), (cx + r, cy - r), (cx + r, cy + r), (cx - r, cy + r)]
     if shape == "triangle":
-        return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
+        return [(cx + r * math.cos(a), cy + r * math.sin(a))
+                for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)]
     if shape == "diamond":
         return [(cx, cy - r), (cx + r * 0.75, cy), (cx, cy + r), (cx - r * 0.75, cy)]
     if shape == "star":
@@ -237,7 +242,8 @@ def vqa_questions(scene: Scene, rng: random.Random, k: int) -> list[tuple[str, s
         kind = rng.randrange(5)
         if kind == 0:
             shape = rng.choice(SHAPES)
-            q = (f"how many {_plural(shape)} are there?", str(_count(scene, shape=shape)), "how many", "number")
+            q = (f"how many {_plural(shape)} are there?", str(_count(scene, shape=shape)), "how many",
+                 "number")
         elif kind == 1:
             q = ("how many objects are there?", str(len(scene.objects)), "how many", "number")
         elif kind == 2:
@@ -285,7 +291,8 @@ def nlvr2_statement(left: Scene, right: Scene, rng: random.Random, want: bool) -
             truth = _count(left, colour=colour) > 0 and _count(right, colour=colour) > 0
         else:
             s = f"one image contains a {colour} {shape} and the other does not"
-            truth = (_count(left, colour=colour, shape=shape) > 0) != (_count(right, colour=colour, shape=shape) > 0)
+            in_left = _count(left, colour=colour, shape=shape) > 0
+            truth = in_left != (_count(right, colour=colour, shape=shape) > 0)
         best = (s, truth)
         if truth == want:
             return s, truth
@@ -297,7 +304,8 @@ def snli_hypotheses(scene: Scene, rng: random.Random) -> list[tuple[str, str]]:
     """One entailment, one contradiction and one neutral hypothesis for the scene."""
     o = rng.choice(scene.objects)
     entail = rng.choice(
-        [f"there is a {o.colour} {o.shape}", f"the image shows {len(scene.objects)} shapes", f"a {o.size} {o.shape} is visible"]
+        [f"there is a {o.colour} {o.shape}", f"the image shows {len(scene.objects)} shapes",
+         f"a {o.size} {o.shape} is visible"]
     )
     absent = [c for c in COLOURS if _count(scene, colour=c, shape=o.shape) == 0]
     if absent and rng.random() < 0.5:
@@ -338,7 +346,8 @@ def _noise_seed(seed: int, name: str, i: int) -> int:
 
 
 def _write_pairs(
-    fs: Any, root: str, stream: _SceneStream, count: int, cfg: SynthConfig, exclude: set[tuple] | None, prefix: str
+    fs: Any, root: str, stream: _SceneStream, count: int, cfg: SynthConfig, exclude: set[tuple] | None,
+    prefix: str,
 ) -> tuple[dict[str, Any], set[tuple]]:
     spp = cfg.samples_per_shard or max(1, min(1000, math.ceil(count / 16)))
     writer = ShardWriter(
@@ -389,19 +398,23 @@ def _downstream(fs: Any, root: str, cfg: SynthConfig) -> dict[str, Any]:
             image_id = (0 if split == "train" else 500_000) + j + 1
             scene, rng = stream.scene(image_id)
             _save_image(fs, join(img_dir, f"COCO_{split}2014_{image_id:012d}.jpg"),
-                        render_scene(scene, cfg.image_size, _noise_seed(cfg.seed, "vqa", image_id)), cfg.jpeg_quality)
+                        render_scene(scene, cfg.image_size, _noise_seed(cfg.seed, "vqa", image_id)),
+                        cfg.jpeg_quality)
             for q, a, qtype, atype in vqa_questions(scene, rng, cfg.vqa_questions_per_image):
                 qid += 1
                 questions.append({"image_id": image_id, "question": q, "question_id": qid})
                 annotations.append({
                     "question_id": qid, "image_id": image_id, "question_type": qtype, "answer_type": atype,
                     "multiple_choice_answer": a,
-                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)],
+                    "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": k + 1}
+                                for k in range(10)],
                 })
         sub = f"{split}2014"
-        qpath, apath = join(root, "vqa", f"{split}_questions.json"), join(root, "vqa", f"{split}_annotations.json")
+        qpath = join(root, "vqa", f"{split}_questions.json")
+        apath = join(root, "vqa", f"{split}_annotations.json")
         write_json(fs, qpath, {"info": {"description": "SOHO synthetic VQA"}, "task_type": "Open-Ended",
-                               "data_type": "mscoco", "data_subtype": sub, "license": {}, "questions": questions})
+                               "data_type": "mscoco", "data_subtype": sub, "license": {},
+                               "questions": questions})
         write_json(fs, apath, {"info": {"description": "SOHO synthetic VQA"}, "data_type": "mscoco",
                                "data_subtype": sub, "license": {}, "annotations": annotations})
         out[f"vqa_{split}_questions"], out[f"vqa_{split}_annotations"] = qpath, apath
@@ -418,9 +431,11 @@ def _downstream(fs: Any, root: str, cfg: SynthConfig) -> dict[str, Any]:
             stem = f"{split}-{j}-0"
             for side, sc, idx in (("img0", left, base), ("img1", right, base + 1)):
                 _save_image(fs, join(img_dir, f"{stem}-{side}.jpg"),
-                            render_scene(sc, cfg.image_size, _noise_seed(cfg.seed, "nlvr2", idx)), cfg.jpeg_quality)
+                            render_scene(sc, cfg.image_size, _noise_seed(cfg.seed, "nlvr2", idx)),
+                            cfg.jpeg_quality)
             sentence, truth = nlvr2_statement(left, right, rng, want=(j % 2 == 0))
-            rows.append({"identifier": f"{stem}-0", "sentence": sentence, "label": "True" if truth else "False",
+            rows.append({"identifier": f"{stem}-0", "sentence": sentence,
+                         "label": "True" if truth else "False",
                          "left_url": f"images/{stem}-img0.jpg", "right_url": f"images/{stem}-img1.jpg"})
         path = join(root, "nlvr2", f"{split}.jsonl")
         _write_jsonl(fs, path, rows)
@@ -434,10 +449,12 @@ def _downstream(fs: Any, root: str, cfg: SynthConfig) -> dict[str, Any]:
             image_id = (1_000_000 if split == "train" else 2_000_000) + j
             scene, rng = stream.scene(image_id)
             _save_image(fs, join(img_dir, f"{image_id}.jpg"),
-                        render_scene(scene, cfg.image_size, _noise_seed(cfg.seed, "snli_ve", image_id)), cfg.jpeg_quality)
+                        render_scene(scene, cfg.image_size, _noise_seed(cfg.seed, "snli_ve", image_id)),
+                        cfg.jpeg_quality)
             premise = make_caption(scene, rng)
             for h, (hyp, label) in enumerate(snli_hypotheses(scene, rng)):
-                rows.append({"Flickr30K_ID": str(image_id), "Flikr30kID": f"{image_id}.jpg", "sentence1": premise,
+                rows.append({"Flickr30K_ID": str(image_id), "Flikr30kID": f"{image_id}.jpg",
+                             "sentence1": premise,
                              "sentence2": hyp, "gold_label": label, "pairID": f"{image_id}#0r{h}",
                              "captionID": f"{image_id}.jpg#0"})
         path = join(root, "snli_ve", f"{split}.jsonl")
@@ -447,11 +464,13 @@ def _downstream(fs: Any, root: str, cfg: SynthConfig) -> dict[str, Any]:
     # Karpathy-style retrieval split: several captions per image.
     stream = _SceneStream(cfg.seed, "retrieval", cfg.noise_background_prob, cfg.image_size)
     images, sentid = [], 0
-    splits = ["train"] * cfg.retrieval_images[0] + ["val"] * cfg.retrieval_images[1] + ["test"] * cfg.retrieval_images[2]
+    counts = cfg.retrieval_images  # train, val, test
+    splits = ["train"] * counts[0] + ["val"] * counts[1] + ["test"] * counts[2]
     for imgid, split in enumerate(splits):
         scene, rng = stream.scene(imgid)
         fname = f"retrieval_{imgid:06d}.jpg"
-        _save_image(fs, join(img_dir, fname), render_scene(scene, cfg.image_size, _noise_seed(cfg.seed, "retrieval", imgid)),
+        _save_image(fs, join(img_dir, fname),
+                    render_scene(scene, cfg.image_size, _noise_seed(cfg.seed, "retrieval", imgid)),
                     cfg.jpeg_quality)
         sents = []
         for _ in range(cfg.retrieval_captions_per_image):
@@ -459,12 +478,24 @@ def _downstream(fs: Any, root: str, cfg: SynthConfig) -> dict[str, Any]:
             sents.append({"raw": raw, "tokens": raw.replace(",", " ").replace(";", " ").replace(":", " ")
                           .replace(".", " ").split(), "imgid": imgid, "sentid": sentid})
             sentid += 1
-        images.append({"filename": fname, "filepath": "images", "imgid": imgid, "cocoid": imgid, "split": split,
-                       "sentences": sents, "sentids": [s["sentid"] for s in sents]})
+        images.append({"filename": fname, "filepath": "images", "imgid": imgid, "cocoid": imgid,
+                       "split": split, "sentences": sents, "sentids": [s["sentid"] for s in sents]})
     path = join(root, "retrieval", "dataset_synth.json")
     write_json(fs, path, {"dataset": "synth", "images": images})
     out["retrieval"], out["retrieval_count"] = path, len(images)
     return out
+
+
+def cache_name(pairs: int, seed: int, heldout: int = 0) -> str:
+    """The folder name, in a local cache, of the synthetic data that ``make_synthetic(out, num=pairs,
+    seed=seed, heldout=heldout)`` writes: ``synthetic-v{SYNTHETIC_CACHE_VERSION}-n{pairs}-s{seed}``, with
+    ``-heldout{heldout}`` when there is a held-out split. One name per (version, pairs, seed, held-out) so
+    that concurrent runs with other settings never share (or rewrite) one folder."""
+    for name, value, low in (("pairs", pairs, 1), ("seed", seed, 0), ("heldout", heldout, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ValueError(f"cache_name: {name} must be an integer >= {low} (got {value!r})")
+    name = f"synthetic-v{SYNTHETIC_CACHE_VERSION}-n{pairs}-s{seed}"
+    return f"{name}-heldout{heldout}" if heldout else name
 
 
 def make_synthetic(
@@ -483,7 +514,8 @@ def make_synthetic(
     ``heldout_manifest``, ``downstream`` and one entry per task file) and counts.
     """
     cfg = config or SynthConfig()
-    cfg = SynthConfig(**{**asdict(cfg), "num": num, "seed": seed, "heldout": heldout, "image_size": image_size})
+    cfg = SynthConfig(**{**asdict(cfg), "num": num, "seed": seed, "heldout": heldout,
+                         "image_size": image_size})
     if num < 1:
         raise ValueError(f"num must be ≥ 1, got {num}")
     fs, root = get_fs(output, storage_options)
@@ -515,7 +547,8 @@ def make_synthetic(
     for k, v in ds.items():
         result[k] = f"{base}{v[prefix_len:]}" if isinstance(v, str) else v
     write_json(fs, marker, {"config": cfg_dict, "result": result})
-    logger.info("synthetic data: %d pairs (+%d held out) in %.1fs at %s", num, heldout, time.time() - t0, output)
+    logger.info("synthetic data: %d pairs (+%d held out) in %.1fs at %s", num, heldout, time.time() - t0,
+                output)
     return result
 
 
@@ -523,13 +556,15 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num", type=int, required=True, help="number of pre-training pairs")
     p.add_argument("--output", required=True, help="output URL or path (file://, s3://, memory://)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--heldout", type=int, default=0, help="held-out pairs from scenes never used in pre-training")
+    p.add_argument("--heldout", type=int, default=0,
+                   help="held-out pairs from scenes never used in pre-training")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--samples-per-shard", type=int, default=None)
 
 
 def run_cli(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
     cfg = SynthConfig(samples_per_shard=args.samples_per_shard)
-    result = make_synthetic(args.output, args.num, args.seed, args.heldout, args.image_size, cfg, storage_options)
+    result = make_synthetic(args.output, args.num, args.seed, args.heldout, args.image_size, cfg,
+                            storage_options)
     print(json.dumps(result, indent=1))
     return 0

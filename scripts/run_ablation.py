@@ -108,8 +108,10 @@ def plot_results(results: dict[str, Any], out_dir: Path, prefix: str) -> list[Pa
         if has_eval and evals:
             es = [r["step"] for r in evals]
             axes[3].plot(es, [r["eval_itm_acc"] for r in evals], marker="o", label=f"{name}: ITM acc")
-            axes[3].plot(es, [r["eval_t2i_r1"] for r in evals], marker="s", linestyle="--", label=f"{name}: t2i R@1")
-            axes[3].plot(es, [r["eval_i2t_r1"] for r in evals], marker="^", linestyle=":", label=f"{name}: i2t R@1")
+            axes[3].plot(es, [r["eval_t2i_r1"] for r in evals], marker="s", linestyle="--",
+                         label=f"{name}: t2i R@1")
+            axes[3].plot(es, [r["eval_i2t_r1"] for r in evals], marker="^", linestyle=":",
+                         label=f"{name}: i2t R@1")
     if has_eval:
         axes[3].set_title("held-out scenes during training (100 candidates)")
         axes[3].set_ylim(0, 1.02)
@@ -150,13 +152,15 @@ def plot_results(results: dict[str, Any], out_dir: Path, prefix: str) -> list[Pa
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config", type=Path, required=True, help="the recipe YAML (e.g. configs/synthetic_cpu.yaml)")
+    p.add_argument("--config", type=Path, required=True,
+                   help="the recipe YAML (e.g. configs/synthetic_cpu.yaml)")
     p.add_argument("--variant", action="append", help="name=overrides (repeatable); default: the VD ablation")
     p.add_argument("--max-steps", type=int, help="budget per variant (default: the config's)")
     p.add_argument("--storage", type=Path, default=Path("runs/ablation"), help="where the runs go")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     p.add_argument("--num-candidates", type=int, default=100)
-    p.add_argument("--plot-dir", type=Path, help="also draw PNGs here (from --out; with --plot-only, no runs)")
+    p.add_argument("--plot-dir", type=Path,
+                   help="also draw PNGs here (from --out; with --plot-only, no runs)")
     p.add_argument("--plot-only", action="store_true")
     a = p.parse_args(argv)
     if a.plot_only:

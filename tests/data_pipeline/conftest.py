@@ -1,4 +1,5 @@
-"""Fixtures for the data-pipeline tests (tiny images, few samples: the whole folder runs in well under 3 min)."""
+"""Fixtures for the data-pipeline tests (tiny images, few samples: the whole folder runs in well under 3
+min)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def moto_s3():
     from moto.server import ThreadedMotoServer
 
     old = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_DEFAULT_REGION="us-east-1")
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -1,4 +1,5 @@
-"""Builders for the data-pipeline tests: real image files of every kind, bad inputs, a loopback HTTP server."""
+"""Builders for the data-pipeline tests: real image files of every kind, bad inputs, a loopback HTTP
+server."""
 
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def http_server(root: Path) -> Iterator[str]:
         srv.server_close()
 
 
-def write_csv(path: Path, rows: list[tuple[str, bytes | str]], delimiter: str = ",", extra: list[str] | None = None) -> None:
+def write_csv(path: Path, rows: list[tuple[str, bytes | str]], delimiter: str = ",",
+              extra: list[str] | None = None) -> None:
     """Rows of (image, caption); captions may be raw bytes (not UTF-8) so the file is written in binary."""
     buf = io.StringIO()
     w = csv.writer(buf, delimiter=delimiter, lineterminator="\n")

@@ -43,7 +43,8 @@ def test_fetcher_reasons_deadline_reuse_and_retry() -> None:
         # The drip sends a byte every 0.2 s, so no single read ever times out: only a total deadline cuts it.
         t = time.monotonic()
         assert _reason(f, f"{srv.url}/drip/a.jpg") == "url_timeout"
-        assert 0.9 <= time.monotonic() - t < 3.0  # 1 s deadline + slack for a loaded machine (no deadline: 5.5 h)
+        # 1 s deadline + slack for a loaded machine (without the deadline: 5.5 h)
+        assert 0.9 <= time.monotonic() - t < 3.0
         deadline = time.monotonic() + 10
         while not srv.requests("huge") and time.monotonic() < deadline:  # logged once its writes fail
             time.sleep(0.02)
@@ -54,4 +55,5 @@ def test_fetcher_reasons_deadline_reuse_and_retry() -> None:
 def test_robots_noai_header_forms() -> None:
     assert robots_noai(["noai"]) and robots_noai(["noindex, NoImageAI"]) and robots_noai(["*: noai"])
     assert robots_noai(["soho-data-pipeline: noimageai"])
-    assert not robots_noai(["otherbot: noai"]) and not robots_noai(["noindex, nofollow"]) and not robots_noai([])
+    assert not robots_noai(["otherbot: noai"]) and not robots_noai(["noindex, nofollow"])
+    assert not robots_noai([])

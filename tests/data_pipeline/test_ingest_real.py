@@ -49,7 +49,8 @@ def _wait_for(srv, kind: str) -> list[dict]:
 
 
 def _bad(out: Path) -> dict[str, str]:
-    return {b["source_id"]: b["reason"] for b in map(json.loads, (out / "bad_samples.jsonl").read_text().splitlines())}
+    lines = (out / "bad_samples.jsonl").read_text().splitlines()
+    return {b["source_id"]: b["reason"] for b in map(json.loads, lines)}
 
 
 def _wds_samples(out: Path) -> dict[str, tuple[str, dict]]:
@@ -76,7 +77,8 @@ def test_crawl_of_real_formats_survives_every_bad_input(tmp_path: Path) -> None:
         # --- CC3M style: header-less TSV, caption then URL.
         tsv_rows = [(f"tsv good {i}", f"{u}/img/g{i}.jpg") for i in range(4)] + [
             ("early close", f"{u}/early-close/a.jpg"), ("banner", f"{u}/banner/a.jpg"),
-            ("drip", f"{u}/drip/a.jpg"), ("huge", f"{u}/huge/a.jpg"), ("huge declared", f"{u}/huge-declared/a.jpg"),
+            ("drip", f"{u}/drip/a.jpg"), ("huge", f"{u}/huge/a.jpg"),
+            ("huge declared", f"{u}/huge-declared/a.jpg"),
             ("not found", f"{u}/missing.jpg"), ("noai", f"{u}/noai/g0.jpg")]
         lines = [f"{c}\t{url}" for c, url in tsv_rows] + ["three\tfields\there"]
         (tmp_path / "cc3m.tsv").write_text("\n".join(lines) + "\n")
@@ -98,20 +100,23 @@ def test_crawl_of_real_formats_survives_every_bad_input(tmp_path: Path) -> None:
         assert _wait_for(srv, "huge")[0]["sent"] < 64 << 20  # refused while streaming, not read to the end
         assert _bad(tmp_path / "out_tsv") == {
             "cc3m.tsv:row4": "url_incomplete_read", "cc3m.tsv:row5": "url_bad_response",
-            "cc3m.tsv:row6": "url_timeout", "cc3m.tsv:row7": "url_too_large", "cc3m.tsv:row8": "url_too_large",
-            "cc3m.tsv:row9": "url_http_404", "cc3m.tsv:row10": "url_robots_noai", "cc3m.tsv:row11": "unparseable_row"}
+            "cc3m.tsv:row6": "url_timeout", "cc3m.tsv:row7": "url_too_large",
+            "cc3m.tsv:row8": "url_too_large", "cc3m.tsv:row9": "url_http_404",
+            "cc3m.tsv:row10": "url_robots_noai", "cc3m.tsv:row11": "unparseable_row"}
         got = _wds_samples(tmp_path / "out_tsv")
         assert {c: s for c, (s, _) in got.items()} == {f"tsv good {i}": f"cc3m.tsv:row{i}" for i in range(4)}
         assert max(max(m["width"], m["height"]) for _, m in got.values()) == 32
 
         # Relaunch: every shard is already committed, the manifest and the report are the same bytes.
-        before = [(tmp_path / "out_tsv" / n).read_bytes() for n in ("manifest.json", "bad_samples.jsonl")]
+        reports = ("manifest.json", "bad_samples.jsonl")
+        before = [(tmp_path / "out_tsv" / n).read_bytes() for n in reports]
         r2 = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
         assert r2.returncode == 0, r2.stderr
         assert "(3 already complete)" in r2.stdout
-        assert [(tmp_path / "out_tsv" / n).read_bytes() for n in ("manifest.json", "bad_samples.jsonl")] == before
+        assert [(tmp_path / "out_tsv" / n).read_bytes() for n in reports] == before
 
-        # --- LAION style: a folder of two parquet parts; part 0 has a null caption, part 1's captions are ints.
+        # --- LAION style: a folder of two parquet parts; part 0 has a null caption, part 1's captions are
+        # ints.
         parts = tmp_path / "laion"
         parts.mkdir()
         pq.write_table(pa.table({"URL": [f"{u}/img/g{i}.jpg" for i in range(4, 8)] + [f"{u}/img/g8.jpg"],
@@ -119,9 +124,9 @@ def test_crawl_of_real_formats_survives_every_bad_input(tmp_path: Path) -> None:
                        parts / "part-00000.parquet")
         pq.write_table(pa.table({"URL": [f"{u}/img/g9.jpg"], "TEXT": pa.array([123], pa.int64())}),
                        parts / "part-00001.parquet")
-        cfg = dict(source=str(parts), output=str(tmp_path / "out_pq"), image_column="URL", caption_column="TEXT",
-                   samples_per_shard=3, workers=0, fetch_threads=4, max_image_side=32, url_timeout=1.0,
-                   url_retries=0, progress=False)
+        cfg = dict(source=str(parts), output=str(tmp_path / "out_pq"), image_column="URL",
+                   caption_column="TEXT", samples_per_shard=3, workers=0, fetch_threads=4, max_image_side=32,
+                   url_timeout=1.0, url_retries=0, progress=False)
         run_shard_job(ShardJobConfig(**cfg))
         assert _bad(tmp_path / "out_pq") == {"part-00000.parquet:row4": "missing_caption",
                                              "part-00001.parquet:row0": "caption_not_string"}
@@ -136,15 +141,17 @@ def test_crawl_of_real_formats_survives_every_bad_input(tmp_path: Path) -> None:
         assert (tmp_path / "out_pq" / "manifest.json").read_bytes() == m1
 
         # --- JSONL: numbers and nulls where captions belong, a broken line, an image path no OS accepts.
-        jl = [{"image": f"{u}/img/g10.jpg", "caption": "jsonl good 10"}, {"image": f"{u}/img/g11.jpg", "caption": 7},
-              {"image": f"{u}/img/g11.jpg", "caption": None}, {"image": f"{u}/img/g11.jpg", "caption": ["a"]},
+        jl = [{"image": f"{u}/img/g10.jpg", "caption": "jsonl good 10"},
+              {"image": f"{u}/img/g11.jpg", "caption": 7}, {"image": f"{u}/img/g11.jpg", "caption": None},
+              {"image": f"{u}/img/g11.jpg", "caption": ["a"]},
               {"image": "img/nul\u0000byte.jpg", "caption": "a path with a NUL byte"},
               {"image": 5, "caption": "an int where the image belongs"},
               {"image": f"{u}/img/g11.jpg", "caption": "jsonl good 11"}]
         (tmp_path / "t.jsonl").write_text("\n".join([json.dumps(x) for x in jl[:3]] + ["{not json"]
                                                     + [json.dumps(x) for x in jl[3:]]) + "\n")
-        run_shard_job(ShardJobConfig(**{**cfg, "source": str(tmp_path / "t.jsonl"), "output": str(tmp_path / "out_jl"),
-                                        "image_column": "image", "caption_column": "caption"}))
+        run_shard_job(ShardJobConfig(**{**cfg, "source": str(tmp_path / "t.jsonl"),
+                                        "output": str(tmp_path / "out_jl"), "image_column": "image",
+                                        "caption_column": "caption"}))
     bad = _bad(tmp_path / "out_jl")
     assert bad == {"t.jsonl:row1": "caption_not_string", "t.jsonl:row2": "missing_caption",
                    "t.jsonl:row3": "unparseable_row", "t.jsonl:row4": "caption_not_string",
@@ -154,7 +161,8 @@ def test_crawl_of_real_formats_survives_every_bad_input(tmp_path: Path) -> None:
     assert set(_wds_samples(tmp_path / "out_jl")) == {"jsonl good 10", "jsonl good 11"}
     m = json.loads((tmp_path / "out_jl" / "manifest.json").read_text())
     assert m["totals"]["rejected_by_reason"] == {"bad_image_reference": 1, "caption_not_string": 2,
-                                                 "missing_caption": 1, "unexpected_error": 1, "unparseable_row": 1}
+                                                 "missing_caption": 1, "unexpected_error": 1,
+                                                 "unparseable_row": 1}
 
 
 @pytest.mark.slow
@@ -200,4 +208,5 @@ def test_a_worker_killed_on_one_input_costs_only_that_input(tmp_path: Path) -> N
     assert len(kills) >= 2  # the first run and the redo of that row alone
     assert summary.rejected == {"worker_crashed": 1}
     assert _bad(tmp_path / "out") == {"t.jsonl:row5": "worker_crashed"}
-    assert {v["txt"].decode() for v in read_shards(tmp_path / "out").values()} == {f"good {i}" for i in range(10)}
+    captions = {v["txt"].decode() for v in read_shards(tmp_path / "out").values()}
+    assert captions == {f"good {i}" for i in range(10)}

@@ -36,7 +36,8 @@ def test_batch_layout(synth_dir: Path) -> None:
     assert b["pixel_mask"][:, :48, :48].all() and not b["pixel_mask"][:, 48:, :].any()
     assert (b["pixel_values"][:, :, 48:, :] == 0).all() and (b["pixel_values"][:, :, :, 48:] == 0).all()
     # ImageNet normalisation: a value v in [0,255] maps to (v/255 - mean)/std.
-    assert b["pixel_values"].min() >= (0 - 0.485) / 0.229 - 1e-4 and b["pixel_values"].max() <= (1 - 0.406) / 0.225 + 1e-4
+    assert b["pixel_values"].min() >= (0 - 0.485) / 0.229 - 1e-4
+    assert b["pixel_values"].max() <= (1 - 0.406) / 0.225 + 1e-4
     assert b["input_ids"].dtype == torch.int64 and b["attention_mask"].dtype == torch.int64
     assert (b["input_ids"][:, 0] == tok.cls_token_id).all()
     for row, mask in zip(b["input_ids"], b["attention_mask"], strict=True):
@@ -116,7 +117,8 @@ def test_state_round_trip_resumes_exactly(synth_dir: Path, num_workers: int, res
     got += [b for _, b in zip(range(total - stop), resumed, strict=False)]
     assert _keys(got) == _keys(expected)
     for a, b in zip(got, expected, strict=True):
-        assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["input_ids"], b["input_ids"])
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a["input_ids"], b["input_ids"])
     if not resampled:
         assert resumed.epoch == ref.epoch == 1
 
@@ -158,8 +160,8 @@ def test_bad_shard_content_is_skipped_and_counted(tmp_path: Path) -> None:
     _tar(tmp_path / "b.tar", members_b)
     raw = (tmp_path / "b.tar").read_bytes()
     (tmp_path / "b.tar").write_bytes(raw[: len(raw) - 1024 - 3000])
-    loader = PretrainLoader(LoaderConfig(urls=[str(tmp_path / "a.tar"), str(tmp_path / "b.tar")], batch_size=4,
-                                         max_image_side=32, shuffle_buffer=0, epochs=1))
+    loader = PretrainLoader(LoaderConfig(urls=[str(tmp_path / "a.tar"), str(tmp_path / "b.tar")],
+                                         batch_size=4, max_image_side=32, shuffle_buffer=0, epochs=1))
     keys = _keys(list(loader))
     assert sorted(keys) == ["g0", "g1", "g2", "h0", "h1", "h2"]
     counts = loader.bad_sample_counts()
@@ -172,7 +174,8 @@ def test_no_horizontal_flip(tmp_path: Path) -> None:
     arr[:, :16] = (255, 0, 0)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    _tar(tmp_path / "s.tar", [(f"k{i}.png", buf.getvalue()) for i in range(1)] + [("k0.txt", b"red on the left")])
+    _tar(tmp_path / "s.tar",
+         [(f"k{i}.png", buf.getvalue()) for i in range(1)] + [("k0.txt", b"red on the left")])
     for seed in range(5):
         (b,) = list(PretrainLoader(LoaderConfig(urls=str(tmp_path / "s.tar"), batch_size=1, max_image_side=32,
                                                 seed=seed, epochs=1)))

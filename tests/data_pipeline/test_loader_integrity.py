@@ -1,4 +1,5 @@
-"""Loader verification: shards changed in place after sharding are not trained on; unreadable data raises fast."""
+"""Loader verification: shards changed in place after sharding are not trained on; unreadable data raises
+fast."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _copy(synth_dir: Path, tmp_path: Path) -> Path:
 
 
 def _cfg(urls: str | list[str], **kw) -> LoaderConfig:
-    base = dict(urls=urls, batch_size=5, max_image_side=48, pad_multiple=32, shuffle_buffer=20, seed=7, epochs=2)
+    base = dict(urls=urls, batch_size=5, max_image_side=48, pad_multiple=32, shuffle_buffer=20, seed=7,
+                epochs=2)
     base.update(kw)
     return LoaderConfig(**base)
 
@@ -137,9 +139,11 @@ def test_verify_off_trains_on_what_is_there(synth_dir: Path, tmp_path: Path) -> 
     checked = PretrainLoader(_cfg(str(root / "manifest.json"), epochs=1))
     (keys,) = _epochs(checked)
     assert len(set(keys)) == 96 - 24
-    assert checked.bad_sample_counts() == {"sample_hash_mismatch": 1, "shard_hash_mismatch": 1, "shard_size_mismatch": 1}
+    assert checked.bad_sample_counts() == {"sample_hash_mismatch": 1, "shard_hash_mismatch": 1,
+                                           "shard_size_mismatch": 1}
     assert checked.rejected_shards()[str(shards[7])] == (
-        f"shard_size_mismatch ({shards[7].stat().st_size} bytes, the manifest says {shards[7].stat().st_size - 1024})")
+        f"shard_size_mismatch ({shards[7].stat().st_size} bytes, "
+        f"the manifest says {shards[7].stat().st_size - 1024})")
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
@@ -152,7 +156,8 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
 
 
 def test_old_shards_and_img2dataset_hashes(tmp_path: Path) -> None:
-    """Shards written before txt_sha256 load (jpg checked); img2dataset's sha256 (of the download) is ignored."""
+    """Shards written before txt_sha256 load (jpg checked); img2dataset's sha256 (of the download) is
+    ignored."""
     old = tmp_path / "old"
     old.mkdir()
     entries = []
@@ -176,8 +181,10 @@ def test_old_shards_and_img2dataset_hashes(tmp_path: Path) -> None:
     members = []
     for i in range(4):  # img2dataset records the sha256 of the original download, not of the resized jpg
         key = f"{i:09d}"
-        meta = {"key": key, "url": "http://x", "status": "success", "sha256": hashlib.sha256(b"orig").hexdigest()}
-        members += [(f"{key}.jpg", jpeg_bytes(i)), (f"{key}.txt", b"a caption"), (f"{key}.json", json.dumps(meta).encode())]
+        meta = {"key": key, "url": "http://x", "status": "success",
+                "sha256": hashlib.sha256(b"orig").hexdigest()}
+        members += [(f"{key}.jpg", jpeg_bytes(i)), (f"{key}.txt", b"a caption"),
+                    (f"{key}.json", json.dumps(meta).encode())]
     _tar(i2d, members)
     loader = PretrainLoader(_cfg(str(i2d), epochs=1, batch_size=4))
     assert [k for b in loader for k in b["keys"]] != [] and loader.bad_sample_counts() == {}

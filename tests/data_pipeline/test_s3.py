@@ -35,7 +35,8 @@ def test_shard_to_s3_and_load_back(tmp_path: Path, moto_s3) -> None:
     manifest = json.loads(fs.cat("shards-bucket/ds/manifest.json"))
     assert manifest["totals"]["samples"] == 9 and manifest["totals"]["shards"] == 5
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("shards-bucket/ds"))
-    assert names == ["_work", "bad_samples.jsonl", "manifest.json"] + [f"shards-{i:06d}.tar" for i in range(5)]
+    assert names == (["_work", "bad_samples.jsonl", "manifest.json"]
+                     + [f"shards-{i:06d}.tar" for i in range(5)])
     assert json.loads(fs.cat("shards-bucket/ds/bad_samples.jsonl"))["reason"] == "missing_file"
 
     for workers in (0, 2):
@@ -53,7 +54,8 @@ def test_synthetic_data_on_s3(moto_s3) -> None:
     s3fs.S3FileSystem(**opts).mkdir("synth-bucket")
     cfg = SynthConfig(samples_per_shard=4, vqa_images=(2, 1), nlvr2_pairs=(2, 1), snli_ve_images=(1, 1),
                       retrieval_images=(2, 1, 1))
-    r = make_synthetic("s3://synth-bucket/synth", num=8, seed=0, image_size=32, config=cfg, storage_options=opts)
+    r = make_synthetic("s3://synth-bucket/synth", num=8, seed=0, image_size=32, config=cfg,
+                       storage_options=opts)
     assert r["pretrain_manifest"] == "s3://synth-bucket/synth/pretrain/manifest.json"
     loader = PretrainLoader(LoaderConfig(urls=r["pretrain_manifest"], batch_size=4, max_image_side=32,
                                          storage_options=opts, epochs=1))

@@ -77,7 +77,8 @@ def test_tabular_round_trip(tmp_path: Path, fmt: str) -> None:
 def test_coco_round_trip(tmp_path: Path) -> None:
     imgs = _images(tmp_path / "root")
     coco = {"images": [{"id": 10 + i, "file_name": p} for i, (p, _, _) in enumerate(imgs)],
-            "annotations": [{"id": 100 + i, "image_id": 10 + i, "caption": c} for i, (_, c, _) in enumerate(imgs)]
+            "annotations": [{"id": 100 + i, "image_id": 10 + i, "caption": c}
+                            for i, (_, c, _) in enumerate(imgs)]
             + [{"id": 200, "image_id": 10, "caption": "a second caption for the first image"}]}
     (tmp_path / "captions.json").write_text(json.dumps(coco))
     manifest = _run(str(tmp_path / "captions.json"), tmp_path / "out", image_root=str(tmp_path / "root"))
@@ -92,7 +93,8 @@ def test_folder_round_trip_and_resize(tmp_path: Path) -> None:
     manifest = _run(str(tmp_path / "f"), tmp_path / "out", max_image_side=32)
     assert manifest["writer"]["source_format"] == "folder"
     # Longest side ≤ 32 with the aspect ratio kept (never upscaled).
-    expected = [(c, (round(w * min(1, 32 / max(w, h))), round(h * min(1, 32 / max(w, h))))) for _, c, (w, h) in imgs]
+    expected = [(c, (round(w * min(1, 32 / max(w, h))), round(h * min(1, 32 / max(w, h)))))
+                for _, c, (w, h) in imgs]
     _check_round_trip(tmp_path / "out", manifest, expected)
 
 
@@ -157,11 +159,12 @@ def test_bad_inputs_are_reported_and_good_samples_kept(tmp_path: Path) -> None:
         write_csv(d / "t.csv", [(p, c) for p, c, _ in rows], extra=["key"])
         # Append the key column to every row (write_csv writes image, caption only).
         lines = (d / "t.csv").read_bytes().split(b"\n")
-        (d / "t.csv").write_bytes(b"\n".join(
-            [lines[0]] + [line + b"," + k.encode() for line, (_, _, k) in zip(lines[1:], rows, strict=False)] + [b""]))
-        r = _cli("shard", "--source", str(d / "t.csv"), "--output", str(d / "out"), "--samples-per-shard", "6",
-                 "--workers", "2", "--max-image-side", "64", "--max-pixels", "1000000", "--url-timeout", "0.5",
-                 "--url-retries", "1", "--max-caption-chars", "100", "--key-column", "key", "--no-progress")
+        keyed = [line + b"," + k.encode() for line, (_, _, k) in zip(lines[1:], rows, strict=False)]
+        (d / "t.csv").write_bytes(b"\n".join([lines[0]] + keyed + [b""]))
+        r = _cli("shard", "--source", str(d / "t.csv"), "--output", str(d / "out"),
+                 "--samples-per-shard", "6", "--workers", "2", "--max-image-side", "64",
+                 "--max-pixels", "1000000", "--url-timeout", "0.5", "--url-retries", "1",
+                 "--max-caption-chars", "100", "--key-column", "key", "--no-progress")
     assert r.returncode == 0, r.stderr
     assert "rejected: 12" in r.stdout and "repaired: 5" in r.stdout
     bad = [json.loads(x) for x in (d / "out" / "bad_samples.jsonl").read_text().splitlines()]
@@ -195,14 +198,17 @@ def test_bad_inputs_are_reported_and_good_samples_kept(tmp_path: Path) -> None:
 
 
 def test_bad_sources_fail_at_once_naming_them(tmp_path: Path) -> None:
-    r = _cli("shard", "--source", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "o"), "--no-progress")
+    r = _cli("shard", "--source", str(tmp_path / "nope.csv"), "--output", str(tmp_path / "o"),
+             "--no-progress")
     assert r.returncode == 2 and "nope.csv" in r.stderr and "does not exist" in r.stderr
     (tmp_path / "t.csv").write_text("url,text\na.jpg,hello\n")
     r = _cli("shard", "--source", str(tmp_path / "t.csv"), "--output", str(tmp_path / "o"), "--no-progress")
-    assert r.returncode == 2 and "t.csv" in r.stderr and "'image'" in r.stderr and "['url', 'text']" in r.stderr
+    assert r.returncode == 2 and "t.csv" in r.stderr
+    assert "'image'" in r.stderr and "['url', 'text']" in r.stderr
     with pytest.raises(SourceError, match="COCO"):
         (tmp_path / "c.json").write_text(json.dumps({"images": []}))
-        run_shard_job(ShardJobConfig(source=str(tmp_path / "c.json"), output=str(tmp_path / "o2"), progress=False))
+        run_shard_job(ShardJobConfig(source=str(tmp_path / "c.json"), output=str(tmp_path / "o2"),
+                                     progress=False))
 
 
 def test_parallel_jobs_write_disjoint_shards_and_one_manifest(tmp_path: Path) -> None:
@@ -213,8 +219,8 @@ def test_parallel_jobs_write_disjoint_shards_and_one_manifest(tmp_path: Path) ->
         rows.append((f"img/x{i}.jpg", f"extra {i}"))
     write_csv(tmp_path / "t.csv", rows)
     single = _run(str(tmp_path / "t.csv"), tmp_path / "single")
-    base = dict(source=str(tmp_path / "t.csv"), output=str(tmp_path / "multi"), samples_per_shard=2, workers=0,
-                max_image_side=128, progress=False, num_jobs=2)
+    base = dict(source=str(tmp_path / "t.csv"), output=str(tmp_path / "multi"), samples_per_shard=2,
+                workers=0, max_image_side=128, progress=False, num_jobs=2)
     s0 = run_shard_job(ShardJobConfig(**base, job_index=0))
     assert s0.manifest is None and not (tmp_path / "multi" / "manifest.json").exists()
     s1 = run_shard_job(ShardJobConfig(**base, job_index=1))  # the last job merges

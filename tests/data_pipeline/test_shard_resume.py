@@ -39,8 +39,8 @@ def test_killed_job_resumes_to_identical_output(tmp_path: Path) -> None:
         rows += rows[2:6]  # duplicates of early rows, late in the source: dedupe must survive the restart
         rows += [(f"{url}/delay/missing{i}.jpg", f"gone {i}") for i in range(4)]
         write_csv(tmp_path / "t.csv", rows)
-        ref = subprocess.run(_cmd(tmp_path / "t.csv", tmp_path / "ref"), cwd=REPO, capture_output=True, text=True,
-                             timeout=300)
+        ref = subprocess.run(_cmd(tmp_path / "t.csv", tmp_path / "ref"), cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
         assert ref.returncode == 0, ref.stderr
 
         out = tmp_path / "out"
@@ -55,7 +55,8 @@ def test_killed_job_resumes_to_identical_output(tmp_path: Path) -> None:
         assert 3 <= committed < 12, "the kill must land mid-run"
         assert not (out / "manifest.json").exists()
 
-        rerun = subprocess.run(_cmd(tmp_path / "t.csv", out), cwd=REPO, capture_output=True, text=True, timeout=300)
+        rerun = subprocess.run(_cmd(tmp_path / "t.csv", out), cwd=REPO, capture_output=True, text=True,
+                               timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     skipped = int(re.search(r"\((\d+) already complete\)", rerun.stdout).group(1))
     assert skipped >= committed >= 3  # committed shards were not redone

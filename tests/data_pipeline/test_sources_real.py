@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _bad(out: Path) -> dict[str, str]:
-    return {b["source_id"]: b["reason"] for b in map(json.loads, (out / "bad_samples.jsonl").read_text().splitlines())}
+    lines = (out / "bad_samples.jsonl").read_text().splitlines()
+    return {b["source_id"]: b["reason"] for b in map(json.loads, lines)}
 
 
 def _captions(out: Path) -> dict[str, dict]:
@@ -52,7 +53,8 @@ def test_visual_genome_region_descriptions(tmp_path: Path) -> None:
     assert {c: meta["source"] for c, meta in caps.items()} == {
         "a red kite": "vg:image1:region11", "clouds in the sky": "vg:image1:region12",
         "a man on a bench": "vg:image2:region22"}
-    assert (caps["a man on a bench"]["original_width"], caps["a man on a bench"]["original_height"]) == (30, 50)
+    man = caps["a man on a bench"]
+    assert (man["original_width"], man["original_height"]) == (30, 50)
     assert _bad(out) == {"vg:image2:region21": "empty_caption", "vg:image3:region31": "missing_file",
                          "vg:entry3": "unparseable_row"}
 
@@ -80,7 +82,8 @@ def _tar(path: Path, samples: list[tuple[str, bytes, str]]) -> bytes:
     return buf.getvalue()
 
 
-def test_webdataset_source_keys_are_unique_across_tars_and_cut_tars_keep_complete_samples(tmp_path: Path) -> None:
+def test_webdataset_source_keys_are_unique_across_tars_and_cut_tars_keep_complete_samples(
+        tmp_path: Path) -> None:
     wds = tmp_path / "wds"
     wds.mkdir()
     # Two img2dataset runs merged into one folder: both tars hold key 000000000.
@@ -89,7 +92,8 @@ def test_webdataset_source_keys_are_unique_across_tars_and_cut_tars_keep_complet
     # A tar cut inside the header of its third member: the first sample (jpg + txt) is complete.
     whole = _tar(tmp_path / "whole.tar", [("a", jpeg_bytes(3), "complete before the cut"),
                                           ("b", jpeg_bytes(4), "cut")])
-    first_len = 512 + len(jpeg_bytes(3)) + (-len(jpeg_bytes(3))) % 512 + 512 + 512  # jpg hdr+body, txt hdr+body
+    # jpg header + body (padded to 512), txt header + body
+    first_len = 512 + len(jpeg_bytes(3)) + (-len(jpeg_bytes(3))) % 512 + 512 + 512
     (wds / "00002.tar").write_bytes(whole[: first_len + 200])
     out = tmp_path / "out"
     run_shard_job(ShardJobConfig(source=str(wds), output=str(out), samples_per_shard=2, workers=0,
@@ -109,8 +113,9 @@ def test_header_less_csv_and_part_globs(tmp_path: Path) -> None:
     (tmp_path / "p" / "b.csv").write_text("second part,../img/2.jpg\n")
     (tmp_path / "p" / "a.csv").write_text('"first, with a comma",../img/0.jpg\nfirst again,../img/1.jpg\n')
     out = tmp_path / "out"
-    run_shard_job(ShardJobConfig(source=str(tmp_path / "p" / "*.csv"), output=str(out), columns=["caption", "image"],
-                                 samples_per_shard=2, workers=0, max_image_side=32, progress=False))
+    run_shard_job(ShardJobConfig(source=str(tmp_path / "p" / "*.csv"), output=str(out),
+                                 columns=["caption", "image"], samples_per_shard=2, workers=0,
+                                 max_image_side=32, progress=False))
     assert {c: m["source"] for c, m in _captions(out).items()} == {
         "first, with a comma": "a.csv:row0", "first again": "a.csv:row1", "second part": "b.csv:row0"}
     with pytest.raises(SourceError, match=r"--columns"):
@@ -141,8 +146,8 @@ def test_numeric_settings_are_validated_naming_the_flag(tmp_path: Path, field: s
 def test_cli_rejects_bad_flags_and_names_a_failing_output(tmp_path: Path) -> None:
     (tmp_path / "t.csv").write_text("image,caption\na.jpg,x\n")
     run = lambda *a: subprocess.run([sys.executable, "-m", "data_pipeline", "shard", "--source",  # noqa: E731
-                                     str(tmp_path / "t.csv"), "--no-progress", *a], capture_output=True, text=True,
-                                    cwd=REPO, timeout=60)
+                                     str(tmp_path / "t.csv"), "--no-progress", *a], capture_output=True,
+                                    text=True, cwd=REPO, timeout=60)
     r = run("--output", str(tmp_path / "o"), "--url-retries", "-1")
     assert r.returncode == 2 and "--url-retries must be an integer in [0, 20] (got -1)" in r.stderr
     assert "Traceback" not in r.stderr

@@ -5,11 +5,21 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
+import pytest
 from helpers import read_shards
 
-from data_pipeline.synth import SynthConfig, make_caption, make_synthetic, relation, sample_scene
+from data_pipeline.synth import (
+    SYNTHETIC_CACHE_VERSION,
+    SynthConfig,
+    cache_name,
+    make_caption,
+    make_synthetic,
+    relation,
+    sample_scene,
+)
 
 SMALL = SynthConfig(samples_per_shard=10, vqa_images=(3, 2), nlvr2_pairs=(4, 2), snli_ve_images=(2, 2),
                     retrieval_images=(3, 2, 2))
@@ -96,16 +106,17 @@ def test_downstream_files_in_dataset_formats(tmp_path: Path) -> None:
     assert len(nl) == 4 and {x["label"] for x in nl} <= {"True", "False"}
     for x in nl:
         stem = x["identifier"].rsplit("-", 1)[0]
-        assert (ds / "images" / f"{stem}-img0.jpg").is_file() and (ds / "images" / f"{stem}-img1.jpg").is_file()
+        assert (ds / "images" / f"{stem}-img0.jpg").is_file()
+        assert (ds / "images" / f"{stem}-img1.jpg").is_file()
     ve = [json.loads(x) for x in (ds / "snli_ve" / "dev.jsonl").read_text().splitlines()]
-    assert sorted(x["gold_label"] for x in ve) == ["contradiction", "contradiction", "entailment", "entailment",
-                                                   "neutral", "neutral"]
+    assert sorted(x["gold_label"] for x in ve) == ["contradiction", "contradiction", "entailment",
+                                                   "entailment", "neutral", "neutral"]
     assert all((ds / "images" / x["Flikr30kID"]).is_file() and x["Flikr30kID"] == x["Flickr30K_ID"] + ".jpg"
                for x in ve)
     ret = json.loads((ds / "retrieval" / "dataset_synth.json").read_text())
     assert [i["split"] for i in ret["images"]].count("test") == 2
-    assert all(len(i["sentences"]) == SMALL.retrieval_captions_per_image and (ds / "images" / i["filename"]).is_file()
-               for i in ret["images"])
+    assert all(len(i["sentences"]) == SMALL.retrieval_captions_per_image
+               and (ds / "images" / i["filename"]).is_file() for i in ret["images"])
 
 
 def test_synth_cli_and_memory_url() -> None:
@@ -113,8 +124,24 @@ def test_synth_cli_and_memory_url() -> None:
 
     from data_pipeline.cli import main
 
-    assert main(["synth", "--num", "12", "--output", "memory://synth-cli", "--seed", "4", "--image-size", "32",
-                 "--samples-per-shard", "5"]) == 0
+    assert main(["synth", "--num", "12", "--output", "memory://synth-cli", "--seed", "4",
+                 "--image-size", "32", "--samples-per-shard", "5"]) == 0
     fs = fsspec.filesystem("memory")
     manifest = json.loads(fs.cat("/synth-cli/pretrain/manifest.json"))
     assert [s["samples"] for s in manifest["shards"]] == [5, 5, 2]
+
+
+def test_cache_name_is_one_folder_per_version_pairs_seed_and_heldout() -> None:
+    # The names the embedded default data has always had (an existing cache stays valid).
+    assert SYNTHETIC_CACHE_VERSION == 1
+    assert cache_name(2000, 0) == "synthetic-v1-n2000-s0"
+    assert cache_name(2000, 3, heldout=100) == "synthetic-v1-n2000-s3-heldout100"
+    assert cache_name(2000, 3, heldout=0) == cache_name(2000, 3)
+    names = {cache_name(p, s, h) for p in (10, 2000) for s in (0, 1) for h in (0, 100)}
+    assert len(names) == 8  # no two settings share a folder
+    for args, message in (((0, 0), "pairs must be an integer >= 1 (got 0)"),
+                          ((10, -1), "seed must be an integer >= 0 (got -1)"),
+                          ((10, 0, -5), "heldout must be an integer >= 0 (got -5)"),
+                          ((10.0, 0), "pairs must be an integer >= 1 (got 10.0)")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            cache_name(*args)

@@ -36,7 +36,8 @@ from tests.k8s.manifests import (
 
 BASE = K8S_DIR / "base"
 OVERLAY = K8S_DIR / "overlays" / "example"
-# KubeRay / prometheus-operator kinds need the CRD schema folder ($SOHO_CRD_SCHEMAS, see tests/k8s/manifests.py).
+# KubeRay / prometheus-operator kinds need the CRD schema folder ($SOHO_CRD_SCHEMAS, see
+# tests/k8s/manifests.py).
 needs_crd_schemas = pytest.mark.skipif(not have_crd_schemas(), reason=CRD_SKIP_REASON)
 
 
@@ -123,8 +124,10 @@ def test_every_yaml_parses_and_the_expected_objects_exist() -> None:
 def test_every_core_object_validates_against_kubernetes_schemas() -> None:
     """Runs without the CRD schema folder: kubernetes-validate ships the core kinds' schemas."""
     assert validate_tree(crd_kinds=False) == {}
-    core = [m for m in load_manifests() if m.kind not in ("Kustomization", "Component") and not is_crd_kind(m.doc)]
-    assert sorted(m.kind for m in core) == ["Job", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy", "ServiceAccount"]
+    core = [m for m in load_manifests()
+            if m.kind not in ("Kustomization", "Component") and not is_crd_kind(m.doc)]
+    assert sorted(m.kind for m in core) == ["Job", "NetworkPolicy", "NetworkPolicy", "NetworkPolicy",
+                                            "ServiceAccount"]
     assert {m.doc["apiVersion"] for m in core} == {"v1", "batch/v1", "networking.k8s.io/v1"}
 
 

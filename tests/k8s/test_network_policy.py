@@ -29,7 +29,8 @@ EGRESS = K8S_DIR / "overlays" / "egress"
 PART_OF = {"app.kubernetes.io/part-of": "soho-at-scale"}
 # Labels KubeRay puts on the pods it creates, over the template's own.
 HEAD = pod("soho", {**PART_OF, "app.kubernetes.io/component": "ray-head", "ray.io/node-type": "head"})
-WORKER = pod("soho", {**PART_OF, "app.kubernetes.io/component": "ray-gpu-worker", "ray.io/node-type": "worker"})
+WORKER = pod("soho", {**PART_OF, "app.kubernetes.io/component": "ray-gpu-worker",
+                      "ray.io/node-type": "worker"})
 SUBMITTER = pod("soho", {**PART_OF, "app.kubernetes.io/component": "submitter"})
 OPERATOR = {"app.kubernetes.io/component": "kuberay-operator", "app.kubernetes.io/name": "kuberay-operator"}
 PROMETHEUS = pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
@@ -124,7 +125,8 @@ def test_egress_overlay_allows_dns_the_object_store_and_the_namespace_only() -> 
         assert not connection_allowed(policies, src, external("52.216.8.1"), 80)
         assert not connection_allowed(policies, src, kube_dns, 9153)
         assert not connection_allowed(policies, src, pod("other", {"app": "db"}), 5432)
-    assert connection_allowed(policies, WORKER, HEAD, 6379) and connection_allowed(policies, SUBMITTER, HEAD, 8265)
+    assert connection_allowed(policies, WORKER, HEAD, 6379)
+    assert connection_allowed(policies, SUBMITTER, HEAD, 8265)
     assert connection_allowed(policies, HEAD, WORKER, 29500)  # gloo/NCCL rendezvous between workers
     # Without the overlay nothing restricts egress.
     assert connection_allowed(_policies(BASE), HEAD, external("198.51.100.1"), 80)
@@ -137,9 +139,11 @@ def test_example_overlay_with_the_egress_component_builds(tmp_path: Path) -> Non
     shutil.copytree(K8S_DIR, tree)
     kz = tree / "overlays" / "example" / "kustomization.yaml"
     kz.write_text(kz.read_text() + "components:\n  - ../egress\n")
-    proc = subprocess.run(["kubectl", "kustomize", str(kz.parent)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["kubectl", "kustomize", str(kz.parent)], capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr
-    docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(proc.stdout) if d and d["kind"] == "NetworkPolicy"}
+    docs = {d["metadata"]["name"]: d for d in yaml.safe_load_all(proc.stdout)
+            if d and d["kind"] == "NetworkPolicy"}
     assert set(docs) == {"team-a-soho-ray-ingress", "team-a-soho-ray-operator-ingress", "team-a-soho-egress"}
     assert all(d["metadata"]["namespace"] == "soho" and validate_object(d) == [] for d in docs.values())
     policies = list(docs.values())

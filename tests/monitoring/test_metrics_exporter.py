@@ -64,7 +64,8 @@ def test_observe_step_accumulates() -> None:
     assert m.value("soho_train_steps_total") == 0.0  # exists before the first step, for increase()
     m.observe_step({"mlm": 2.0, "total": 5.0}, samples=16, step_seconds=0.2, data_wait_seconds=0.05)
     m.observe_step(
-        {"mlm": 1.5, "mvm": 3.0, "itm": 0.5, "itc": 0.75, "total": 5.0},  # itc: runs with pretrain.itc_weight > 0
+        # itc: runs with pretrain.itc_weight > 0
+        {"mlm": 1.5, "mvm": 3.0, "itm": 0.5, "itc": 0.75, "total": 5.0},
         samples=16,
         step_seconds=4.0,
         data_wait_seconds=0.25,

@@ -73,7 +73,8 @@ def test_prometheus_scrapes_soho_metrics_and_evaluates_every_expression(
         firing = {}
         for alert, expr in rule_expressions().items():
             firing[alert] = {s["metric"].get("rank") for s in prom.query(expr)}
-        # The fed dictionary is collapsed, so those conditions hold; a fresh checkpoint and 7 steps are healthy.
+        # The fed dictionary is collapsed, so those conditions hold; a fresh checkpoint and 7 steps are
+        # healthy.
         assert firing["SohoCodebookCollapse"] == {"0"}
         assert firing["SohoVDPerplexityLow"] == {"0"}
         assert firing["SohoCheckpointTooOld"] == set()

@@ -16,7 +16,8 @@ EXPORTED_SERIES = (set(METRIC_NAMES) - set(HISTOGRAM_NAMES)) | HISTOGRAM_SERIES
 
 def test_metric_name_extraction() -> None:
     expr = (
-        'histogram_quantile(0.95, sum by (le) (rate(soho_train_step_duration_seconds_bucket{rank=~".*"}[1m])))'
+        "histogram_quantile(0.95, sum by (le) "
+        '(rate(soho_train_step_duration_seconds_bucket{rank=~".*"}[1m])))'
         " / on(rank) group_left soho_vd_num_codes > bool 1e3 and up offset 5m"
     )
     assert metric_names_in(expr) == {"soho_train_step_duration_seconds_bucket", "soho_vd_num_codes", "up"}

