@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from configcli import opt
+from data_pipeline.synth import cache_name
 from orchestration.runtime.loggers import WANDB_MISSING, wandb_available
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -22,10 +23,6 @@ LR_SCHEDULES = ("cosine", "linear", "constant", "step")
 BACKBONE_OPTIMIZERS = ("adamw", "sgd")
 LAUNCHERS = ("ray", "local")
 DEFAULT_METRICS_PORT = 9450  # worker with local rank r serves base + r
-
-# Bump when the synthetic generator's output changes, so an old cache is never reused silently.
-SYNTHETIC_CACHE_VERSION = 1
-
 
 def default_cache_dir() -> Path:
     """Local cache for the embedded synthetic data: ``$SOHO_CACHE_DIR`` or ``~/.cache/soho``."""
@@ -35,9 +32,7 @@ def default_cache_dir() -> Path:
 def synthetic_data_dir(pairs: int, seed: int, heldout: int = 0, root: str | Path | None = None) -> Path:
     """The one place that names a cached copy of the embedded synthetic data: ``pairs`` pre-training pairs
     of generator ``seed``, plus ``heldout`` scenes never trained on (0: none)."""
-    base = Path(root) if root else default_cache_dir()
-    name = f"synthetic-v{SYNTHETIC_CACHE_VERSION}-n{pairs}-s{seed}"
-    return base / (f"{name}-heldout{heldout}" if heldout else name)
+    return (Path(root) if root else default_cache_dir()) / cache_name(pairs, seed, heldout)
 
 
 def need(cond: bool, msg: str) -> None:

@@ -4,10 +4,11 @@ option of `data_pipeline shard` has a description and shows its default (or says
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 
 import pytest
+
+import configcli
 
 
 def _help(func, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:  # noqa: ANN001 - a CLI main
@@ -45,7 +46,7 @@ def test_train_help_hides_the_fault_flags_which_still_work(capsys: pytest.Captur
     text = _help(main, ["--help"], capsys)
     assert "--fault" not in text and "TEST ONLY" not in text
     options = _options(text)
-    fields = [f.name for f in dataclasses.fields(RunConfig)]
+    fields = [leaf.name for leaf in configcli.leaves(RunConfig)]
     fault = [n for n in fields if n.startswith("fault_")]
     assert len(fault) >= 4
     listed = {"--" + n.replace("_", "-") for n in fields if not n.startswith("fault_")}
