@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from data_pipeline import synth
+from data_pipeline import shard, synth
 from data_pipeline.storage import refuse_secret_flags, s3_storage_options
 
 
@@ -33,12 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synth", help="synthetic scenes + downstream ground truth")
     synth.add_cli_arguments(p)
     _add_storage_flags(p)
-    try:
-        from data_pipeline import shard
-    except ImportError:  # pragma: no cover - shard is part of the package; keep synth usable regardless
-        shard = None
-    if shard is not None:
-        shard.add_cli_subcommands(sub, _add_storage_flags)
+    shard.add_cli_subcommands(sub, _add_storage_flags)
     return parser
 
 

@@ -27,6 +27,9 @@ from typing import Any
 
 import fsspec
 
+from data_pipeline.loader import Collator, DecodedSample, LoaderConfig, decode_sample
+from data_pipeline.tarstream import RawSample
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -338,8 +341,6 @@ class TaskCollator:
     """Reads and decodes images by path (cached), then builds the pre-training batch dict plus task keys."""
 
     def __init__(self, cfg: TaskDataConfig) -> None:
-        from data_pipeline.loader import Collator, LoaderConfig
-
         self.cfg = cfg
         self._collate = Collator(
             LoaderConfig(
@@ -355,9 +356,6 @@ class TaskCollator:
 
     def image(self, path: str) -> Any:
         """uint8 (3, h, w) tensor of the image at `path`, decoded like a shard sample."""
-        from data_pipeline.loader import decode_sample
-        from data_pipeline.tarstream import RawSample
-
         hit = self._cache.get(path)
         if hit is not None:
             self._cache.move_to_end(path)
@@ -378,8 +376,6 @@ class TaskCollator:
 
     def batch(self, keys: list[str], image_paths: list[str], texts: list[str]) -> dict[str, Any]:
         """One row per (image, text); the loader's batch dict (pixel_values, pixel_mask, input_ids, ...)."""
-        from data_pipeline.loader import DecodedSample
-
         samples = [
             DecodedSample(k, self.image(p), t) for k, p, t in zip(keys, image_paths, texts, strict=True)
         ]

@@ -45,7 +45,7 @@ from typing import Any
 from configcli import add_flags, from_flat, leaves, opt
 from data_pipeline import images as im
 from data_pipeline.fetch import DEFAULT_MAX_BYTES, USER_AGENT, Fetcher
-from data_pipeline.sources import FORMATS, Source, SourceRow
+from data_pipeline.sources import FORMATS, Source, SourceError, SourceRow
 from data_pipeline.storage import get_fs, join, read_json, write_json
 from data_pipeline.writer import (
     BAD_SAMPLES_NAME,
@@ -748,8 +748,6 @@ def _config_from_args(a: argparse.Namespace, storage_options: dict[str, Any]) ->
 
 
 def _run_shard(a: argparse.Namespace, storage_options: dict[str, Any]) -> int:
-    from data_pipeline.sources import SourceError
-
     if getattr(a, "job_index", None) is None:  # Kubernetes indexed Jobs expose it as JOB_COMPLETION_INDEX
         env = os.environ.get("JOB_COMPLETION_INDEX", "0")
         if not env.isdigit():
