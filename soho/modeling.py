@@ -1,8 +1,9 @@
-"""SohoModel (encoder E → VD → cross-modal transformer) and SohoForPretraining (MLM + MVM + ITM).
+"""SohoModel (encoder E → VD → cross-modal transformer) and SohoForPretraining (MLM + MVM + ITM (+ ITC)).
 
-Persistence: ``save_pretrained(dir)`` writes ``config.json`` (the SohoConfig as a dict) and
-``model.safetensors`` (fp32 state dict); ``from_pretrained(dir)`` rebuilds from the config without
-touching any hub or pretrained file and loads the tensors with safetensors (no pickle).
+``SohoModel.fuse`` is the one fusion entry (the joint [text; visual] sequence and mask are built there only).
+Persistence goes through ``soho.serialization``: ``save_pretrained(dir)`` writes ``config.json`` (the
+SohoConfig as a dict) and ``model.safetensors`` (fp32 state dict); ``from_pretrained(dir)`` rebuilds from the
+config without touching any hub or pretrained file and loads the tensors with safetensors (no pickle).
 """
 
 from __future__ import annotations
