@@ -57,9 +57,9 @@ class TaskOutput:
 
 
 class TaskModel(nn.Module):
-    """A SOHO backbone (``self.soho``) + a task head. Subclasses name their task (``self.task``), the class
-    tag and keyword arguments their saved directory records (``saved_class``, ``task_args``) and how to
-    rebuild from those (``from_task_args``)."""
+    """A SOHO backbone (``self.soho``) + a task head. Subclasses name their task (``self.task``) and the class
+    tag and keyword arguments their saved directory records (``saved_class``, ``task_args``), and rebuild
+    from those in ``from_task_args``."""
 
     task: str = ""
 
@@ -79,7 +79,9 @@ class TaskModel(nn.Module):
     def from_task_args(
         cls, config: SohoConfig, task: str, task_args: dict[str, Any], load_pretrained: bool = True
     ) -> TaskModel:
-        raise NotImplementedError
+        """The model a saved directory describes (before its weights are loaded): by default
+        ``cls(config, **task_args)``."""
+        return cls(config, **task_args, load_pretrained=load_pretrained)
 
     def init_from_export(self, state: dict[str, torch.Tensor], directory: str | Path) -> None:
         """Hook of ``from_backbone``: take task weights from a pre-training export's state (default none)."""
@@ -221,12 +223,6 @@ class SohoForRetrieval(TaskModel):
 
     def task_args(self) -> dict[str, Any]:
         return {"embed_dim": self.embed_dim}
-
-    @classmethod
-    def from_task_args(
-        cls, config: SohoConfig, task: str, task_args: dict[str, Any], load_pretrained: bool = True
-    ) -> SohoForRetrieval:
-        return cls(config, **task_args, load_pretrained=load_pretrained)
 
     def init_from_export(self, state: dict[str, torch.Tensor], directory: str | Path) -> None:
         """When the export has them: the pre-trained ITM head (``itm_head.*`` keys) and the pre-training ITC
