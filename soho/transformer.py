@@ -1,8 +1,9 @@
 """Cross-modal transformer: [CLS] text [SEP] + visual tokens in one sequence through BERT layers.
 
-The text side uses BERT's own embeddings (word + position + token type 0); the visual side uses
-``VisualEmbeddings`` (VD codes + 2-D sinusoidal position + token type 1). The concatenated sequence runs
-through ``transformers``' ``BertEncoder`` with one additive attention mask over both parts.
+The text side uses BERT's own embeddings (``embed_text``: word + position + token type 0); the visual side
+uses ``VisualEmbeddings`` (``embed_visual``: VD codes + 2-D sinusoidal position + token type 1). Joining the
+two and their masks is ``SohoModel.fuse``'s job (the one place that does it); ``forward`` runs the joined
+sequence through ``transformers``' ``BertEncoder`` with one additive attention mask, then BERT's pooler.
 """
 
 from __future__ import annotations
@@ -29,32 +30,26 @@ class CrossModalEncoder(nn.Module):
     def word_embeddings(self) -> nn.Embedding:
         return self.bert.embeddings.word_embeddings
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        visual_tokens: torch.Tensor,
-        visual_mask: torch.Tensor,
-        grid: tuple[int, int],
-        masked_visual: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """input_ids/attention_mask (B, T); visual_tokens (B, L, C); visual_mask (B, L) bool;
-        masked_visual (B, L) bool positions replaced by the MVM mask embedding.
-        Returns (hidden (B, T+L, C), pooled (B, C) = BERT pooler (dense+tanh) over the [CLS] output)."""
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids → (B, T, C): BERT's word + position + token-type-0 embeddings."""
         if input_ids.shape[1] > self.config.max_text_len:
             raise ValueError(
                 f"input_ids has {input_ids.shape[1]} tokens; TransformerConfig.max_text_len is {self.config.max_text_len}"
             )
-        emb = self.bert.embeddings
-        text = emb(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))  # (B, T, C)
-        vis = self.visual_embeddings(
-            visual_tokens, grid, emb.token_type_embeddings, masked_visual
-        )  # (B, L, C)
-        vis = vis.to(text.dtype)
-        hidden = torch.cat([text, vis], dim=1)  # (B, T+L, C)
-        keep = torch.cat([attention_mask.to(torch.bool), visual_mask.to(torch.bool)], dim=1)  # (B, T+L)
-        # Additive mask (B, 1, 1, T+L): 0 where attended, dtype-min on padding; accepted by eager and sdpa.
-        additive = (~keep)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min
-        hidden = self.bert.encoder(hidden, attention_mask=additive)[0]
-        pooled = self.bert.pooler(hidden)
-        return hidden, pooled
+        return self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+
+    def embed_visual(
+        self, visual_tokens: torch.Tensor, grid: tuple[int, int], masked_visual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, L, C) VD tokens → (B, L, C): + 2-D position + token-type-1 embedding; ``masked_visual`` (B, L)
+        bool positions are replaced by the MVM mask embedding."""
+        return self.visual_embeddings(visual_tokens, grid, self.bert.embeddings.token_type_embeddings, masked_visual)
+
+    def forward(self, embeddings: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT layers over an already joined sequence: embeddings (B, N, C), keep (B, N) bool (False =
+        padding, never attended). Returns (hidden (B, N, C), pooled (B, C) = BERT pooler (dense + tanh)
+        over position 0). ``SohoModel.fuse`` is the one caller: it builds the [text; visual] sequence."""
+        # Additive mask (B, 1, 1, N): 0 where attended, dtype-min on padding; accepted by eager and sdpa.
+        additive = (~keep)[:, None, None, :].to(embeddings.dtype) * torch.finfo(embeddings.dtype).min
+        hidden = self.bert.encoder(embeddings, attention_mask=additive)[0]
+        return hidden, self.bert.pooler(hidden)

@@ -1,19 +1,22 @@
 """Task models: SOHO backbone + a task head, each computing its loss when labels are given.
 
-- ``SohoForVQA``: MLP over [CLS] → answer vocabulary, BCE with soft scores.
-- ``SohoForNLVR2``: each image of the pair with the statement; the two [CLS] outputs joined → true/false.
-- ``SohoForSNLIVE``: image premise + hypothesis → entailment / neutral / contradiction.
+- ``SohoForPooledClassification``: an MLP over the pooled [CLS] output of the joint pass, for
+  - ``task="vqa"``: answer vocabulary, binary cross-entropy against soft scores (multi-label);
+  - ``task="snli_ve"``: image premise + hypothesis → entailment / neutral / contradiction (cross-entropy);
+  - ``task="nlvr2"``: each image of a pair with the statement, the two pooled outputs joined → true/false.
 - ``SohoForRetrieval``: the pre-training ITM head ranks pairs; a light contrastive projection of
   single-modality features (an image-only and a text-only pass through the same transformer) prefilters.
 
-All are built from a pre-training export with ``from_backbone(dir, ...)`` (the ``soho.*`` weights of a
-``SohoForPretraining`` or ``SohoModel`` directory) and saved/loaded as ``config.json`` + ``model.safetensors``
-like the backbone, so ``SohoModel.from_pretrained`` also reads a fine-tuned directory.
+Every joint pass goes through ``SohoModel.fuse``. Build a task model with ``new_task_model(task, config,
+...)``, or from a pre-training export with ``task_model_from_backbone(task, dir, ...)`` (the ``soho.*``
+weights of a ``SohoForPretraining`` or ``SohoModel`` directory); ``save_pretrained`` writes ``config.json`` +
+``model.safetensors`` with ``soho.serialization`` like the backbone (so ``SohoModel.from_pretrained`` also
+reads a fine-tuned directory), and ``load_task_model(dir)`` loads any of them, those written by earlier
+versions (``SohoForVQA`` / ``SohoForNLVR2`` / ``SohoForSNLIVE`` class tags) included.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,30 +24,30 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from soho.config import SohoConfig
 from soho.downstream.heads import ContrastiveProjection, MLPClassifier, info_nce_loss, vqa_bce_loss
 from soho.heads import ITMHead
-from soho.modeling import SohoModel
+from soho.modeling import SohoModel, VisualTokens
+from soho.serialization import read_model, save_model, sub_state
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "TaskOutput",
+    "TaskModel",
     "VisualTokens",
-    "SohoForVQA",
-    "SohoForNLVR2",
-    "SohoForSNLIVE",
+    "PooledTask",
+    "POOLED_TASKS",
+    "SohoForPooledClassification",
     "SohoForRetrieval",
     "RetrievalOutput",
     "TASK_MODELS",
+    "new_task_model",
+    "task_model_from_backbone",
     "load_task_model",
 ]
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 @dataclass
@@ -53,8 +56,10 @@ class TaskOutput:
     loss: torch.Tensor | None = None
 
 
-class _TaskModel(nn.Module):
-    """Shared persistence: the SOHO config, the task's own arguments, fp32 safetensors (no pickle)."""
+class TaskModel(nn.Module):
+    """A SOHO backbone (``self.soho``) + a task head. Subclasses name their task (``self.task``) and the class
+    tag and keyword arguments their saved directory records (``saved_class``, ``task_args``), and rebuild
+    from those in ``from_task_args``."""
 
     task: str = ""
 
@@ -63,85 +68,105 @@ class _TaskModel(nn.Module):
         self.config = config
         self.soho = SohoModel(config, load_pretrained=load_pretrained)
 
+    @property
+    def saved_class(self) -> str:
+        return type(self).__name__
+
     def task_args(self) -> dict[str, Any]:
         return {}
 
+    @classmethod
+    def from_task_args(
+        cls, config: SohoConfig, task: str, task_args: dict[str, Any], load_pretrained: bool = True
+    ) -> TaskModel:
+        """The model a saved directory describes (before its weights are loaded): by default
+        ``cls(config, **task_args)``."""
+        return cls(config, **task_args, load_pretrained=load_pretrained)
+
+    def init_from_export(self, state: dict[str, torch.Tensor], directory: str | Path) -> None:
+        """Hook of ``from_backbone``: take task weights from a pre-training export's state (default none)."""
+
     def save_pretrained(self, directory: str | Path) -> Path:
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {k: (v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()).contiguous()
-                   for k, v in self.state_dict().items()}  # fmt: skip
-        save_file(
-            tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "soho_class": type(self).__name__}
-        )
-        meta = {"soho_class": type(self).__name__, "task": self.task, "task_args": self.task_args(),
-                "config": self.config.to_dict()}  # fmt: skip
-        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        return out
+        return save_model(directory, self, self.config, self.saved_class, task=self.task, task_args=self.task_args())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> _TaskModel:
-        meta, state = _read_dir(directory)
-        if meta.get("task") != cls.task:
-            raise ValueError(f"{directory}: holds task {meta.get('task')!r}, not {cls.task!r}")
-        model = cls(SohoConfig.from_dict(meta["config"]), **meta.get("task_args", {}), load_pretrained=False)
-        model.load_state_dict(state, strict=True)
-        return model
+    def from_pretrained(cls, directory: str | Path) -> TaskModel:
+        """A task model saved by ``save_pretrained`` (or by an earlier version), if it is one of this class."""
+        return _load_task_model(directory, cls)
 
     @classmethod
-    def from_backbone(cls, directory: str | Path, **task_args: Any) -> _TaskModel:
-        """A fresh task head on the SOHO backbone of a pre-training export (heads of the export dropped,
-        except the ITM head for retrieval, which `SohoForRetrieval` overrides)."""
-        backbone = SohoModel.from_pretrained(directory)
-        model = cls(backbone.config, **task_args, load_pretrained=False)
+    def from_backbone(cls, directory: str | Path, *args: Any, **kwargs: Any) -> TaskModel:
+        """A fresh task head (``cls(config, *args, **kwargs)``) on the SOHO backbone of a pre-training export;
+        the export's heads are dropped unless ``init_from_export`` takes them (retrieval: ITM + ITC)."""
+        config, _, state = read_model(directory)
+        backbone = SohoModel.from_state(config, state)  # built before the head: seeded head inits stay as they were
+        model = cls(backbone.config, *args, **kwargs, load_pretrained=False)
         model.soho.load_state_dict(backbone.state_dict(), strict=True)
+        model.init_from_export(state, directory)
         return model
 
 
-def _read_dir(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    d = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{directory}: missing {name}")
-    meta = json.loads((d / CONFIG_NAME).read_text())
-    if "config" not in meta:
-        raise ValueError(f"{d / CONFIG_NAME}: not a SOHO config (no 'config' key)")
-    return meta, load_file(str(d / WEIGHTS_NAME))
+@dataclass(frozen=True)
+class PooledTask:
+    """What differs between the pooled-classification tasks."""
+
+    name: str
+    saved_class: str
+    """The ``soho_class`` tag of its saved directories (the class name earlier versions had)."""
+    labels_arg: str | None
+    """Key of the label count in the saved ``task_args`` (None: fixed at ``default_labels``)."""
+    default_labels: int | None
+    loss: str
+    """"bce": multi-label against soft scores (B, num_labels); "ce": one class id per row (B,)."""
+    images_per_text: int
+    """Images fused with each text; their pooled outputs are joined before the classifier."""
 
 
-class SohoForVQA(_TaskModel):
-    task = "vqa"
+POOLED_TASKS: dict[str, PooledTask] = {
+    "vqa": PooledTask("vqa", "SohoForVQA", "num_answers", None, "bce", 1),
+    "snli_ve": PooledTask("snli_ve", "SohoForSNLIVE", "num_labels", 3, "ce", 1),
+    "nlvr2": PooledTask("nlvr2", "SohoForNLVR2", None, 2, "ce", 2),
+}
 
-    def __init__(self, config: SohoConfig, num_answers: int, load_pretrained: bool = True) -> None:
+
+class SohoForPooledClassification(TaskModel):
+    """MLP over the pooled [CLS] output(s) of the joint pass → ``num_labels`` logits (VQA, SNLI-VE, NLVR2).
+
+    With ``images_per_text`` = k > 1 (NLVR2: k = 2), image rows (k·i … k·i+k−1) are fused each with text i and
+    their pooled outputs joined (B, k·C) before the classifier."""
+
+    def __init__(
+        self, config: SohoConfig, task: str, num_labels: int | None = None, load_pretrained: bool = True
+    ) -> None:
+        if task not in POOLED_TASKS:
+            raise ValueError(f"SohoForPooledClassification: task={task!r}, expected one of {sorted(POOLED_TASKS)}")
+        spec = POOLED_TASKS[task]
+        if spec.labels_arg is None and num_labels not in (None, spec.default_labels):
+            raise ValueError(f"task {task!r} has {spec.default_labels} labels, got num_labels={num_labels}")
+        num_labels = spec.default_labels if num_labels is None else num_labels
+        if num_labels is None:
+            raise ValueError(f"task {task!r} needs num_labels (the answer vocabulary size)")
         super().__init__(config, load_pretrained)
-        self.num_answers = num_answers
-        self.head = MLPClassifier(config.transformer.hidden_size, num_answers)
+        self.task, self.spec, self.num_labels = task, spec, num_labels
+        self.head = MLPClassifier(spec.images_per_text * config.transformer.hidden_size, num_labels)
+
+    @property
+    def saved_class(self) -> str:
+        return self.spec.saved_class
 
     def task_args(self) -> dict[str, Any]:
-        return {"num_answers": self.num_answers}
+        return {} if self.spec.labels_arg is None else {self.spec.labels_arg: self.num_labels}
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        pixel_mask: torch.Tensor | None,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        target_scores: torch.Tensor | None = None,
-    ) -> TaskOutput:
-        """target_scores (B, num_answers): soft VQA scores; logits (B, num_answers)."""
-        logits = self.head(self.soho(pixel_values, pixel_mask, input_ids, attention_mask).pooled)
-        loss = None if target_scores is None else vqa_bce_loss(logits, target_scores)
-        return TaskOutput(logits, loss)
-
-
-class SohoForNLVR2(_TaskModel):
-    """NLVR2: images come in pairs, rows (2i, 2i+1) = (left, right) of statement i."""
-
-    task = "nlvr2"
-
-    def __init__(self, config: SohoConfig, load_pretrained: bool = True) -> None:
-        super().__init__(config, load_pretrained)
-        self.head = MLPClassifier(2 * config.transformer.hidden_size, 2)
+    @classmethod
+    def from_task_args(
+        cls, config: SohoConfig, task: str, task_args: dict[str, Any], load_pretrained: bool = True
+    ) -> SohoForPooledClassification:
+        labels_arg = POOLED_TASKS[task].labels_arg
+        unknown = sorted(set(task_args) - {labels_arg})
+        if unknown:
+            raise ValueError(f"task {task!r}: unknown task_args {unknown}")
+        num_labels = task_args.get(labels_arg) if labels_arg is not None else None
+        return cls(config, task, num_labels, load_pretrained=load_pretrained)
 
     def forward(
         self,
@@ -151,76 +176,24 @@ class SohoForNLVR2(_TaskModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> TaskOutput:
-        """pixel_values (2B, 3, H, W); input_ids (B, T); labels (B,) 1 = true."""
-        b = input_ids.shape[0]
-        if pixel_values.shape[0] != 2 * b:
+        """pixel_values (k·B, 3, H, W); input_ids (B, T); labels: (B, num_labels) soft scores for "bce"
+        (VQA), (B,) class ids for "ce" (NLVR2: 1 = true). Logits (B, num_labels)."""
+        b, k = input_ids.shape[0], self.spec.images_per_text
+        if pixel_values.shape[0] != k * b:
             raise ValueError(
-                f"NLVR2 needs two images per statement: {pixel_values.shape[0]} images, {b} statements"
+                f"{self.task}: needs {k} image(s) per text: {pixel_values.shape[0]} images, {b} texts"
             )
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        ids, am = input_ids.repeat_interleave(2, dim=0), attention_mask.repeat_interleave(2, dim=0)  # (2B, T)
-        pooled = self.soho(pixel_values, pixel_mask, ids, am).pooled  # (2B, C)
-        logits = self.head(pooled.reshape(b, -1))  # (B, 2C) → (B, 2)
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
-        return TaskOutput(logits, loss)
-
-
-class SohoForSNLIVE(_TaskModel):
-    task = "snli_ve"
-
-    def __init__(self, config: SohoConfig, num_labels: int = 3, load_pretrained: bool = True) -> None:
-        super().__init__(config, load_pretrained)
-        self.num_labels = num_labels
-        self.head = MLPClassifier(config.transformer.hidden_size, num_labels)
-
-    def task_args(self) -> dict[str, Any]:
-        return {"num_labels": self.num_labels}
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        pixel_mask: torch.Tensor | None,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-    ) -> TaskOutput:
-        logits = self.head(self.soho(pixel_values, pixel_mask, input_ids, attention_mask).pooled)
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
-        return TaskOutput(logits, loss)
-
-
-@dataclass
-class VisualTokens:
-    """VD-quantized visual tokens of a set of images, reusable across many texts (retrieval caches them)."""
-
-    tokens: torch.Tensor  # (N, L, C)
-    mask: torch.Tensor  # (N, L) bool
-    grid: tuple[int, int]
-
-    def __getitem__(self, index: torch.Tensor | slice) -> VisualTokens:
-        return VisualTokens(self.tokens[index], self.mask[index], self.grid)
-
-    def regrid(self, grid: tuple[int, int]) -> VisualTokens:
-        """Place the (h, w) token grid in the top-left of a larger (H, W) grid, the rest masked — the layout
-        that padding the images bottom/right to a common size gives — so batches of different sizes concat."""
-        (h, w), (hh, ww) = self.grid, grid
-        if (h, w) == (hh, ww):
-            return self
-        if hh < h or ww < w:
-            raise ValueError(f"cannot regrid {h}×{w} visual tokens into a smaller {hh}×{ww} grid")
-        n, _, c = self.tokens.shape
-        tokens = self.tokens.new_zeros(n, hh, ww, c)
-        mask = self.mask.new_zeros(n, hh, ww)
-        tokens[:, :h, :w] = self.tokens.view(n, h, w, c)
-        mask[:, :h, :w] = self.mask.view(n, h, w)
-        return VisualTokens(tokens.view(n, hh * ww, c), mask.view(n, hh * ww), (hh, ww))
-
-    @staticmethod
-    def cat(parts: list[VisualTokens]) -> VisualTokens:
-        grid = (max(p.grid[0] for p in parts), max(p.grid[1] for p in parts))
-        parts = [p.regrid(grid) for p in parts]
-        return VisualTokens(torch.cat([p.tokens for p in parts]), torch.cat([p.mask for p in parts]), grid)
+        if k > 1:  # (k·B, T): text i beside each of its k images
+            input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
+        pooled = self.soho(pixel_values, pixel_mask, input_ids, attention_mask).pooled  # (k·B, C)
+        logits = self.head(pooled.reshape(b, -1))  # (B, k·C) → (B, num_labels)
+        if labels is None:
+            return TaskOutput(logits)
+        if self.spec.loss == "bce":
+            return TaskOutput(logits, vqa_bce_loss(logits, labels))
+        return TaskOutput(logits, F.cross_entropy(logits.float(), labels))
 
 
 @dataclass
@@ -231,7 +204,7 @@ class RetrievalOutput:
     itm_acc: torch.Tensor
 
 
-class SohoForRetrieval(_TaskModel):
+class SohoForRetrieval(TaskModel):
     """Image-text retrieval: ITM score for ranking, contrastive projections for the prefilter.
 
     Training (`forward`) adds to the ITM loss an in-batch InfoNCE loss on the projections and mines the ITM
@@ -251,31 +224,25 @@ class SohoForRetrieval(_TaskModel):
     def task_args(self) -> dict[str, Any]:
         return {"embed_dim": self.embed_dim}
 
-    @classmethod
-    def from_backbone(cls, directory: str | Path, **task_args: Any) -> SohoForRetrieval:
-        """Backbone and, when the export has them, the pre-trained ITM head (``itm_head.*`` keys) and the
-        pre-training ITC projection (``itc.*``, when ``pretrain.itc_weight`` > 0 and its width equals
-        ``embed_dim``) as the prefilter's starting point."""
-        model = super().from_backbone(directory, **task_args)
-        _, state = _read_dir(directory)
-        itm = {k[len("itm_head.") :]: v for k, v in state.items() if k.startswith("itm_head.")}
+    def init_from_export(self, state: dict[str, torch.Tensor], directory: str | Path) -> None:
+        """When the export has them: the pre-trained ITM head (``itm_head.*`` keys) and the pre-training ITC
+        projection (``itc.*``, when ``pretrain.itc_weight`` > 0 and its width equals ``embed_dim``) as the
+        prefilter's starting point."""
+        itm = sub_state(state, "itm_head.")
         if itm:
-            model.itm_head.load_state_dict(itm, strict=True)
+            self.itm_head.load_state_dict(itm, strict=True)
         else:
             logger.warning("%s has no ITM head; retrieval starts from a random one", directory)
-        itc = {k[len("itc.") :]: v for k, v in state.items() if k.startswith("itc.")}
-        if itc and itc["image_proj.weight"].shape[0] == model.embed_dim:
-            model.projection.load_state_dict(itc, strict=True)
+        itc = sub_state(state, "itc.")
+        if itc and itc["image_proj.weight"].shape[0] == self.embed_dim:
+            self.projection.load_state_dict(itc, strict=True)
         elif itc:
             logger.warning("%s: ITC width %d != embed_dim %d; the prefilter projection starts random",
-                           directory, itc["image_proj.weight"].shape[0], model.embed_dim)
-        return model  # type: ignore[return-value]
+                           directory, itc["image_proj.weight"].shape[0], self.embed_dim)
 
     # -- pieces -------------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None) -> VisualTokens:
-        features, mask, grid = self.soho.encode_image_grid(pixel_values, pixel_mask)
-        vd = self.soho.visual_dictionary(features, mask)
-        return VisualTokens(vd.quantized, mask, grid)
+        return self.soho.encode_visual(pixel_values, pixel_mask).visual
 
     def image_embedding(self, visual: VisualTokens) -> torch.Tensor:
         """Image-only pass (``SohoModel.image_only``) → projection (N, D)."""
@@ -336,18 +303,44 @@ class SohoForRetrieval(_TaskModel):
         return RetrievalOutput(itm_loss + itc_loss, itm_loss, itc_loss, itm_acc)
 
 
-TASK_MODELS: dict[str, type[_TaskModel]] = {
-    "vqa": SohoForVQA,
-    "nlvr2": SohoForNLVR2,
-    "snli_ve": SohoForSNLIVE,
+TASK_MODELS: dict[str, type[TaskModel]] = {
+    **{task: SohoForPooledClassification for task in POOLED_TASKS},
     "retrieval": SohoForRetrieval,
 }
+"""Task name → its class (recorded as ``task`` in every saved task directory)."""
 
 
-def load_task_model(directory: str | Path) -> _TaskModel:
-    """Any fine-tuned task model saved by `save_pretrained`, dispatched on its recorded task."""
-    meta, _ = _read_dir(directory)
+def new_task_model(task: str, config: SohoConfig, load_pretrained: bool = True, **kwargs: Any) -> TaskModel:
+    """A fresh task model: ``num_labels`` for "vqa" (the answer vocabulary size; optional for "snli_ve" and
+    "nlvr2"), ``embed_dim`` for "retrieval"."""
+    if task in POOLED_TASKS:
+        return SohoForPooledClassification(config, task, load_pretrained=load_pretrained, **kwargs)
+    if task == "retrieval":
+        return SohoForRetrieval(config, load_pretrained=load_pretrained, **kwargs)
+    raise ValueError(f"unknown task {task!r}: expected one of {sorted(TASK_MODELS)}")
+
+
+def task_model_from_backbone(task: str, directory: str | Path, **kwargs: Any) -> TaskModel:
+    """``new_task_model``'s model on the SOHO backbone of the pre-training export in ``directory``."""
+    if task in POOLED_TASKS:
+        return SohoForPooledClassification.from_backbone(directory, task, **kwargs)
+    if task == "retrieval":
+        return SohoForRetrieval.from_backbone(directory, **kwargs)
+    raise ValueError(f"unknown task {task!r}: expected one of {sorted(TASK_MODELS)}")
+
+
+def load_task_model(directory: str | Path) -> TaskModel:
+    """Any fine-tuned task model saved by ``save_pretrained``, dispatched on its recorded task."""
+    return _load_task_model(directory, TaskModel)
+
+
+def _load_task_model(directory: str | Path, expected: type[TaskModel]) -> TaskModel:
+    config, meta, state = read_model(directory)
     task = meta.get("task")
     if task not in TASK_MODELS:
         raise ValueError(f"{directory}: not a fine-tuned SOHO task model (task={task!r})")
-    return TASK_MODELS[task].from_pretrained(directory)
+    if not issubclass(TASK_MODELS[task], expected):
+        raise ValueError(f"{directory}: holds task {task!r}, not a {expected.__name__} task")
+    model = TASK_MODELS[task].from_task_args(config, task, meta.get("task_args", {}), load_pretrained=False)
+    model.load_state_dict(state, strict=True)
+    return model
