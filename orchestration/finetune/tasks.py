@@ -31,7 +31,7 @@ from orchestration.finetune.config import FinetuneConfig
 from orchestration.runtime.evaluation import batch_to, chunks, evaluate_retrieval, progress_bar
 from soho import get_preset
 from soho.downstream.metrics import accuracy, vqa_soft_accuracy
-from soho.downstream.modeling import TASK_MODELS
+from soho.downstream.modeling import new_task_model, task_model_from_backbone
 from soho.downstream.vqa import AnswerVocab
 
 Stats = dict[str, float]
@@ -42,7 +42,7 @@ class Task:
     """One downstream task. ``read(cfg, split)``: its examples ("train" | "eval"); ``collate(collator,
     examples, seed, epoch)``: a training batch; ``loss(model, batch, vocab, generator)``: (loss, stats);
     ``evaluate(cfg, model, collator, examples, vocab, device, dtype)``: its figures; ``model_args(vocab)``:
-    keyword arguments of its model class (``soho.downstream.modeling.TASK_MODELS[name]``)."""
+    keyword arguments of its model (``soho.downstream.modeling.new_task_model(name, ...)``)."""
 
     name: str
     read: Callable[[FinetuneConfig, str], list[Any]]
@@ -115,7 +115,7 @@ def _vqa_loss(model: Any, batch: dict[str, Any], vocab: AnswerVocab | None,
               generator: torch.Generator) -> tuple[torch.Tensor, Stats]:
     assert vocab is not None
     target = torch.stack([vocab.target_scores(a) for a in batch["answers"]]).to(batch["input_ids"].device)
-    out = model(*_inputs(batch), target_scores=target)
+    out = model(*_inputs(batch), labels=target)
     return out.loss, {"loss": out.loss.item()}
 
 
@@ -212,7 +212,7 @@ def _evaluate_retrieval(cfg: FinetuneConfig, model: Any, collator: TaskCollator,
 # --- the registry -------------------------------------------------------------------------------------
 TASKS: dict[str, Task] = {
     "vqa": Task("vqa", _read_vqa, lambda c, chunk, seed, epoch: collate_vqa(c, chunk), _vqa_loss, _evaluate_vqa,
-                model_args=lambda vocab: {"num_answers": len(vocab)} if vocab is not None else {},
+                model_args=lambda vocab: {"num_labels": len(vocab)} if vocab is not None else {},
                 needs_vocab=True),
     "nlvr2": Task("nlvr2", _jsonl_reader("nlvr2", read_nlvr2), lambda c, chunk, seed, epoch: collate_nlvr2(c, chunk),
                   _classification_loss, _evaluate_classification),
@@ -226,7 +226,8 @@ TASKS: dict[str, Task] = {
 def build_task_model(cfg: FinetuneConfig, vocab: AnswerVocab | None) -> torch.nn.Module:
     """The task's model: its head on the pre-training export ``--init`` (or from scratch with ``--preset``);
     the same seed on every rank gives every rank the same head."""
-    cls = TASK_MODELS[cfg.task]
     args = TASKS[cfg.task].model_args(vocab)
     torch.manual_seed(cfg.seed)
-    return cls.from_backbone(cfg.init, **args) if cfg.init else cls(get_preset(cfg.preset), **args)
+    if cfg.init:
+        return task_model_from_backbone(cfg.task, cfg.init, **args)
+    return new_task_model(cfg.task, get_preset(cfg.preset), **args)

@@ -142,8 +142,7 @@ def pretraining_retrieval_eval(
         parts = []
         for chunk in chunks(images, batch_size):
             b = batch_to(collator.images([im.image_path for im in chunk]), torch.device(device), torch.float32)
-            feats, mask, grid = soho.encode_image_grid(b["pixel_values"], b["pixel_mask"])
-            parts.append(VisualTokens(soho.visual_dictionary(feats, mask).quantized, mask, grid))
+            parts.append(soho.encode_visual(b["pixel_values"], b["pixel_mask"]).visual)
         visual = VisualTokens.cat(parts)
         texts, owner = flatten_captions(images, 1)
         text = {k: v.to(device) for k, v in collator.texts(texts).items()}

@@ -24,7 +24,7 @@ from orchestration.finetune.launch import main as finetune_main
 from orchestration.finetune.tasks import evaluate_classification
 from orchestration.finetune.worker import finetune_worker
 from orchestration.runtime.evaluation import encode_retrieval_set, evaluate_retrieval
-from soho.downstream.modeling import SohoForRetrieval, SohoForSNLIVE, load_task_model
+from soho.downstream.modeling import SohoForPooledClassification, SohoForRetrieval, load_task_model
 from soho.downstream.retrieval import exhaustive_retrieval, prefilter_rerank_retrieval
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def test_snli_ve_through_deepspeed_and_cli_evaluate(synthetic: dict, tmp_path: P
     print(f"snli_ve (deepspeed): loss {first:.3f} -> {last:.3f}; eval {res['eval']}")
     assert last < first
     model = load_task_model(tmp_path / "ft" / "model")
-    assert isinstance(model, SohoForSNLIVE)
+    assert isinstance(model, SohoForPooledClassification) and model.task == "snli_ve"
     ev = evaluate_main(["--task", "snli_ve", "--checkpoint", str(tmp_path / "ft" / "model"), "--data",
                         synthetic["downstream"], "--output", str(tmp_path / "ev"), "--image-size", "64"])  # fmt: skip
     assert ev["eval"] == res["eval"]  # the saved model reproduces the in-run evaluation exactly
