@@ -466,8 +466,8 @@ class StorageStore:
         self.root = f"{root.rstrip('/')}/{run_name}/checkpoints"
         self.keep, self.rank, self.world_size = keep, rank, world_size
         self._barrier = barrier or (lambda: None)
-        protocols = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
-        self._is_local = "file" in protocols
+        self._is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
+                                    else (self.fs.protocol,))
         self.staging: Staging | None = staging or Staging(storage_path, run_name, rank)
 
     def describe(self) -> str:

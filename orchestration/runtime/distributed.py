@@ -117,8 +117,8 @@ def consolidated_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     module = unwrap(engine)
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
-        sharded = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
-        full = safe_get_full_fp32_param(p) if sharded else None
+        full = (safe_get_full_fp32_param(p)
+                if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() else None)
         if full is None:
             if hasattr(p, "ds_id"):  # ZeRO-3 partitioned parameter without a master copy
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
