@@ -43,9 +43,11 @@ def recipe_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run = RunConfig.from_dict({**load_yaml(config), "synthetic_pairs": RECIPE_PAIRS}, source=str(config))
     hcfg = HeldoutConfig.from_run_config(run, num_candidates=100, cache_dir=str(cache))
     images, data_url = prepare_heldout(hcfg)
-    run_train(["--config", str(config), "--max-steps", str(RECIPE_STEPS), "--synthetic-pairs", str(RECIPE_PAIRS),
-               "--data", data_url, "--eval-every", "0", "--storage-path", str(tmp), "--run-name", "recipe",
+    run_train(["--config", str(config), "--max-steps", str(RECIPE_STEPS),
+               "--synthetic-pairs", str(RECIPE_PAIRS), "--data", data_url, "--eval-every", "0",
+               "--storage-path", str(tmp), "--run-name", "recipe",
                "--metrics-port", "-1", "--checkpoint-every", str(RECIPE_STEPS)],
               cache, timeout=2400)  # generous: a busy shared machine runs 3-5x slower than a quiet one
-    return {"model_dir": tmp / "recipe" / "final_model", "history": run_history(tmp, "recipe"), "heldout_cfg": hcfg,
-            "heldout_images": images, "data_root": heldout_data_dir(hcfg), "steps": RECIPE_STEPS}
+    return {"model_dir": tmp / "recipe" / "final_model", "history": run_history(tmp, "recipe"),
+            "heldout_cfg": hcfg, "heldout_images": images, "data_root": heldout_data_dir(hcfg),
+            "steps": RECIPE_STEPS}

@@ -60,8 +60,8 @@ class FinetuneConfig:
     progress: bool = field(default=True, metadata=opt("progress bars (rank 0)"))
     log_every: int = field(default=10, metadata=opt("log every N steps"))
     tensorboard_dir: str | None = field(
-        default=None, metadata=opt("TensorBoard events of rank 0 (finetune/* per step, finetune_eval/* at the "
-                                   "end) in DIR/<output name>-<task>/: local path or fsspec URL"))
+        default=None, metadata=opt("TensorBoard events of rank 0 (finetune/* per step, finetune_eval/* at "
+                                   "the end) in DIR/<output name>-<task>/: local path or fsspec URL"))
     optim: OptimConfig = field(default_factory=_optim_defaults)
     scale: ScaleConfig = field(default_factory=_scale_defaults)
 
@@ -80,10 +80,12 @@ class FinetuneConfig:
     def validate(self) -> None:
         need(self.task in TASK_NAMES, f"--task {self.task!r}: expected one of {TASK_NAMES}")
         need(self.engine in ENGINES, f"--engine {self.engine!r}: expected one of {ENGINES}")
-        need(self.scale.precision in ("fp32", "bf16"), f"--precision {self.scale.precision!r}: expected fp32 or bf16")
+        need(self.scale.precision in ("fp32", "bf16"),
+             f"--precision {self.scale.precision!r}: expected fp32 or bf16")
         need(not (self.task == "retrieval" and self.scale.micro_batch_size < 2),
              "retrieval fine-tuning needs --micro-batch-size ≥ 2 (in-batch negatives)")
-        need(self.scale.grad_accum == 1, "fine-tuning takes one micro-batch per optimizer step: --grad-accum 1")
+        need(self.scale.grad_accum == 1,
+             "fine-tuning takes one micro-batch per optimizer step: --grad-accum 1")
         for name in ("image_size", "max_text_len", "eval_batch_size", "log_every"):
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)!r} must be >= 1")
 

@@ -29,8 +29,8 @@ from orchestration.runtime.ray_launch import (
     worker_process_setup,
 )
 
-_PATH_FIELDS = ("init", "checkpoint", "data", "train_file", "eval_file", "train_annotations", "eval_annotations",
-                "image_dir", "output", "tensorboard_dir")
+_PATH_FIELDS = ("init", "checkpoint", "data", "train_file", "eval_file", "train_annotations",
+                "eval_annotations", "image_dir", "output", "tensorboard_dir")
 
 
 def synthetic_downstream_root(seed: int = 0) -> str:
@@ -42,7 +42,8 @@ def synthetic_downstream_root(seed: int = 0) -> str:
 
 def _ray_entry(config: dict[str, Any]) -> None:
     worker_process_setup()
-    finetune_worker(configcli.from_flat(FinetuneConfig, config["finetune_config"], source="ray train_loop_config"))
+    finetune_worker(configcli.from_flat(FinetuneConfig, config["finetune_config"],
+                                        source="ray train_loop_config"))
 
 
 def _absolute_paths(cfg: FinetuneConfig) -> FinetuneConfig:

@@ -79,10 +79,12 @@ def _read_vqa(cfg: FinetuneConfig, split: str) -> list[VQAExample]:
     return read_vqa(explicit or f"{root}/vqa/{name}_questions.json", _images(cfg), annotations)
 
 
-def _jsonl_reader(folder: str, read: Callable[[str, str], list[Any]]) -> Callable[[FinetuneConfig, str], list[Any]]:
+def _jsonl_reader(folder: str,
+                  read: Callable[[str, str], list[Any]]) -> Callable[[FinetuneConfig, str], list[Any]]:
     def reader(cfg: FinetuneConfig, split: str) -> list[Any]:
         explicit = _explicit(cfg, split)
-        return read(explicit or f"{cfg.data}/{folder}/{'train' if split == 'train' else 'dev'}.jsonl", _images(cfg))
+        return read(explicit or f"{cfg.data}/{folder}/{'train' if split == 'train' else 'dev'}.jsonl",
+                    _images(cfg))
     return reader
 
 
@@ -193,29 +195,34 @@ def _eval_kwargs(cfg: FinetuneConfig, device: torch.device, dtype: torch.dtype) 
 def _evaluate_vqa(cfg: FinetuneConfig, model: Any, collator: TaskCollator, examples: list[Any],
                   vocab: AnswerVocab | None, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     assert vocab is not None
-    return evaluate_vqa(model, collator, examples, vocab, progress=cfg.progress, **_eval_kwargs(cfg, device, dtype))
+    return evaluate_vqa(model, collator, examples, vocab, progress=cfg.progress,
+                        **_eval_kwargs(cfg, device, dtype))
 
 
 def _evaluate_classification(cfg: FinetuneConfig, model: Any, collator: TaskCollator, examples: list[Any],
-                             vocab: AnswerVocab | None, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+                             vocab: AnswerVocab | None, device: torch.device,
+                             dtype: torch.dtype) -> dict[str, Any]:
     collate = collate_nlvr2 if cfg.task == "nlvr2" else collate_snli_ve
     return evaluate_classification(model, collator, examples, collate, progress=cfg.progress,
                                    **_eval_kwargs(cfg, device, dtype))
 
 
 def _evaluate_retrieval(cfg: FinetuneConfig, model: Any, collator: TaskCollator, examples: list[Any],
-                        vocab: AnswerVocab | None, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    return evaluate_retrieval(model, collator, examples, k=cfg.retrieval_k, exhaustive=cfg.retrieval_exhaustive,
-                              **_eval_kwargs(cfg, device, dtype))
+                        vocab: AnswerVocab | None, device: torch.device,
+                        dtype: torch.dtype) -> dict[str, Any]:
+    return evaluate_retrieval(model, collator, examples, k=cfg.retrieval_k,
+                              exhaustive=cfg.retrieval_exhaustive, **_eval_kwargs(cfg, device, dtype))
 
 
 # --- the registry -------------------------------------------------------------------------------------
 TASKS: dict[str, Task] = {
-    "vqa": Task("vqa", _read_vqa, lambda c, chunk, seed, epoch: collate_vqa(c, chunk), _vqa_loss, _evaluate_vqa,
+    "vqa": Task("vqa", _read_vqa, lambda c, chunk, seed, epoch: collate_vqa(c, chunk), _vqa_loss,
+                _evaluate_vqa,
                 model_args=lambda vocab: {"num_labels": len(vocab)} if vocab is not None else {},
                 needs_vocab=True),
-    "nlvr2": Task("nlvr2", _jsonl_reader("nlvr2", read_nlvr2), lambda c, chunk, seed, epoch: collate_nlvr2(c, chunk),
-                  _classification_loss, _evaluate_classification),
+    "nlvr2": Task("nlvr2", _jsonl_reader("nlvr2", read_nlvr2),
+                  lambda c, chunk, seed, epoch: collate_nlvr2(c, chunk), _classification_loss,
+                  _evaluate_classification),
     "snli_ve": Task("snli_ve", _jsonl_reader("snli_ve", read_snli_ve),
                     lambda c, chunk, seed, epoch: collate_snli_ve(c, chunk), _classification_loss,
                     _evaluate_classification),

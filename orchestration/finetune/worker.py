@@ -1,11 +1,12 @@
-"""The fine-tuning worker: one rank's training loop for any task of :data:`orchestration.finetune.tasks.TASKS`.
+"""The fine-tuning worker: one rank's training loop for any task of
+:data:`orchestration.finetune.tasks.TASKS`.
 
 Ray-free like the pre-training loop: it runs on an existing ``torch.distributed`` process group (Ray Train's,
-torchrun's) or makes a one-process gloo group (:mod:`orchestration.runtime.distributed`), builds its engine with
-:func:`orchestration.runtime.engine.build_engine` (DeepSpeed, or plain torch with ``--engine torch``: DDP when
-world > 1), sets the learning rate per step with :mod:`orchestration.runtime.schedule`, and sums the visual
-dictionary's statistics over ranks. Rank 0 evaluates, saves the task model (``{output}/model``) and writes
-``{output}/results.json``.
+torchrun's) or makes a one-process gloo group (:mod:`orchestration.runtime.distributed`), builds its engine
+with :func:`orchestration.runtime.engine.build_engine` (DeepSpeed, or plain torch with ``--engine torch``:
+DDP when world > 1), sets the learning rate per step with :mod:`orchestration.runtime.schedule`, and sums
+the visual dictionary's statistics over ranks. Rank 0 evaluates, saves the task model (``{output}/model``)
+and writes ``{output}/results.json``.
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ class TaskBatches:
     """Endless, per-rank batches: each epoch shuffles the examples by (seed, epoch), then rank r takes every
     world-th one, so ranks see disjoint data of equal count."""
 
-    def __init__(self, cfg: FinetuneConfig, task: Task, examples: list[Any], collator: TaskCollator, rank: int,
-                 world: int) -> None:
+    def __init__(self, cfg: FinetuneConfig, task: Task, examples: list[Any], collator: TaskCollator,
+                 rank: int, world: int) -> None:
         batch = cfg.scale.micro_batch_size
         if len(examples) < batch * world:
-            raise ValueError(f"{cfg.task}: {len(examples)} training examples < micro batch {batch} × {world} workers")
+            raise ValueError(
+                f"{cfg.task}: {len(examples)} training examples < micro batch {batch} × {world} workers")
         self.cfg, self.task, self.examples, self.collator = cfg, task, examples, collator
         self.rank, self.world, self.epoch = rank, world, 0
 
@@ -70,7 +72,8 @@ class TaskBatches:
 
 
 def _collator(cfg: FinetuneConfig, model: torch.nn.Module) -> TaskCollator:
-    return TaskCollator(TaskDataConfig(max_image_side=cfg.image_size, pad_multiple=model.config.encoder.total_stride,
+    return TaskCollator(TaskDataConfig(max_image_side=cfg.image_size,
+                                       pad_multiple=model.config.encoder.total_stride,
                                        max_text_len=cfg.max_text_len))
 
 
@@ -102,7 +105,8 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     if task.needs_vocab:
         vocab = AnswerVocab.build((e.answers for e in train), cfg.vqa_min_answer_count, cfg.vqa_max_answers)
     model = build_task_model(cfg, vocab)
-    logger.info("%s: %s", cfg.task, f"backbone from {cfg.init}" if cfg.init else f"from scratch (preset {cfg.preset})")
+    logger.info("%s: %s", cfg.task,
+                f"backbone from {cfg.init}" if cfg.init else f"from scratch (preset {cfg.preset})")
     collator = _collator(cfg, model)
     if world > 1:
         model.soho.visual_dictionary.reduce_fn = sum_over_ranks
@@ -111,7 +115,8 @@ def _finetune(cfg: FinetuneConfig) -> dict[str, Any]:
     dtype = built.dtype
 
     history: list[dict[str, float]] = []
-    tb = RunLogger(run_name=f"{Path(cfg.output).name}-{cfg.task}", rank=rank, tensorboard_dir=cfg.tensorboard_dir)
+    tb = RunLogger(run_name=f"{Path(cfg.output).name}-{cfg.task}", rank=rank,
+                   tensorboard_dir=cfg.tensorboard_dir)
     batches = iter(TaskBatches(cfg, task, train, collator, rank, world))
     max_steps = cfg.optim.max_steps
     bar = tqdm(total=max_steps, desc=f"finetune {cfg.task}", leave=False) if (
@@ -173,7 +178,8 @@ def evaluate_checkpoint(cfg: FinetuneConfig) -> dict[str, Any]:
     model = model.to(device)
     t0 = time.perf_counter()
     results = {"task": cfg.task, "checkpoint": cfg.checkpoint,
-               "eval": task.evaluate(cfg, model, _collator(cfg, model), task.read(cfg, "eval"), vocab, device, dtype),
+               "eval": task.evaluate(cfg, model, _collator(cfg, model), task.read(cfg, "eval"), vocab, device,
+                                     dtype),
                "eval_seconds": time.perf_counter() - t0}
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)

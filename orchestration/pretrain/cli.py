@@ -42,10 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
         held = summary.get("heldout")
         if held:
             print(
-                f"held-out ({held['num_candidates']} scenes never trained on): ITM accuracy {held['itm_acc']:.3f} "
-                f"(chance 0.5), zero-shot R@1 text->image {held['t2i_r1']:.0f} % / image->text {held['i2t_r1']:.0f} % "
-                f"(chance {held['chance_r1']:g} %), VD usage {held['vd_usage_ratio']:.2f}, perplexity "
-                f"{held['vd_perplexity']:.1f} of {held['vd_num_codes']} codes",
+                f"held-out ({held['num_candidates']} scenes never trained on): ITM accuracy "
+                f"{held['itm_acc']:.3f} (chance 0.5), zero-shot R@1 text->image {held['t2i_r1']:.0f} % / "
+                f"image->text {held['i2t_r1']:.0f} % (chance {held['chance_r1']:g} %), VD usage "
+                f"{held['vd_usage_ratio']:.2f}, perplexity {held['vd_perplexity']:.1f} of "
+                f"{held['vd_num_codes']} codes",
                 flush=True,
             )
         print(json.dumps({k: v for k, v in summary.items() if k != "worker"}), flush=True)

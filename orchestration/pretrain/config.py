@@ -36,7 +36,8 @@ from soho.encoder import cache_file, torchvision_weights
 PRESETS = ("tiny", "small", "base")
 
 # The embedded demo's model recipe on top of the tiny preset: what configs/synthetic_cpu.yaml learned at
-# demo scale (why each one: the comments of configs/demo.yaml). Pass --model-overrides '' for the preset as is.
+# demo scale (why each one: the comments of configs/demo.yaml). Pass --model-overrides '' for the preset as
+# is.
 DEMO_MODEL_OVERRIDES = (
     "vd.restart_dead_codes=true",
     "vd.dead_code_window=20",
@@ -62,20 +63,21 @@ class RunConfig:
     backbone_weights: str | None = field(
         default=None,
         metadata=opt("initial weights of the ResNet trunk: imagenet (torchvision's IMAGENET1K_V1 through its "
-                      "weights API, as the paper; cached in $TORCH_HOME/hub/checkpoints, downloaded when missing), "
-                      "another torchvision weights name (IMAGENET1K_V2), a local state-dict file "
+                      "weights API, as the paper; cached in $TORCH_HOME/hub/checkpoints, downloaded when "
+                      "missing), another torchvision weights name (IMAGENET1K_V2), a local state-dict file "
                       "(.pt/.pth/.safetensors), or none (random init: offline machines, the CPU recipes); "
-                      "default: the preset's (small/base: imagenet; tiny: none, its trunk is not a torchvision "
-                      "ResNet)"),
+                      "default: the preset's (small/base: imagenet; tiny: none, its trunk is not a "
+                      "torchvision ResNet)"),
     )
-    vd_decay: float | None = field(default=None, metadata=opt("visual dictionary EMA decay (default: preset's)"))
+    vd_decay: float | None = field(default=None,
+                                   metadata=opt("visual dictionary EMA decay (default: preset's)"))
     model_overrides: list[str] = field(
         default_factory=lambda: list(DEMO_MODEL_OVERRIDES),
         metadata=opt("model config changes on top of the preset: comma-separated section.key=value, e.g. "
                       "vd.restart_dead_codes=true,pretrain.mvm_prob=0.3 (sections/keys of soho.SohoConfig; "
-                      "vd.enabled=false,pretrain.mvm_prob=0 is the no-visual-dictionary ablation); default: the "
-                      "demo's tiny-scale recipe (ITC term, ITM interaction head, dead-code restart, no dropout); "
-                      "'' = the preset as is"),
+                      "vd.enabled=false,pretrain.mvm_prob=0 is the no-visual-dictionary ablation); default: "
+                      "the demo's tiny-scale recipe (ITC term, ITM interaction head, dead-code restart, no "
+                      "dropout); '' = the preset as is"),
     )
     seed: int = field(default=0, metadata=opt("seed of model init, masking and data order"))
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -128,11 +130,11 @@ class RunConfig:
             raise ValueError(f"invalid run config: {exc}") from exc
         opt_, data = self.optim, self.dataset
         need(not (opt_.freeze_backbone_epochs and data.use_resampled),
-             f"freeze_backbone_epochs={opt_.freeze_backbone_epochs} counts loader epochs, but this run reads a "
-             "resampled stream (the default without --epochs), whose epoch never advances: the ResNet trunk "
-             "would stay frozen (learning rate 0) for the whole run. Give the cold start in steps instead, "
-             "freeze_backbone_steps = epochs x pairs / global batch (--freeze-backbone-steps), or train in epoch "
-             "passes with --epochs N")
+             f"freeze_backbone_epochs={opt_.freeze_backbone_epochs} counts loader epochs, but this run "
+             "reads a resampled stream (the default without --epochs), whose epoch never advances: the "
+             "ResNet trunk would stay frozen (learning rate 0) for the whole run. Give the cold start in "
+             "steps instead, freeze_backbone_steps = epochs x pairs / global batch "
+             "(--freeze-backbone-steps), or train in epoch passes with --epochs N")
         obs = self.observability
         need(not (obs.final_eval and data.data is not None),
              f"final_eval needs the embedded synthetic data, the only data with a held-out split; --data "
@@ -230,8 +232,8 @@ def resolved_config(cfg: RunConfig) -> dict[str, Any]:
             "resampled": cfg.dataset.use_resampled,
             "cold_start": {"freeze_backbone_steps": cfg.optim.freeze_backbone_steps,
                            "freeze_backbone_epochs": cfg.optim.freeze_backbone_epochs,
-                           "epochs": "real loader epochs, agreed across ranks" if cfg.optim.freeze_backbone_epochs
-                           else None},
+                           "epochs": ("real loader epochs, agreed across ranks"
+                                      if cfg.optim.freeze_backbone_epochs else None)},
             "trunk": trunk,
         },
     }

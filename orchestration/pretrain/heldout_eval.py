@@ -12,8 +12,8 @@ as the run, so the excluded scenes are exactly the ones the run trained on). On 
   :func:`orchestration.runtime.evaluation.pretraining_retrieval_eval` (batched cross-modal passes).
 * **Codebook health** at the end of training, from the visual dictionary buffers saved in the export.
 
-``python -m orchestration.pretrain.heldout_eval --model runs/x/final_model --config configs/synthetic_cpu.yaml``
-prints the figures as JSON (``--out`` writes them to a file).
+``python -m orchestration.pretrain.heldout_eval --model runs/x/final_model
+--config configs/synthetic_cpu.yaml`` prints the figures as JSON (``--out`` writes them to a file).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from soho import SohoConfig, SohoForPretraining
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_IMAGE_SIZE = 128  # the size orchestration.pretrain.launch.ensure_data renders the embedded scenes at
+# the size orchestration.pretrain.launch.ensure_data renders the embedded scenes at
+SYNTHETIC_IMAGE_SIZE = 128
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -68,12 +69,13 @@ class HeldoutConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"HeldoutConfig.{name}={getattr(self, name)}: must be >= 1")
         if self.num_candidates < 2:
-            raise ValueError("HeldoutConfig.num_candidates must be >= 2 (an ITM negative needs another image)")
+            raise ValueError(
+                "HeldoutConfig.num_candidates must be >= 2 (an ITM negative needs another image)")
 
     @classmethod
     def from_run_config(cls, run: RunConfig, **changes: Any) -> HeldoutConfig:
-        return cls(synthetic_pairs=run.dataset.synthetic_pairs, seed=run.seed, image_size=run.dataset.image_size,
-                   max_text_len=run.dataset.max_text_len, **changes)
+        return cls(synthetic_pairs=run.dataset.synthetic_pairs, seed=run.seed,
+                   image_size=run.dataset.image_size, max_text_len=run.dataset.max_text_len, **changes)
 
 
 def heldout_data_dir(cfg: HeldoutConfig) -> Path:
@@ -99,7 +101,8 @@ def prepare_heldout(cfg: HeldoutConfig) -> tuple[list[RetrievalImage], str]:
     problems: list[str] = []
     for shard in manifest["shards"]:
         with fs.open(f"{base}/{shard['name']}", "rb") as fh:
-            for raw in iter_tar(fh, shard["name"], lambda reason, detail: problems.append(f"{reason}: {detail}")):
+            for raw in iter_tar(fh, shard["name"],
+                                lambda reason, detail: problems.append(f"{reason}: {detail}")):
                 data, caption = raw.image_bytes(), raw.members.get("txt")
                 if data is None or caption is None or not _SAFE_KEY.match(raw.key):
                     problems.append(f"unusable held-out sample {raw.key!r}")
@@ -185,14 +188,15 @@ def evaluate_heldout(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage
 _PERIODIC_IMAGES: dict[str, list[RetrievalImage]] = {}
 
 
-def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any, device: torch.device | str = "cpu") -> dict[str, float]:
+def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any,
+                          device: torch.device | str = "cpu") -> dict[str, float]:
     """The ``--eval-every`` evaluation inside the pre-training loop; every rank calls it at the same step.
 
-    Rank 0 evaluates the model being trained on the first ``run.observability.eval_candidates`` held-out pairs of the
-    run's synthetic data (made once, see :func:`prepare_heldout`): ITM accuracy and exhaustive ITM retrieval
-    (recall@1/5/10 both ways), in eval mode, then back to the previous mode. Where the engine holds full
-    fp32 weights (ZeRO 0-2, fp32) the live module is used; otherwise (ZeRO-3 partitions, bf16 weights) the
-    fp32 master weights are consolidated on every rank (a collective) and rank 0 evaluates an fp32 copy.
+    Rank 0 evaluates the model being trained on the first ``run.observability.eval_candidates`` held-out pairs
+    of the run's synthetic data (made once, see :func:`prepare_heldout`): ITM accuracy and exhaustive ITM
+    retrieval (recall@1/5/10 both ways), in eval mode, then back to the previous mode. Where the engine holds
+    full fp32 weights (ZeRO 0-2, fp32) the live module is used; otherwise (ZeRO-3 partitions, bf16 weights)
+    the fp32 master weights are consolidated on every rank (a collective) and rank 0 evaluates an fp32 copy.
     Rank 0 exports the recalls as ``soho_eval_recall{direction,k}`` (0..1); the figures go to every rank
     (one broadcast, which also keeps the ranks in step). Returns the history fields:
     ``eval_{i2t,t2i}_r{1,5,10}`` (0..1, the exported values), ``eval_itm_acc``, ``eval_candidates``,
@@ -226,15 +230,17 @@ def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any, device: tor
         model.eval()
         try:
             itm = heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed, device)
-            result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size, device=device)
+            result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size,
+                                                device=device)
         finally:
             model.train(was_training)
         export_recall(metrics, result)
         record = {f"eval_{d}_r{k}": v / 100.0 for d, rec in result.recalls.items() for k, v in rec.items()}
         record.update({"eval_itm_acc": itm["itm_acc"], "eval_candidates": len(images),
                        "eval_seconds": round(time.perf_counter() - t0, 3)})
-        logger.info("held-out eval (%d candidates): ITM acc %.3f, i2t R@1 %.3f, t2i R@1 %.3f (%.1f s)", len(images),
-                    record["eval_itm_acc"], record["eval_i2t_r1"], record["eval_t2i_r1"], record["eval_seconds"])
+        logger.info("held-out eval (%d candidates): ITM acc %.3f, i2t R@1 %.3f, t2i R@1 %.3f (%.1f s)",
+                    len(images), record["eval_itm_acc"], record["eval_i2t_r1"], record["eval_t2i_r1"],
+                    record["eval_seconds"])
     if world > 1:
         box = [record]
         dist.broadcast_object_list(box, src=0)
@@ -255,21 +261,26 @@ def model_from_checkpoint(ckpt_dir: str | Path) -> Any:
     rank), loaded with ``weights_only=True``."""
     d = Path(ckpt_dir)
     state = json.loads((d / "train_state.json").read_text())
-    files = sorted(d.glob("ds/*/mp_rank_00_model_states.pt")) or sorted(d.glob("ds/mp_rank_00_model_states.pt"))
+    files = (sorted(d.glob("ds/*/mp_rank_00_model_states.pt"))
+             or sorted(d.glob("ds/mp_rank_00_model_states.pt")))
     if not files:
-        raise FileNotFoundError(f"{d}: no DeepSpeed mp_rank_00_model_states.pt (ZeRO-3 checkpoints need the export)")
+        raise FileNotFoundError(
+            f"{d}: no DeepSpeed mp_rank_00_model_states.pt (ZeRO-3 checkpoints need the export)")
     module = torch.load(files[0], map_location="cpu", weights_only=True)["module"]
     model = SohoForPretraining(SohoConfig.from_dict(state["model_config"]), load_pretrained=False)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in module.items()}, strict=True)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in module.items()},
+                          strict=True)
     return model
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(prog="python -m orchestration.pretrain.heldout_eval", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m orchestration.pretrain.heldout_eval",
+                                description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="final_model directory of a pre-training run")
     src.add_argument("--checkpoint", help="a committed checkpoint_step_* directory (mid-run, no export)")
-    p.add_argument("--config", type=Path, help="the run's YAML (synthetic_pairs, seed, image_size, max_text_len)")
+    p.add_argument("--config", type=Path,
+                   help="the run's YAML (synthetic_pairs, seed, image_size, max_text_len)")
     p.add_argument("--num-candidates", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--out", type=Path, help="also write the JSON here")

@@ -51,11 +51,13 @@ def ensure_data(cfg: RunConfig) -> str:
     into the local cache (a file lock keeps concurrent first runs from writing it twice)."""
     if cfg.dataset.data:
         return cfg.dataset.data
-    if cfg.run_final_eval or cfg.observability.eval_every:  # the same pre-training pairs plus the held-out split: made once
+    # The same pre-training pairs plus the held-out split: made once.
+    if cfg.run_final_eval or cfg.observability.eval_every:
         t0 = time.perf_counter()
-        _, manifest = prepare_heldout(HeldoutConfig.from_run_config(cfg, num_candidates=cfg.observability.eval_candidates))
-        logger.info("synthetic data with %d held-out scenes ready (%.1f s)", cfg.observability.eval_candidates,
-                    time.perf_counter() - t0)
+        _, manifest = prepare_heldout(
+            HeldoutConfig.from_run_config(cfg, num_candidates=cfg.observability.eval_candidates))
+        logger.info("synthetic data with %d held-out scenes ready (%.1f s)",
+                    cfg.observability.eval_candidates, time.perf_counter() - t0)
         return manifest
     out = synthetic_data_dir(cfg.dataset.synthetic_pairs, cfg.seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -74,10 +76,12 @@ def final_heldout_eval(cfg: RunConfig, export: Path) -> dict[str, Any] | None:
         return None
     if not export.is_dir():
         raise RuntimeError(f"--final-eval: the final checkpoint has no exported model at {export}")
-    result = evaluate_export(export, HeldoutConfig.from_run_config(cfg, num_candidates=cfg.observability.eval_candidates))
-    logger.info("held-out evaluation of the final model: ITM acc %.3f, R@1 t2i %.0f %% / i2t %.0f %% among %d, "
-                "VD usage %.2f perplexity %.1f (%.1f s)", result["itm_acc"], result["t2i_r1"], result["i2t_r1"],
-                result["num_candidates"], result["vd_usage_ratio"], result["vd_perplexity"], result["eval_seconds"])
+    result = evaluate_export(
+        export, HeldoutConfig.from_run_config(cfg, num_candidates=cfg.observability.eval_candidates))
+    logger.info("held-out evaluation of the final model: ITM acc %.3f, R@1 t2i %.0f %% / i2t %.0f %% among "
+                "%d, VD usage %.2f perplexity %.1f (%.1f s)", result["itm_acc"], result["t2i_r1"],
+                result["i2t_r1"], result["num_candidates"], result["vd_usage_ratio"], result["vd_perplexity"],
+                result["eval_seconds"])
     return result
 
 
@@ -91,8 +95,9 @@ def launch_local(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     created = ensure_process_group(cfg.scale.use_gpu)
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
-        store = StorageStore(cfg.checkpoint.storage_path, cfg.name, cfg.checkpoint.keep_checkpoints, rank=rank, world_size=world,
-                             storage_options=cfg.storage_options(), barrier=dist.barrier)
+        store = StorageStore(cfg.checkpoint.storage_path, cfg.name, cfg.checkpoint.keep_checkpoints,
+                             rank=rank, world_size=world, storage_options=cfg.storage_options(),
+                             barrier=dist.barrier)
         result = train_loop(cfg, store, data_url)
         summary: dict[str, Any] = {"worker": asdict(result)}
         if rank == 0:
@@ -103,8 +108,8 @@ def launch_local(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
                 export = latest.path / EXPORT_DIR
                 heldout = final_heldout_eval(cfg, export)
                 summary.update(write_run_artifacts(
-                    latest.state, str(export) if export.is_dir() else None, cfg.checkpoint.storage_path, cfg.name,
-                    cfg.storage_options(), time.perf_counter() - t0, heldout=heldout))
+                    latest.state, str(export) if export.is_dir() else None, cfg.checkpoint.storage_path,
+                    cfg.name, cfg.storage_options(), time.perf_counter() - t0, heldout=heldout))
                 summary["checkpoint"] = latest.source
             finally:
                 latest.cleanup()
@@ -139,9 +144,11 @@ def _storage_filesystem(cfg: RunConfig) -> Any:
 
 def ray_storage_path(cfg: RunConfig) -> str:
     if cfg.checkpoint.storage_path.startswith("s3://"):
-        return cfg.checkpoint.storage_path[len("s3://"):]  # with storage_filesystem, Ray wants the bucket/prefix path
+        # with storage_filesystem, Ray wants the bucket/prefix path
+        return cfg.checkpoint.storage_path[len("s3://"):]
     if "://" in cfg.checkpoint.storage_path:
-        raise ValueError(f"--storage-path {cfg.checkpoint.storage_path!r}: only local paths and s3:// are supported with Ray")
+        raise ValueError(f"--storage-path {cfg.checkpoint.storage_path!r}: only local paths and s3:// are "
+                         "supported with Ray")
     return os.path.abspath(cfg.checkpoint.storage_path)
 
 
@@ -169,11 +176,11 @@ def check_run_paths(cfg: RunConfig, cwd: str | None = None) -> None:
     path = cfg.checkpoint.storage_path
     if "://" not in path and not os.path.isabs(path) and in_ray_working_dir_copy(cwd):
         raise ValueError(
-            f"--storage-path {path!r} is relative and this job runs in Ray's temporary copy of its working dir "
-            f"({os.path.realpath(cwd or os.getcwd())}): checkpoints, export and summary would land where Ray "
-            "deletes them, and a relaunch could not resume. Pass an absolute path that every node reaches "
-            "(on a one-machine `ray start` cluster: --storage-path \"$PWD/runs\", expanded by your shell) or "
-            "s3://bucket/prefix, or set SOHO_STORAGE_PATH to one in the cluster's environment.")
+            f"--storage-path {path!r} is relative and this job runs in Ray's temporary copy of its working "
+            f"dir ({os.path.realpath(cwd or os.getcwd())}): checkpoints, export and summary would land "
+            "where Ray deletes them, and a relaunch could not resume. Pass an absolute path that every node "
+            "reaches (on a one-machine `ray start` cluster: --storage-path \"$PWD/runs\", expanded by your "
+            "shell) or s3://bucket/prefix, or set SOHO_STORAGE_PATH to one in the cluster's environment.")
     for name in ("storage_path", "data", "s3_endpoint_url", "tensorboard_dir"):
         value = cfg.to_dict()[name]
         if value and "://" in value:
@@ -183,10 +190,10 @@ def check_run_paths(cfg: RunConfig, cwd: str | None = None) -> None:
                 password = None
             if password:
                 raise ValueError(
-                    f"--{name.replace('_', '-')} carries a password in its URL; it would be logged and saved with "
-                    "every checkpoint. Give credentials through the environment (AWS_ACCESS_KEY_ID, "
-                    "AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or a credentials file (AWS_SHARED_CREDENTIALS_FILE, "
-                    "AWS_PROFILE).")
+                    f"--{name.replace('_', '-')} carries a password in its URL; it would be logged and "
+                    "saved with every checkpoint. Give credentials through the environment "
+                    "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or a credentials file "
+                    "(AWS_SHARED_CREDENTIALS_FILE, AWS_PROFILE).")
 
 
 def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
@@ -224,8 +231,9 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
             state = verify_local(local)
             export = local / EXPORT_DIR
             heldout = final_heldout_eval(cfg, export)
-            summary = write_run_artifacts(state, str(export) if export.is_dir() else None, cfg.checkpoint.storage_path,
-                                          cfg.name, cfg.storage_options(), time.perf_counter() - t0, heldout=heldout)
+            summary = write_run_artifacts(state, str(export) if export.is_dir() else None,
+                                          cfg.checkpoint.storage_path, cfg.name, cfg.storage_options(),
+                                          time.perf_counter() - t0, heldout=heldout)
             summary["checkpoint"] = result.checkpoint.path
             summary["train_state"] = TRAIN_STATE
         finally:

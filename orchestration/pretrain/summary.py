@@ -19,9 +19,9 @@ logger = logging.getLogger(__name__)
 
 TASKS = ("loss", "mlm", "mvm", "itm")
 # What summary.json keeps of a held-out evaluation (recalls in percent, accuracies and usage 0..1).
-HELDOUT_KEYS = ("num_candidates", "itm_acc", "itm_acc_pos", "itm_acc_neg", "t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1",
-                "i2t_r5", "i2t_r10", "chance_r1", "vd_usage_ratio", "vd_perplexity", "vd_dead_codes", "vd_num_codes",
-                "eval_seconds")
+HELDOUT_KEYS = ("num_candidates", "itm_acc", "itm_acc_pos", "itm_acc_neg", "t2i_r1", "t2i_r5", "t2i_r10",
+                "i2t_r1", "i2t_r5", "i2t_r10", "chance_r1", "vd_usage_ratio", "vd_perplexity",
+                "vd_dead_codes", "vd_num_codes", "eval_seconds")
 
 
 def _window_mean(history: list[dict[str, float]], key: str, first: bool, n: int) -> float | None:
@@ -53,7 +53,8 @@ def build_summary(state: dict[str, Any], *, wall_seconds: float, storage: dict[s
         "zero_stage": state["config"]["zero_stage"],
         "precision": state["config"]["precision"],
         "losses": losses,
-        "total_loss_fell": bool(first_total is not None and last_total is not None and last_total < first_total),
+        "total_loss_fell": bool(first_total is not None and last_total is not None
+                                and last_total < first_total),
         "final_accuracy": {k: last.get(k) for k in ("mlm_acc", "mvm_acc", "itm_acc")},
         "vd": {"usage_ratio": last.get("vd_usage"), "perplexity": last.get("vd_perplexity")},
         "samples_per_s_median": round(statistics.median(sps), 2) if sps else None,
@@ -109,8 +110,8 @@ def plot_history(history: list[dict[str, float]], heldout: dict[str, Any] | None
         acc.scatter([steps[-1]], [heldout["itm_acc"]], marker="*", s=120, color="tab:red", zorder=3,
                     label=f"held-out ITM accuracy ({heldout['itm_acc']:.2f})")
         if "t2i_r1" in heldout:
-            acc.scatter([steps[-1]], [heldout["t2i_r1"] / 100.0], marker="D", s=50, color="tab:purple", zorder=3,
-                        label=f"held-out t2i R@1 among {n} ({heldout['t2i_r1']:.0f} %)")
+            acc.scatter([steps[-1]], [heldout["t2i_r1"] / 100.0], marker="D", s=50, color="tab:purple",
+                        zorder=3, label=f"held-out t2i R@1 among {n} ({heldout['t2i_r1']:.0f} %)")
     acc.axhline(0.5, color="black", linewidth=0.6, alpha=0.4)
     acc.set_ylim(0, 1.05)
     acc.set_xlabel("step")
@@ -152,7 +153,8 @@ def write_run_artifacts(
         storage["final_model"] = f"{display}/final_model"
     summary = build_summary(state, wall_seconds=wall_seconds, storage=storage, heldout=heldout)
     if state.get("history"):
-        png = plot_history(state["history"], summary.get("heldout"))  # rendered before opening: no half-written object on error
+        # rendered before opening: no half-written object on error
+        png = plot_history(state["history"], summary.get("heldout"))
         with fs.open(f"{run_dir}/loss_curve.png", "wb") as fh:
             fh.write(png)
         summary["loss_curve"] = f"{display}/loss_curve.png"

@@ -95,7 +95,8 @@ class _NaNGradient(torch.autograd.Function):
 @dataclass
 class WorkerResult:
     """What one rank reports at the end. ``history``: this attempt's steps (the newest ``HISTORY_TAIL`` of
-    them); the run's full history is in the history log (:func:`orchestration.runtime.checkpoint.read_history`)."""
+    them); the run's full history is in the history log
+    (:func:`orchestration.runtime.checkpoint.read_history`)."""
 
     rank: int
     world_size: int
@@ -117,7 +118,8 @@ def open_run_logger(cfg: RunConfig, rank: int, start_step: int) -> RunLogger:
     tb = obs.tensorboard_dir
     opts = cfg.storage_options() if tb and get_protocol(tb) in ("s3", "s3a") else {}
     return RunLogger(run_name=cfg.name, rank=rank, tensorboard_dir=tb, wandb_project=obs.wandb_project,
-                     start_step=start_step, storage_options=opts, config={**cfg.to_dict(), "run_name": cfg.name},
+                     start_step=start_step, storage_options=opts,
+                     config={**cfg.to_dict(), "run_name": cfg.name},
                      wandb_id_seed=f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.name}")
 
 
@@ -146,9 +148,12 @@ class _Trainer:
         self.resumes: list[dict[str, int]] = []
         self.start_step = 0
         self.frozen: bool | None = None
-        self.run_logger = RunLogger(run_name=cfg.name, rank=self.rank)  # disabled until run() opens the real one
-        self.fault_site = faults.FaultSite(cfg.faults, cfg.checkpoint.storage_path, cfg.name, cfg.storage_options())
-        self._first_keys: list[str] = []  # this rank's first sample keys (tests check ranks read different data)
+        # disabled until run() opens the real one
+        self.run_logger = RunLogger(run_name=cfg.name, rank=self.rank)
+        self.fault_site = faults.FaultSite(cfg.faults, cfg.checkpoint.storage_path, cfg.name,
+                                           cfg.storage_options())
+        # this rank's first sample keys (tests check ranks read different data)
+        self._first_keys: list[str] = []
 
     # --- set-up ---------------------------------------------------------------------------------
     def build(self) -> None:
@@ -240,7 +245,8 @@ class _Trainer:
             except RuntimeError as exc:
                 raise RuntimeError(f"{ckpt.source}: {exc}") from exc
             # DeepSpeed's loader calls torch.load(weights_only=False); forced weights-only here (allow-listed
-            # DeepSpeed types), so even a file swapped after verification cannot run code. State files are JSON.
+            # DeepSpeed types), so even a file swapped after verification cannot run code. State files are
+            # JSON.
             try:
                 with weights_only_loads():
                     load_path, _ = self.engine.load_checkpoint(str(ckpt.path), tag=DS_TAG,
@@ -259,9 +265,11 @@ class _Trainer:
                 if "history" in state and not self.history_log.segments():  # a format-1 checkpoint
                     self.history_log.append([r for r in state["history"] if int(r["step"]) <= self.step])
             if tensor_sha256(visual_dictionary(self.engine).codebook) != record["vd_codebook_sha256"]:
-                raise RuntimeError(f"{ckpt.source}: visual dictionary differs from the checksum saved with it")
+                raise RuntimeError(
+                    f"{ckpt.source}: visual dictionary differs from the checksum saved with it")
             if self.rank == 0:
-                logger.info("resumed from %s at step %d (%d samples seen)", ckpt.source, self.step, self.samples_seen)
+                logger.info("resumed from %s at step %d (%d samples seen)", ckpt.source, self.step,
+                            self.samples_seen)
         finally:
             ckpt.cleanup()
 
@@ -323,7 +331,8 @@ class _Trainer:
             # some rank ran out of this epoch's data: the epoch ends on every rank at this step
             ended = self.data_epoch
             self.data_epoch += 1
-            if (limit is not None and self.data_epoch >= limit) or (limit is None and newest_epoch == _DATA_END):
+            if ((limit is not None and self.data_epoch >= limit)
+                    or (limit is None and newest_epoch == _DATA_END)):
                 if self.rank == 0:
                     logger.info("step %d: the data ended on a rank after %d epoch(s): every rank stops",
                                 self.step, self.data_epoch)
@@ -350,7 +359,8 @@ class _Trainer:
         if frozen != self.frozen:
             unwrap(self.engine).soho.set_backbone_trainable(not frozen)
             if self.rank == 0:
-                logger.info("step %d: ResNet trunk %s", self.step, "frozen (cold start)" if frozen else "trainable")
+                logger.info("step %d: ResNet trunk %s", self.step,
+                            "frozen (cold start)" if frozen else "trainable")
             self.frozen = frozen
         self.lr = apply_lr(self.engine.optimizer, self.group_specs, self.cfg.optim, self.step, frozen)
 
@@ -375,9 +385,10 @@ class _Trainer:
             loss = loss * float("nan")  # test-only fault: a poisoned batch
         if self.batches_seen in self.cfg.faults.fault_nonfinite_grad_batches:
             loss = _NaNGradient.apply(loss)  # test-only fault: finite loss, NaN gradients
-        stats = torch.stack([loss.detach().float(), out.mlm_loss.detach().float(), out.mvm_loss.detach().float(),
-                             out.itm_loss.detach().float(), out.itc_loss.detach().float(), out.mlm_acc.float(),
-                             out.mvm_acc.float(), out.itm_acc.float(), out.itc_acc.float()])
+        stats = torch.stack([loss.detach().float(), out.mlm_loss.detach().float(),
+                             out.mvm_loss.detach().float(), out.itm_loss.detach().float(),
+                             out.itc_loss.detach().float(), out.mlm_acc.float(), out.mvm_acc.float(),
+                             out.itm_acc.float(), out.itc_acc.float()])
         # One small all-reduce per micro-batch gives both the global loss for logging and the global
         # decision to skip: every rank must skip together or ZeRO's gradient reduction would deadlock.
         if self.world_size > 1:
@@ -401,8 +412,9 @@ class _Trainer:
                 del opt.step
         else:
             self.engine.step()
-        # The optimizer step ran only if the gradients were finite on every rank: ours (dropped) or DeepSpeed's
-        # own check of the all-reduced global gradient norm (ZeRO-1/2/3, bf16), which skips the step itself.
+        # The optimizer step ran only if the gradients were finite on every rank: ours (dropped) or
+        # DeepSpeed's own check of the all-reduced global gradient norm (ZeRO-1/2/3, bf16), which skips the
+        # step itself.
         self._grads_skipped = boundary and (dropped or self._engine_skipped_step())
         return stats
 
@@ -415,8 +427,9 @@ class _Trainer:
         if self.consecutive_nonfinite >= self.cfg.faults.max_consecutive_nonfinite:
             raise NonFiniteLossError(
                 f"aborting at step {self.step + 1}: {self.consecutive_nonfinite} consecutive steps had a "
-                f"non-finite loss or non-finite gradients (last: {what}; --max-consecutive-nonfinite "
-                f"{self.cfg.faults.max_consecutive_nonfinite}); lower --lr, use --precision fp32, or check the data"
+                f"non-finite loss or non-finite gradients (last: {what}; "
+                f"--max-consecutive-nonfinite {self.cfg.faults.max_consecutive_nonfinite}); lower --lr, "
+                "use --precision fp32, or check the data"
             )
 
     def _drop_nonfinite_grads(self) -> bool:
@@ -425,7 +438,8 @@ class _Trainer:
         NaN/Inf gradient (one all-reduce of a flag), every rank zeroes its gradients and the caller runs
         ``engine.step()`` with the optimizer's step disabled: neither weights nor optimizer state change."""
         if hasattr(self.engine.optimizer, "overflow"):
-            return False  # DeepSpeed's wrapper checks the global gradient norm itself (see _engine_skipped_step)
+            # DeepSpeed's wrapper checks the global gradient norm itself (see _engine_skipped_step)
+            return False
         params = [p for p in unwrap(self.engine).parameters() if p.grad is not None]
         local_ok = True
         if params:
@@ -500,7 +514,8 @@ class _Trainer:
                   "step_s": round(seconds, 4), "data_wait_s": round(wait, 4)}
         self.history.append(record)
         self.run_logger.log_step(self.step, record, itc="itc" in losses)  # TensorBoard/W&B (rank 0; opt-in)
-        if self.rank == 0 and (self.step % self.cfg.observability.log_every == 0 or self.step == 1 or self.step == self.cfg.optim.max_steps):
+        if self.rank == 0 and (self.step % self.cfg.observability.log_every == 0 or self.step == 1
+                               or self.step == self.cfg.optim.max_steps):
             itc = f" itc {vals['itc']:.4f}" if "itc" in losses else ""
             logger.info(
                 "step %d/%d  loss %.4f (mlm %.4f mvm %.4f itm %.4f%s)  itm_acc %.2f  %.1f samples/s  "
@@ -512,8 +527,8 @@ class _Trainer:
 
     # --- checkpoint ----------------------------------------------------------------------------
     def _nonfinite_weights(self) -> str:
-        """Name of the first local tensor (parameter, ZeRO-3 partition, fp32 master partition, buffer) that holds
-        NaN/Inf, or ''."""
+        """Name of the first local tensor (parameter, ZeRO-3 partition, fp32 master partition, buffer) that
+        holds NaN/Inf, or ''."""
         module = unwrap(self.engine)
         for name, p in module.named_parameters():
             t = getattr(p, "ds_tensor", None)
@@ -524,7 +539,8 @@ class _Trainer:
             if b.is_floating_point() and b.numel() and not bool(torch.isfinite(b).all()):
                 return name
         opt = self.engine.optimizer
-        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
+                     "fp32_groups_flat_partition"):
             for i, t in enumerate(getattr(opt, attr, None) or []):
                 if isinstance(t, torch.Tensor) and t.numel() and not bool(torch.isfinite(t.detach()).all()):
                     return f"optimizer.{attr}[{i}]"
@@ -559,7 +575,8 @@ class _Trainer:
                 "vd_codebook_sha256": codebook_sha,
                 "step": self.step,
                 "metrics_port": self.metrics_port,
-                "vd_buffer_dtypes": {k: str(v.dtype) for k, v in visual_dictionary(self.engine).state_dict().items()},
+                "vd_buffer_dtypes": {k: str(v.dtype)
+                                     for k, v in visual_dictionary(self.engine).state_dict().items()},
                 "param_dtype": str(next(unwrap(self.engine).parameters()).dtype),
                 "first_keys": self._first_keys,
             }, already={}, world_size=self.world_size)
@@ -581,7 +598,8 @@ class _Trainer:
         seconds = time.perf_counter() - t0
         self.metrics.observe_checkpoint(self.step, seconds)
         if self.rank == 0:
-            logger.info("checkpoint at step %d committed to %s in %.1f s", self.step, self.store.describe(), seconds)
+            logger.info("checkpoint at step %d committed to %s in %.1f s", self.step, self.store.describe(),
+                        seconds)
         faults.maybe_kill_after_checkpoint(self.fault_site, self.step, self.rank, self.under_ray)
 
     def _train_state(self, codebook_sha: str) -> dict[str, Any]:
@@ -592,7 +610,8 @@ class _Trainer:
             "config": {**self.cfg.to_dict(), "run_name": self.cfg.name},
             "model_config": self.model_cfg.to_dict(),
             "deepspeed_config": self.ds_config,
-            "history_log": f"{HISTORY_DIR}/ beside the checkpoints (orchestration.runtime.checkpoint.read_history)",
+            "history_log": f"{HISTORY_DIR}/ beside the checkpoints "
+                           "(orchestration.runtime.checkpoint.read_history)",
             "vd_codebook_sha256": codebook_sha,
             "time": time.time(),
         }
@@ -604,7 +623,8 @@ class _Trainer:
             return
         for name, p in unwrap(self.engine).named_parameters():
             if not torch.equal(state_dict[name].to(p.dtype), p.detach().cpu()):
-                raise RuntimeError(f"export: consolidated fp32 weight {name} does not match the engine's parameter")
+                raise RuntimeError(
+                    f"export: consolidated fp32 weight {name} does not match the engine's parameter")
 
     def _export(self, state_dict: dict[str, torch.Tensor], out_dir: Path) -> None:
         """Consolidated fp32 ``SohoForPretraining`` (``SohoModel.from_pretrained`` loads its backbone)."""
@@ -630,10 +650,11 @@ class _Trainer:
         while self.step < self.cfg.optim.max_steps:
             if not self.train_step():
                 if self.rank == 0:
-                    logger.info("data exhausted after %d loader epochs at step %d on every rank", self.data_epoch,
-                                self.step)
+                    logger.info("data exhausted after %d loader epochs at step %d on every rank",
+                                self.data_epoch, self.step)
                 break
-            if self.cfg.observability.eval_every and self.step % self.cfg.observability.eval_every == 0:  # held-out eval (rank 0; ranks wait)
+            # held-out eval (rank 0; ranks wait)
+            if self.cfg.observability.eval_every and self.step % self.cfg.observability.eval_every == 0:
                 figures = periodic_heldout_eval(self.cfg, self.engine, self.metrics, self.device)
                 self.history[-1].update(figures)
                 self.run_logger.log_eval(self.step, figures)
@@ -648,7 +669,8 @@ class _Trainer:
             samples_seen=self.samples_seen, nonfinite_steps=self.nonfinite_total, history=self.history,
             resumes=self.resumes, codebook_sha256=tensor_sha256(visual_dictionary(self.engine).codebook),
             metrics_port=self.metrics_port,
-            vd_buffer_dtypes={k: str(v.dtype) for k, v in visual_dictionary(self.engine).state_dict().items()},
+            vd_buffer_dtypes={k: str(v.dtype)
+                              for k, v in visual_dictionary(self.engine).state_dict().items()},
             param_dtype=str(next(unwrap(self.engine).parameters()).dtype),
         )
 
@@ -659,8 +681,10 @@ class _Trainer:
             metrics.stop_http_server()
 
 
-def train_loop(cfg: RunConfig, store: CheckpointStore, data_url: str, *, under_ray: bool = False) -> WorkerResult:
-    """Train to ``cfg.optim.max_steps`` (resuming from ``store``'s latest committed checkpoint) on this rank."""
+def train_loop(cfg: RunConfig, store: CheckpointStore, data_url: str, *,
+               under_ray: bool = False) -> WorkerResult:
+    """Train to ``cfg.optim.max_steps`` (resuming from ``store``'s latest committed checkpoint) on this
+    rank."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cfg.scale.use_gpu else "cpu")
     created = ensure_process_group(cfg.scale.use_gpu)
     trainer = _Trainer(cfg, store, data_url, under_ray)

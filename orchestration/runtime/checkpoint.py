@@ -2,7 +2,8 @@
 
 One checkpoint is one directory (merged over ranks):
 
-    ds/...                 whatever DeepSpeed's ``save_checkpoint(dir, tag="ds")`` writes (engine, ZeRO shards)
+    ds/...                 whatever DeepSpeed's ``save_checkpoint(dir, tag="ds")`` writes
+                           (engine, ZeRO shards)
     train_state.json       rank 0: step, samples seen, seeds, full run + model config (no per-step history)
     rank-00000.json …      one per rank, written LAST by that rank: its loader state, RNG state, VD checksum
                            and every file it wrote with its size and sha256 (the per-rank commit record)
@@ -139,8 +140,8 @@ def write_rank_record(local_dir: Path, rank: int, record: dict[str, Any], alread
 
 
 def _read_json_file(path: Path, missing: str, invalid: type[Exception]) -> Any:
-    """A checkpoint's JSON file (never pickle): ``IncompleteCheckpointError(missing)`` when absent, ``invalid``
-    when it does not parse."""
+    """A checkpoint's JSON file (never pickle): ``IncompleteCheckpointError(missing)`` when absent,
+    ``invalid`` when it does not parse."""
     if not path.is_file():
         raise IncompleteCheckpointError(missing)
     try:
@@ -168,10 +169,12 @@ def _check_files(ckpt_dir: Path, rank: int, files: dict[str, Any]) -> bool:
             size, digest = entry, None
         p = ckpt_dir / rel
         if ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise CorruptCheckpointError(f"{ckpt_dir}: rank {rank} lists {rel!r}, a path outside the checkpoint")
+            raise CorruptCheckpointError(
+                f"{ckpt_dir}: rank {rank} lists {rel!r}, a path outside the checkpoint")
         if not p.is_file() or p.stat().st_size != size:
             got = p.stat().st_size if p.is_file() else "missing"
-            raise IncompleteCheckpointError(f"{ckpt_dir}: {rel} of rank {rank} is {got}, expected {size} bytes")
+            raise IncompleteCheckpointError(
+                f"{ckpt_dir}: {rel} of rank {rank} is {got}, expected {size} bytes")
         if digest is None:
             hashed = False
             continue
@@ -202,7 +205,8 @@ def verify_local(ckpt_dir: Path, *, check_pickles: bool = True) -> dict[str, Any
         hashed = _check_files(ckpt_dir, rank, record["files"]) and hashed
         listed.update(record["files"])
     if not hashed:
-        logger.warning("%s: rank records without sha256 (written before format 2): sizes checked only", ckpt_dir)
+        logger.warning("%s: rank records without sha256 (written before format 2): sizes checked only",
+                       ckpt_dir)
     # Whatever would be deserialised must be covered by a record: an extra planted file is refused too.
     loadable = [rel for rel in list_files(ckpt_dir)
                 if rel == TRAIN_STATE or rel.startswith(f"{DS_TAG}/") or rel.startswith(f"{EXPORT_DIR}/")]
@@ -252,7 +256,8 @@ def check_weights_only(path: Path) -> None:
             torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as exc:
         first = str(exc).strip().splitlines()
-        reason = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+        reason = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln),
+                      first[0] if first else "")
         raise UntrustedCheckpointError(
             f"{path}: refused by the weights-only loader ({type(exc).__name__}: {reason.strip()[:300]}); "
             f"a checkpoint file must hold only tensors and DeepSpeed's allow-listed types, never code"
@@ -262,7 +267,8 @@ def check_weights_only(path: Path) -> None:
 @contextlib.contextmanager
 def weights_only_loads() -> Iterator[None]:
     """Inside: every ``torch.load`` (DeepSpeed's checkpoint engine calls it with ``weights_only=False``) runs
-    weights-only with DeepSpeed's few types allow-listed. Process-wide while active: use around a load only."""
+    weights-only with DeepSpeed's few types allow-listed. Process-wide while active: use around a load
+    only."""
     original = torch.load
 
     def forced(*args: Any, **kwargs: Any) -> Any:
@@ -321,7 +327,8 @@ class HistoryLog:
         self.dir = f"{run_dir.rstrip('/')}/{HISTORY_DIR}"
 
     @classmethod
-    def for_run(cls, storage_path: str, run_name: str, storage_options: dict[str, Any] | None = None) -> HistoryLog:
+    def for_run(cls, storage_path: str, run_name: str,
+                storage_options: dict[str, Any] | None = None) -> HistoryLog:
         fs, root = fsspec.core.url_to_fs(storage_path, **(storage_options or {}))
         return cls(fs, f"{root.rstrip('/')}/{run_name}")
 
@@ -459,7 +466,8 @@ class StorageStore:
         self.root = f"{root.rstrip('/')}/{run_name}/checkpoints"
         self.keep, self.rank, self.world_size = keep, rank, world_size
         self._barrier = barrier or (lambda: None)
-        self._is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self._is_local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
+                                    else (self.fs.protocol,))
         self.staging: Staging | None = staging or Staging(storage_path, run_name, rank)
 
     def describe(self) -> str:

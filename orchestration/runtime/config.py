@@ -48,7 +48,8 @@ def at_least(obj: Any, minimum: int, names: tuple[str, ...]) -> None:
 
 @dataclass
 class DatasetConfig:
-    """What the workers read: the shards (or the embedded synthetic data), image and text sizes, the loader."""
+    """What the workers read: the shards (or the embedded synthetic data), image and text sizes, the
+    loader."""
 
     data: str | None = field(
         default=None,
@@ -135,7 +136,8 @@ class ScaleConfig:
                       "launcher ranks from the env)", choices=LAUNCHERS),
     )
     ray_address: str | None = field(
-        default=None, metadata=opt("Ray cluster to join; default $RAY_ADDRESS, a `ray start` cluster, or a new local one")
+        default=None,
+        metadata=opt("Ray cluster to join; default $RAY_ADDRESS, a `ray start` cluster, or a new local one")
     )
     num_workers: int = field(default=2, metadata=opt("training workers (one per GPU, or CPU processes)"))
     cpus_per_worker: int = field(default=1, metadata=opt("CPU cores reserved per Ray worker"))
@@ -146,8 +148,8 @@ class ScaleConfig:
     grad_accum: int = field(default=1, metadata=opt("micro steps per optimizer step"))
     ds_cpu_shm_comm: bool = field(
         default=False,
-        metadata=opt("CPU only: let DeepSpeed JIT-compile its shared-memory all-reduce op (minutes on first use, "
-                      "one file lock for every starting worker); off = plain gloo collectives"),
+        metadata=opt("CPU only: let DeepSpeed JIT-compile its shared-memory all-reduce op (minutes on "
+                      "first use, one file lock for every starting worker); off = plain gloo collectives"),
     )
 
 
@@ -176,8 +178,8 @@ class OptimConfig:
     weight_decay: float = field(default=0.01, metadata=opt("AdamW weight decay (not on biases/norms)"))
     backbone_optimizer: str = field(
         default="adamw",
-        metadata=opt("optimizer of the ResNet trunk: adamw (one AdamW for everything) or sgd (the paper: SGD with "
-                      "momentum for the trunk, AdamW for the rest, in one hybrid optimizer)",
+        metadata=opt("optimizer of the ResNet trunk: adamw (one AdamW for everything) or sgd (the paper: "
+                      "SGD with momentum for the trunk, AdamW for the rest, in one hybrid optimizer)",
                       choices=BACKBONE_OPTIMIZERS),
     )
     backbone_momentum: float = field(default=0.9, metadata=opt("--backbone-optimizer sgd: SGD momentum"))
@@ -188,21 +190,24 @@ class OptimConfig:
     )
     adam_beta1: float = field(default=0.9, metadata=opt("AdamW beta1"))
     adam_beta2: float = field(default=0.98, metadata=opt("AdamW beta2"))
-    adam_eps: float = field(default=1e-8, metadata=opt("AdamW epsilon (added to the root of the second moment)"))
+    adam_eps: float = field(default=1e-8,
+                            metadata=opt("AdamW epsilon (added to the root of the second moment)"))
     grad_clip: float = field(default=1.0, metadata=opt("gradient norm clip (0 = off)"))
     warmup_steps: int = field(default=50, metadata=opt("linear learning-rate warm-up steps"))
     lr_schedule: str = field(
         default="cosine",
-        metadata=opt("decay after warm-up: cosine/linear to --min-lr-ratio, constant, or step (x --lr-step-gamma "
-                      "at each of --lr-milestones)", choices=LR_SCHEDULES),
+        metadata=opt("decay after warm-up: cosine/linear to --min-lr-ratio, constant, or step "
+                      "(x --lr-step-gamma at each of --lr-milestones)", choices=LR_SCHEDULES),
     )
     min_lr_ratio: float = field(default=0.1, metadata=opt("final lr as a fraction of the peak"))
     lr_milestones: list[int] = field(
         default_factory=list,
-        metadata=opt("--lr-schedule step: comma-separated optimizer steps (increasing, > 0) from which the lr is "
-                      "multiplied by --lr-step-gamma once more each (0-based step index, as torch's MultiStepLR)"),
+        metadata=opt("--lr-schedule step: comma-separated optimizer steps (increasing, > 0) from which the "
+                      "lr is multiplied by --lr-step-gamma once more each (0-based step index, as torch's "
+                      "MultiStepLR)"),
     )
-    lr_step_gamma: float = field(default=0.1, metadata=opt("--lr-schedule step: lr multiplier at each milestone"))
+    lr_step_gamma: float = field(default=0.1,
+                                 metadata=opt("--lr-schedule step: lr multiplier at each milestone"))
     freeze_backbone_epochs: int = field(
         default=0, metadata=opt("cold start: ResNet trunk frozen for the first N loader epochs")
     )
@@ -212,7 +217,8 @@ class OptimConfig:
 
 
     def __post_init__(self) -> None:
-        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
+        need(self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule={self.lr_schedule!r} must be one of {LR_SCHEDULES}")
         at_least(self, 0, ("max_steps", "warmup_steps", "freeze_backbone_epochs", "freeze_backbone_steps"))
         self._check_values()
         need(self.backbone_optimizer in BACKBONE_OPTIMIZERS,
@@ -224,7 +230,8 @@ class OptimConfig:
         need(all(a < b for a, b in zip(self.lr_milestones, self.lr_milestones[1:], strict=False)),
              f"lr_milestones={self.lr_milestones!r} must be strictly increasing")
         need(self.lr_schedule == "step" or not self.lr_milestones,
-             f"lr_milestones={self.lr_milestones!r} only apply to lr_schedule=step (got {self.lr_schedule!r})")
+             f"lr_milestones={self.lr_milestones!r} only apply to lr_schedule=step "
+             f"(got {self.lr_schedule!r})")
         need(self.lr_schedule != "step" or bool(self.lr_milestones),
              "lr_milestones must be given with lr_schedule=step (e.g. --lr-milestones 25000,35000)")
         need(0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
@@ -244,8 +251,8 @@ class OptimConfig:
             if getattr(self, name) is not None:
                 finite(name)
         need(0.0 < self.lr <= 1.0,
-             f"lr={self.lr!r} must be in (0, 1] (AdamW moves every weight by about lr per step; the recipes use "
-             "1e-4 to 1e-3): set --lr / lr, e.g. 1e-4")
+             f"lr={self.lr!r} must be in (0, 1] (AdamW moves every weight by about lr per step; the "
+             "recipes use 1e-4 to 1e-3): set --lr / lr, e.g. 1e-4")
         if self.backbone_lr is not None:
             top = 1.0 if self.backbone_optimizer == "adamw" else 10.0
             need(0.0 <= self.backbone_lr <= top,
@@ -264,7 +271,8 @@ class OptimConfig:
              f"grad_clip={self.grad_clip!r} must be >= 0 (0 = off; the paper clips at 10): set --grad-clip / "
              "grad_clip")
         need(0.0 <= self.weight_decay <= 1.0,
-             f"weight_decay={self.weight_decay!r} must be in [0, 1] (AdamW multiplies weights by 1 - lr x wd): "
+             f"weight_decay={self.weight_decay!r} must be in [0, 1] "
+             "(AdamW multiplies weights by 1 - lr x wd): "
              "set --weight-decay / weight_decay, e.g. 0.01")
         need(self.backbone_weight_decay is None or 0.0 <= self.backbone_weight_decay <= 1.0,
              f"backbone_weight_decay={self.backbone_weight_decay!r} must be in [0, 1] (the paper: 1e-4): set "
@@ -283,9 +291,10 @@ class ObservabilityConfig:
     log_every: int = field(default=20, metadata=opt("print progress every N steps (rank 0)"))
     eval_every: int = field(
         default=0,
-        metadata=opt("held-out ITM accuracy and zero-shot retrieval every N steps on rank 0 (other ranks wait), "
-                      "recorded in the step history as eval_* and exported as soho_eval_recall{direction,k}; "
-                      "needs the embedded synthetic data (its held-out split; --data unset); 0 = off"),
+        metadata=opt("held-out ITM accuracy and zero-shot retrieval every N steps on rank 0 (other ranks "
+                      "wait), recorded in the step history as eval_* and exported as "
+                      "soho_eval_recall{direction,k}; needs the embedded synthetic data (its held-out split; "
+                      "--data unset); 0 = off"),
     )
     eval_candidates: int = field(
         default=100,
@@ -294,16 +303,17 @@ class ObservabilityConfig:
     )
     final_eval: bool | None = field(
         default=None,
-        metadata=opt("after the run, evaluate the final model on --eval-candidates held-out scenes (ITM accuracy, "
-                      "zero-shot recall@1/5/10 both ways, codebook usage and perplexity) into summary.json and the "
-                      "printed summary; needs the embedded synthetic data (its held-out split); default: on when "
-                      "--data is unset"),
+        metadata=opt("after the run, evaluate the final model on --eval-candidates held-out scenes (ITM "
+                      "accuracy, zero-shot recall@1/5/10 both ways, codebook usage and perplexity) into "
+                      "summary.json and the printed summary; needs the embedded synthetic data (its held-out "
+                      "split); default: on when --data is unset"),
     )
     tensorboard_dir: str | None = field(
         default=None,
-        metadata=opt("TensorBoard event files of rank 0 (losses, accuracies, lr, codebook health, throughput, "
-                      "held-out eval) in DIR/<run name>/: a local path or any fsspec URL (s3://bucket/tb: "
-                      "written locally, uploaded at checkpoints, every minute and at the end)"),
+        metadata=opt("TensorBoard event files of rank 0 (losses, accuracies, lr, codebook health, "
+                      "throughput, held-out eval) in DIR/<run name>/: a local path or any fsspec URL "
+                      "(s3://bucket/tb: written locally, uploaded at checkpoints, every minute and at the "
+                      "end)"),
     )
     wandb_project: str | None = field(
         default=None,
@@ -336,24 +346,26 @@ class FaultConfig:
     )
     fault_kill_after_checkpoint: int | None = field(
         default=None,
-        metadata=opt(hidden=True, help="TEST ONLY: SIGKILL one worker right after the checkpoint at this step is "
-                      "committed (fires once per run)"),
+        metadata=opt(hidden=True, help="TEST ONLY: SIGKILL one worker right after the checkpoint at this "
+                      "step is committed (fires once per run)"),
     )
-    fault_kill_rank: int = field(default=1, metadata=opt(hidden=True, help="TEST ONLY: rank that the kill fault hits"))
+    fault_kill_rank: int = field(
+        default=1, metadata=opt(hidden=True, help="TEST ONLY: rank that the kill fault hits")
+    )
     fault_crash_during_checkpoint: int | None = field(
         default=None,
-        metadata=opt(hidden=True, help="TEST ONLY: SIGKILL rank 0 in the middle of writing the checkpoint at this step "
-                      "(fires once per run)"),
+        metadata=opt(hidden=True, help="TEST ONLY: SIGKILL rank 0 in the middle of writing the checkpoint at "
+                      "this step (fires once per run)"),
     )
     fault_nonfinite_batches: list[int] = field(
         default_factory=list,
-        metadata=opt(hidden=True, help="TEST ONLY: comma-separated micro-batch numbers (0-based, over the run) whose "
-                      "loss is made NaN"),
+        metadata=opt(hidden=True, help="TEST ONLY: comma-separated micro-batch numbers (0-based, over the "
+                      "run) whose loss is made NaN"),
     )
     fault_nonfinite_grad_batches: list[int] = field(
         default_factory=list,
-        metadata=opt(hidden=True, help="TEST ONLY: comma-separated micro-batch numbers (0-based, over the run) whose loss "
-                      "stays finite but whose gradients are made NaN"),
+        metadata=opt(hidden=True, help="TEST ONLY: comma-separated micro-batch numbers (0-based, over the "
+                      "run) whose loss stays finite but whose gradients are made NaN"),
     )
 
     def __post_init__(self) -> None:

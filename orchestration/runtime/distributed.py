@@ -85,7 +85,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch"])), dtype=torch.uint8))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])), dtype=torch.uint8))
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["cuda"])),
+                                                  dtype=torch.uint8))
 
 
 def step_generator(seed: int, batch_index: int, rank: int) -> torch.Generator:
@@ -116,7 +117,8 @@ def consolidated_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
     module = unwrap(engine)
     out: dict[str, torch.Tensor] = {}
     for name, p in module.named_parameters():
-        full = safe_get_full_fp32_param(p) if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() else None
+        full = (safe_get_full_fp32_param(p)
+                if engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() else None)
         if full is None:
             if hasattr(p, "ds_id"):  # ZeRO-3 partitioned parameter without a master copy
                 with deepspeed.zero.GatheredParameters([p], modifier_rank=None):

@@ -1,4 +1,5 @@
-"""DeepSpeed engine configuration from the scale and optimisation sections (no DeepSpeed import: a plain dict)."""
+"""DeepSpeed engine configuration from the scale and optimisation sections (no DeepSpeed import: a plain
+dict)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def build_deepspeed_config(cfg: ScaleConfig, optim: OptimConfig, world_size: int
     if cfg.zero_stage == 3:
         # Small tiny-preset tensors: keep every parameter partitioned (threshold 0) so ZeRO-3 is
         # really exercised in tests, and gather the full 16-bit weights on save for inspection.
-        zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+        zero.update({"stage3_param_persistence_threshold": 0,
+                     "stage3_gather_16bit_weights_on_model_save": False})
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,

@@ -56,7 +56,8 @@ def precision_dtype(precision: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> tuple[torch.optim.Optimizer, list[GroupSpec]]:
+def build_optimizer(model: torch.nn.Module,
+                    optim: OptimConfig) -> tuple[torch.optim.Optimizer, list[GroupSpec]]:
     """Parameter groups and the client optimizer: one AdamW, or SGD+momentum for the trunk and AdamW for the
     rest in one :class:`HybridSGDAdamW` (``backbone_optimizer=sgd``, the paper's)."""
     groups, specs = param_groups(model, optim)

@@ -38,7 +38,8 @@ def batch_to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) ->
     return out
 
 
-def progress_bar(it: Iterator[Any] | Sequence[Any], desc: str, enabled: bool, total: int | None = None) -> Any:
+def progress_bar(it: Iterator[Any] | Sequence[Any], desc: str, enabled: bool,
+                 total: int | None = None) -> Any:
     if not enabled:
         return it
     from tqdm import tqdm
@@ -141,7 +142,8 @@ def pretraining_retrieval_eval(
         soho = model.soho
         parts = []
         for chunk in chunks(images, batch_size):
-            b = batch_to(collator.images([im.image_path for im in chunk]), torch.device(device), torch.float32)
+            b = batch_to(collator.images([im.image_path for im in chunk]), torch.device(device),
+                         torch.float32)
             parts.append(soho.encode_visual(b["pixel_values"], b["pixel_mask"]).visual)
         visual = VisualTokens.cat(parts)
         texts, owner = flatten_captions(images, 1)
@@ -161,7 +163,8 @@ def pretraining_retrieval_eval(
 
 
 def export_recall(metrics: Any, result: RetrievalResult | dict[str, float]) -> None:
-    """Publish recall as ``soho_eval_recall{direction, k}`` (0..1) through `orchestration.runtime.metrics.SohoMetrics`."""
+    """Publish recall as ``soho_eval_recall{direction, k}`` (0..1) through
+    `orchestration.runtime.metrics.SohoMetrics`."""
     if isinstance(result, RetrievalResult):
         values = {(d, k): v / 100.0 for d, rec in result.recalls.items() for k, v in rec.items()}
     else:  # the flat form {"i2t_r1": percent, ...}

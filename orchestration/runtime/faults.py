@@ -72,7 +72,8 @@ def maybe_crash_during_checkpoint(cfg: FaultSite, step: int, rank: int) -> None:
         _die(f"crash while writing the checkpoint at step {step}")
 
 
-def maybe_kill_after_checkpoint(cfg: FaultSite, step: int, rank: int, under_ray: bool, timeout_s: float = 60.0) -> None:
+def maybe_kill_after_checkpoint(cfg: FaultSite, step: int, rank: int, under_ray: bool,
+                                timeout_s: float = 60.0) -> None:
     """``fault_kill_rank`` dies once the checkpoint at ``step`` is committed.
 
     Under Ray the report returns before the controller has registered the checkpoint; dying at once could
@@ -97,5 +98,6 @@ def maybe_kill_after_checkpoint(cfg: FaultSite, step: int, rank: int, under_ray:
                 pass
             time.sleep(0.25)
         else:
-            logger.warning("checkpoint at step %d not seen in %s after %.0f s; killing anyway", step, snapshot, timeout_s)
+            logger.warning("checkpoint at step %d not seen in %s after %.0f s; killing anyway",
+                           step, snapshot, timeout_s)
     _die(f"worker of rank {rank} lost after the checkpoint at step {step}")

@@ -38,9 +38,11 @@ UPLOAD_EVERY_S = 60.0  # a remote --tensorboard-dir also gets the event file thi
 # history record key -> TensorBoard tag (pre-training). Eval keys (eval_*) map to eval/<rest>.
 PRETRAIN_TAGS: dict[str, str] = {
     "loss": "loss/total", "mlm": "loss/mlm", "mvm": "loss/mvm", "itm": "loss/itm", "itc": "loss/itc",
-    "mlm_acc": "accuracy/mlm", "mvm_acc": "accuracy/mvm", "itm_acc": "accuracy/itm", "itc_acc": "accuracy/itc",
+    "mlm_acc": "accuracy/mlm", "mvm_acc": "accuracy/mvm",
+    "itm_acc": "accuracy/itm", "itc_acc": "accuracy/itc",
     "lr": "train/lr",
-    "vd_usage": "codebook/usage", "vd_perplexity": "codebook/perplexity", "vd_dead_codes": "codebook/dead_codes",
+    "vd_usage": "codebook/usage", "vd_perplexity": "codebook/perplexity",
+    "vd_dead_codes": "codebook/dead_codes",
     "vd_decay": "codebook/decay",
     "samples_per_s": "throughput/samples_per_s", "step_s": "throughput/step_seconds",
     "data_wait_s": "throughput/data_wait_seconds",
@@ -50,8 +52,8 @@ ITC_KEYS = ("itc", "itc_acc")  # logged only when the contrastive term is on (pr
 EVAL_SKIP = ("eval_candidates",)  # a constant of the run, not a curve
 
 WANDB_MISSING = ("wandb_project={project!r} needs the `wandb` package, which is not installed in this Python "
-                 "environment: `pip install wandb` (and `wandb login`, or WANDB_API_KEY / WANDB_MODE=offline), "
-                 "or drop --wandb-project")
+                 "environment: `pip install wandb` (and `wandb login`, or WANDB_API_KEY / "
+                 "WANDB_MODE=offline), or drop --wandb-project")
 
 
 def wandb_available() -> bool:
@@ -123,7 +125,8 @@ class RunLogger:
                 fs.pipe_file(probe, b"")
                 fs.rm_file(probe)
             except Exception as exc:
-                raise RuntimeError(f"--tensorboard-dir {url}: cannot write to {self.remote_dir}: {exc}") from exc
+                raise RuntimeError(
+                    f"--tensorboard-dir {url}: cannot write to {self.remote_dir}: {exc}") from exc
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.run_name)
             self.log_dir = tempfile.mkdtemp(prefix=f"soho-tb-{safe}-")
         else:
@@ -205,6 +208,7 @@ class RunLogger:
             try:
                 self._fs.put_file(local, join(self.remote_dir, name))
             except Exception as exc:  # metrics must not kill training; the next upload tries again
-                logger.warning("TensorBoard upload of %s to %s failed (retried later): %s", name, self.remote_dir, exc)
+                logger.warning("TensorBoard upload of %s to %s failed (retried later): %s",
+                               name, self.remote_dir, exc)
                 continue
             self._uploaded[name] = size

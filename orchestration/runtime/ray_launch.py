@@ -41,10 +41,12 @@ def worker_process_setup() -> None:
 
 
 # Settings a Ray worker needs that a `ray start` node may lack. Never credentials: Ray shows a runtime_env in
-# its job info, dashboard and logs. Workers read AWS_* (incl. AWS_SESSION_TOKEN) or a credentials file from the
-# environment they already have: a local Ray started by this driver inherits the driver's environment, the
-# nodes of a `ray start` / KubeRay cluster have their own (on Kubernetes: the soho-s3-credentials Secret).
-RUNTIME_ENV_VARS = ("SOHO_FAULT_DIR", "SOHO_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "AWS_DEFAULT_REGION")
+# its job info, dashboard and logs. Workers read AWS_* (incl. AWS_SESSION_TOKEN) or a credentials file from
+# the environment they already have: a local Ray started by this driver inherits the driver's environment,
+# the nodes of a `ray start` / KubeRay cluster have their own (on Kubernetes: the soho-s3-credentials
+# Secret).
+RUNTIME_ENV_VARS = ("SOHO_FAULT_DIR", "SOHO_CACHE_DIR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                    "AWS_DEFAULT_REGION")
 SECRET_ENV_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|CREDENTIAL|SESSION|PRIVATE", re.I)
 
 
@@ -55,7 +57,8 @@ def ray_runtime_env(use_gpu: bool, environ: dict[str, str] | None = None) -> dic
     env_vars.update({k: environ[k] for k in RUNTIME_ENV_VARS if k in environ})
     leaked = sorted(k for k in env_vars if SECRET_ENV_NAME.search(k))
     if leaked:  # a guard for whoever extends RUNTIME_ENV_VARS
-        raise RuntimeError(f"refusing to put {leaked} into Ray's runtime_env: workers read secrets from their env")
+        raise RuntimeError(
+            f"refusing to put {leaked} into Ray's runtime_env: workers read secrets from their env")
     return {"env_vars": env_vars}
 
 
@@ -80,8 +83,9 @@ def connect_ray(address: str | None, num_cpus: int, runtime_env: dict[str, Any])
         return True, False
 
 
-def build_torch_trainer(entry: Callable[[dict[str, Any]], None], loop_config: dict[str, Any], scale: ScaleConfig, *,
-                        name: str, storage_path: str, storage_filesystem: Any = None, max_failures: int = 0,
+def build_torch_trainer(entry: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
+                        scale: ScaleConfig, *, name: str, storage_path: str, storage_filesystem: Any = None,
+                        max_failures: int = 0,
                         keep_checkpoints: int | None = None, cpus_per_worker: int | None = None) -> Any:
     """A Ray Train ``TorchTrainer`` running ``entry(loop_config)`` on ``scale.num_workers`` workers (gloo on
     CPU, NCCL with one GPU each), restarting the group up to ``max_failures`` times."""

@@ -44,9 +44,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> tuple[list[dict], list[G
     so that ZeRO's flat buffers cover the trunk when the cold start ends.
 
     Each group carries ``"optimizer"``: ``cfg.backbone_optimizer`` for the trunk, ``"adamw"`` for the rest
-    (read by :class:`orchestration.runtime.optim.HybridSGDAdamW`; torch's AdamW ignores it), and its weight decay:
-    ``backbone_weight_decay`` (default ``weight_decay``) for the trunk, 0 on biases/norms. SGD groups also
-    carry ``momentum``."""
+    (read by :class:`orchestration.runtime.optim.HybridSGDAdamW`; torch's AdamW ignores it), and its weight
+    decay: ``backbone_weight_decay`` (default ``weight_decay``) for the trunk, 0 on biases/norms. SGD groups
+    also carry ``momentum``."""
     backbone = backbone_parameter_names(model)
     buckets: dict[GroupSpec, list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -107,7 +107,8 @@ def backbone_frozen(cfg: OptimConfig, step: int, epoch: int) -> bool:
     return step < cfg.freeze_backbone_steps or epoch < cfg.freeze_backbone_epochs
 
 
-def apply_lr(optimizer: torch.optim.Optimizer, specs: list[GroupSpec], cfg: OptimConfig, step: int, frozen: bool) -> float:
+def apply_lr(optimizer: torch.optim.Optimizer, specs: list[GroupSpec], cfg: OptimConfig, step: int,
+             frozen: bool) -> float:
     """Set every group's lr for this step; a frozen trunk gets lr 0 so that no optimizer update can
     move it even through AdamW's momentum or weight decay. Returns the rest-group lr (for logging)."""
     factor = lr_factor(cfg, step)

@@ -64,7 +64,8 @@ def test_task_trains_and_evaluates(task: str, synthetic: dict, tmp_path: Path) -
 def test_snli_ve_through_deepspeed_and_cli_evaluate(synthetic: dict, tmp_path: Path) -> None:
     argv = ["--task", "snli_ve", "--data", synthetic["downstream"], "--output", str(tmp_path / "ft"),
             "--engine", "deepspeed", "--image-size", "64", "--micro-batch-size", "8", "--max-steps", "12",
-            "--lr", "1e-3", "--warmup-steps", "0", "--no-progress", "--tensorboard-dir", str(tmp_path / "tb")]  # fmt: skip
+            "--lr", "1e-3", "--warmup-steps", "0", "--no-progress",
+            "--tensorboard-dir", str(tmp_path / "tb")]  # fmt: skip
     res = finetune_main(argv)
     first, last = _falls(res["history"])
     # --tensorboard-dir: every step's loss and the final evaluation, read back with TensorBoard's loader
@@ -79,7 +80,8 @@ def test_snli_ve_through_deepspeed_and_cli_evaluate(synthetic: dict, tmp_path: P
     model = load_task_model(tmp_path / "ft" / "model")
     assert isinstance(model, SohoForPooledClassification) and model.task == "snli_ve"
     ev = evaluate_main(["--task", "snli_ve", "--checkpoint", str(tmp_path / "ft" / "model"), "--data",
-                        synthetic["downstream"], "--output", str(tmp_path / "ev"), "--image-size", "64"])  # fmt: skip
+                        synthetic["downstream"], "--output", str(tmp_path / "ev"),
+                        "--image-size", "64"])  # fmt: skip
     assert ev["eval"] == res["eval"]  # the saved model reproduces the in-run evaluation exactly
     # The batched evaluation equals accuracy counted one example at a time.
     examples = read_snli_ve(synthetic["snli_ve_dev"], synthetic["downstream"] + "/images")
@@ -89,12 +91,11 @@ def test_snli_ve_through_deepspeed_and_cli_evaluate(synthetic: dict, tmp_path: P
     with torch.no_grad():
         for e in examples:
             b = collate_snli_ve(coll, [e])
-            hits += int(model(b["pixel_values"], b["pixel_mask"], b["input_ids"], b["attention_mask"]).logits.argmax()
-                        == e.label)  # fmt: skip
+            hits += int(model(b["pixel_values"], b["pixel_mask"], b["input_ids"],
+                              b["attention_mask"]).logits.argmax() == e.label)  # fmt: skip
     assert ev["eval"]["accuracy"] == pytest.approx(hits / len(examples))
-    assert evaluate_classification(model, coll, examples, collate_snli_ve, batch_size=5)["accuracy"] == pytest.approx(
-        hits / len(examples)
-    )
+    assert evaluate_classification(model, coll, examples, collate_snli_ve,
+                                   batch_size=5)["accuracy"] == pytest.approx(hits / len(examples))
 
 
 def test_retrieval_fast_equals_exhaustive_at_k_n(synthetic: dict, tmp_path: Path) -> None:
@@ -141,15 +142,17 @@ def test_pretraining_helps_vqa(recipe_run: dict, tmp_path: Path) -> None:
     0.520/0.515 vs 0.460/0.460. Before the recipe learned alignment (40 pre-training steps at ITM chance)
     the two tied at the answer prior."""
     data = str(recipe_run["data_root"] / "downstream")
-    common = FinetuneConfig.of(data=data, output=str(tmp_path / "out"), engine="torch", task="vqa", image_size=64,
-                            micro_batch_size=16, max_steps=120, lr=1e-3, warmup_steps=0, progress=False,
-                            log_every=1000, eval_batch_size=64)  # fmt: skip
+    common = FinetuneConfig.of(data=data, output=str(tmp_path / "out"), engine="torch", task="vqa",
+                            image_size=64, micro_batch_size=16, max_steps=120, lr=1e-3, warmup_steps=0,
+                            progress=False, log_every=1000, eval_batch_size=64)  # fmt: skip
     scratch, warm = [], []
     for seed in (0, 1):
         run = dataclasses.replace(common, seed=seed)
-        scratch.append(finetune_worker(dataclasses.replace(run, output=str(tmp_path / f"scratch{seed}")))["eval"])
-        warm.append(finetune_worker(dataclasses.replace(run, output=str(tmp_path / f"warm{seed}"),
-                                                        init=str(recipe_run["model_dir"])))["eval"])  # fmt: skip
+        scratch.append(
+            finetune_worker(dataclasses.replace(run, output=str(tmp_path / f"scratch{seed}")))["eval"])
+        warm.append(finetune_worker(
+            dataclasses.replace(run, output=str(tmp_path / f"warm{seed}"), init=str(recipe_run["model_dir"]))
+        )["eval"])  # fmt: skip
     a_s = [e["vqa_accuracy"] for e in scratch]
     a_w = [e["vqa_accuracy"] for e in warm]
     print(f"VQA soft accuracy after {common.optim.max_steps} steps, seeds 0/1: from scratch {a_s}, from the "
@@ -176,7 +179,8 @@ def test_fast_retrieval_recall_at_1_within_one_point_of_exhaustive(recipe_run: d
     data = recipe_run["data_root"] / "downstream"
     cfg = FinetuneConfig.of(data=str(data), output=str(tmp_path / "ret"), engine="torch", task="retrieval",
                          image_size=64, micro_batch_size=16, max_steps=200, lr=5e-4, warmup_steps=0,
-                         progress=False, log_every=1000, skip_eval=True, init=str(recipe_run["model_dir"]))  # fmt: skip
+                         progress=False, log_every=1000, skip_eval=True,
+                         init=str(recipe_run["model_dir"]))  # fmt: skip
     finetune_worker(cfg)
     model = SohoForRetrieval.from_pretrained(tmp_path / "ret" / "model")
     (karpathy,) = (data / "retrieval").glob("*.json")

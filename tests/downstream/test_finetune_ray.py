@@ -1,5 +1,5 @@
-"""``python -m soho.finetune --launcher ray``: the fine-tuning worker on Ray Train with 2 CPU workers (gloo) and
-DeepSpeed, against the same model evaluated in this process afterwards."""
+"""``python -m soho.finetune --launcher ray``: the fine-tuning worker on Ray Train with 2 CPU workers (gloo)
+and DeepSpeed, against the same model evaluated in this process afterwards."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ def test_vqa_v2_questions_and_annotations(tmp_path: Path) -> None:
         {"question_id": 70, "image_id": 7, "multiple_choice_answer": "2",
          "answers": [{"answer": "2", "answer_id": i} for i in range(10)]},
         {"question_id": 420, "image_id": 42, "multiple_choice_answer": "red",
-         "answers": [{"answer": "red" if i < 6 else "dark red", "answer_id": i} for i in range(10)]}]}  # fmt: skip
+         "answers": [{"answer": "red" if i < 6 else "dark red", "answer_id": i}
+                     for i in range(10)]}]}  # fmt: skip
     (tmp_path / "q.json").write_text(json.dumps(q))
     (tmp_path / "a.json").write_text(json.dumps(a))
     ex = read_vqa(str(tmp_path / "q.json"), "/coco/val2014", str(tmp_path / "a.json"))
@@ -48,7 +49,8 @@ def test_nlvr2_jsonl_finds_both_images_in_nested_dirs(tmp_path: Path) -> None:
     for name in ("train-10171-0-img0.png", "train-10171-0-img1.png"):
         _touch(tmp_path / "images" / "train" / "3" / name)
     rows = [{"identifier": "train-10171-0-0", "sentence": "two dogs", "label": "True", "directory": 3},
-            {"identifier": "train-10171-0-1", "sentence": "no dogs", "label": "False", "directory": 3}]  # fmt: skip
+            {"identifier": "train-10171-0-1", "sentence": "no dogs", "label": "False",
+             "directory": 3}]  # fmt: skip
     (tmp_path / "train.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     ex = read_nlvr2(str(tmp_path / "train.json"), str(tmp_path / "images"))
     assert [e.label for e in ex] == [True, False]
@@ -64,7 +66,8 @@ def test_nlvr2_jsonl_finds_both_images_in_nested_dirs(tmp_path: Path) -> None:
 def test_snli_ve_labels_keys_and_skipped_gold(tmp_path: Path) -> None:
     rows = [{"Flikr30kID": "123.jpg", "sentence2": "a dog", "gold_label": "contradiction", "pairID": "p1"},
             {"Flickr30K_ID": "9", "sentence2": "a cat", "gold_label": "-", "pairID": "p2"},
-            {"Flickr30K_ID": "9", "sentence2": "an animal", "gold_label": "entailment", "pairID": "p3"}]  # fmt: skip
+            {"Flickr30K_ID": "9", "sentence2": "an animal", "gold_label": "entailment",
+             "pairID": "p3"}]  # fmt: skip
     (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     ex = read_snli_ve(str(tmp_path / "dev.jsonl"), "/flickr")
     assert [(e.pair_id, e.image_path, e.label) for e in ex] == [
@@ -81,7 +84,8 @@ def test_karpathy_split_coco_and_flickr_paths(tmp_path: Path) -> None:
         {"filepath": "val2014", "filename": "COCO_val2014_1.jpg", "imgid": 0, "split": "test",
          "sentences": [{"raw": "a man", "tokens": ["a", "man"]}, {"tokens": ["a", "boat"]}]},
         {"filename": "55.jpg", "imgid": 1, "split": "train", "sentences": [{"raw": "x"}]},
-        {"filename": "56.jpg", "imgid": 2, "split": "restval", "sentences": [{"raw": "y"}, {"raw": "z"}]}]}  # fmt: skip
+        {"filename": "56.jpg", "imgid": 2, "split": "restval",
+         "sentences": [{"raw": "y"}, {"raw": "z"}]}]}  # fmt: skip
     (tmp_path / "dataset_coco.json").write_text(json.dumps(data))
     test = read_karpathy(str(tmp_path / "dataset_coco.json"), "/coco", "test")
     assert test[0].image_path == "/coco/val2014/COCO_val2014_1.jpg" and test[0].captions == (

@@ -60,8 +60,9 @@ def test_tiny_preset_reproduces_golden_loss_curve(tmp_path: Path) -> None:
                      "SOHO_UPDATE_GOLDEN=1 pytest tests/learning/test_golden_curve.py",
             "flags": FLAGS, "torch": torch.__version__, "atol": ATOL,
             "compared_steps": COMPARED,
-            "measured_thread_noise": "max |diff| 1e-5 for steps 1-13 between 2 threads and OMP_NUM_THREADS=1; "
-                                     "up to 0.6 after a discrete VD flip at step 14+", "curve": curve,
+            "measured_thread_noise": "max |diff| 1e-5 for steps 1-13 between 2 threads and "
+                                     "OMP_NUM_THREADS=1; up to 0.6 after a discrete VD flip at step 14+",
+            "curve": curve,
         }, indent=1) + "\n")
         pytest.skip(f"golden curve rewritten: {GOLDEN}")
     golden = json.loads(GOLDEN.read_text())

@@ -1,8 +1,8 @@
 """Guard against regressions that silently stop learning: a fixed-seed run of the shipped CPU recipe
 (configs/synthetic_cpu.yaml, shortened to RECIPE_STEPS, through the real CLI: the session fixture
 ``recipe_run`` of tests/conftest.py, shared with the downstream tests that start from it), then the
-held-out scenes it never trained on (orchestration.pretrain.heldout_eval): held-out ITM accuracy >= 0.8 (the issue's
-bar) and not one-sided, VD usage >= 0.5 with no collapse during the run, losses falling, the ITC term
+held-out scenes it never trained on (orchestration.pretrain.heldout_eval): held-out ITM accuracy >= 0.8 (the
+issue's bar) and not one-sided, VD usage >= 0.5 with no collapse during the run, losses falling, the ITC term
 learning. Before the recipe had the ITM interaction head this run stayed at chance (0.49-0.51 through 2,000
 steps); with the head and without ITC it reached 0.76-0.785 after 1,000 steps; with ITC (the recipe now)
 0.96 after a 1,000-step run (positives 0.97-1.0) and 0.82 after a 600-step one (negatives 0.67), hence
@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]  # the run is the fixture's
+# the run is the fixture's
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
 ITM_FLOOR = 0.8  # the issue's bar; 4 binomial SDs above chance would be 0.64
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def short_run(recipe_run: dict[str, Any]) -> dict[str, Any]:
     from soho import SohoForPretraining
 
     model = SohoForPretraining.from_pretrained(str(recipe_run["model_dir"]))
-    heldout = evaluate_heldout(model, recipe_run["heldout_cfg"], recipe_run["heldout_images"], retrieval=False)
+    heldout = evaluate_heldout(model, recipe_run["heldout_cfg"], recipe_run["heldout_images"],
+                               retrieval=False)
     print(f"guard: held-out after {recipe_run['steps']} steps: {heldout}")
     return {"history": recipe_run["history"], "heldout": heldout, "steps": recipe_run["steps"]}
 
@@ -53,7 +55,8 @@ def test_heldout_itm_accuracy_clearly_above_chance(short_run: dict[str, Any]) ->
 
 def test_itc_term_learns(short_run: dict[str, Any]) -> None:
     """The recipe's contrastive term: in-batch InfoNCE among 32 starts at ln 32 = 3.47 and must fall well
-    below it, with in-batch image→text top-1 accuracy far above 1/32 (measured ~0.33 and ~0.9 at step 1,000)."""
+    below it, with in-batch image→text top-1 accuracy far above 1/32 (measured ~0.33 and ~0.9 at step
+    1,000)."""
     history = short_run["history"]
     first = sum(r["itc"] for r in history[:10]) / 10
     last = sum(r["itc"] for r in history[-20:]) / 20

@@ -1,4 +1,5 @@
-"""Fixtures for the orchestration tests: tiny synthetic shards, subprocess runs of the CLI, one Ray session."""
+"""Fixtures for the orchestration tests: tiny synthetic shards, subprocess runs of the CLI, one Ray
+session."""
 
 from __future__ import annotations
 

@@ -31,12 +31,14 @@ from orchestration.runtime.checkpoint import (
 
 
 def _make_local_ckpt(root: Path, step: int, world_size: int = 2) -> list[Path]:
-    """What each rank writes locally before upload: its 'engine' files, then its record (rank 0 also the state)."""
+    """What each rank writes locally before upload: its 'engine' files, then its record (rank 0 also the
+    state)."""
     dirs = []
     for rank in range(world_size):
         d = root / f"r{rank}-{step}"
         (d / "ds").mkdir(parents=True)
-        torch.save({"state": torch.full((10 + rank + step,), float(step))}, d / "ds" / f"zero_pp_rank_{rank}_optim_states.pt")
+        torch.save({"state": torch.full((10 + rank + step,), float(step))},
+                   d / "ds" / f"zero_pp_rank_{rank}_optim_states.pt")
         if rank == 0:
             torch.save({"module": {"w": torch.ones(5)}}, d / "ds" / "mp_rank_00_model_states.pt")
             write_json_atomic(d / TRAIN_STATE, {"step": step, "world_size": world_size})
@@ -144,7 +146,8 @@ def test_changed_byte_at_same_size_falls_back_and_says_why(tmp_path: Path, url_k
         assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_planted_pickle_with_rewritten_records_never_runs(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_planted_pickle_with_rewritten_records_never_runs(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     def factory(rank: int) -> StorageStore:
         return StorageStore(str(tmp_path / "store"), "run", keep=3, rank=rank, world_size=2)
 
@@ -170,7 +173,8 @@ def test_planted_pickle_with_rewritten_records_never_runs(tmp_path: Path, caplog
     _save(factory, tmp_path / "stage2", step=9)
     ck9 = Path(factory(0).root) / step_dir_name(9)
     torch.save({"x": torch.ones(1)}, ck9 / "ds" / "extra_states.pt")
-    with pytest.raises(CorruptCheckpointError, match=r"\['ds/extra_states.pt'\] are listed in no rank record"):
+    with pytest.raises(CorruptCheckpointError,
+                       match=r"\['ds/extra_states.pt'\] are listed in no rank record"):
         verify_local(ck9)
 
 

@@ -30,15 +30,16 @@ def test_every_field_is_a_flag() -> None:
                  "--epochs", "--checkpoint-every", "--keep-checkpoints", "--num-workers", "--use-gpu",
                  "--zero-stage", "--precision", "--micro-batch-size", "--grad-accum", "--lr", "--backbone-lr",
                  "--weight-decay", "--warmup-steps", "--freeze-backbone-epochs", "--freeze-backbone-steps",
-                 "--vd-decay", "--metrics-port", "--seed", "--max-failures", "--loader-workers", "--log-every",
-                 "--ray-address", "--fault-kill-after-checkpoint"):
+                 "--vd-decay", "--metrics-port", "--seed", "--max-failures", "--loader-workers",
+                 "--log-every", "--ray-address", "--fault-kill-after-checkpoint"):
         assert flag in flags, flag
 
 
 def test_defaults_are_the_embedded_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("SOHO_STORAGE_PATH", raising=False)
     cfg = parse_run_config([])
-    assert (cfg.preset, cfg.scale.num_workers, cfg.scale.zero_stage, cfg.scale.use_gpu, cfg.scale.launcher) == ("tiny", 2, 2, False, "ray")
+    assert (cfg.preset, cfg.scale.num_workers, cfg.scale.zero_stage, cfg.scale.use_gpu,
+            cfg.scale.launcher) == ("tiny", 2, 2, False, "ray")
     assert cfg.checkpoint.storage_path == "./runs" and cfg.name == "soho-tiny" and cfg.dataset.data is None
     assert cfg.observability.metrics_port == 9450 and cfg.faults.max_failures > 0
     assert cfg.dataset.use_resampled is True
@@ -46,8 +47,8 @@ def test_defaults_are_the_embedded_demo(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_yaml_then_flags_win(tmp_path: Path) -> None:
     y = tmp_path / "run.yaml"
-    y.write_text("preset: small\nmax-steps: 50\nzero_stage: 3\nprecision: bf16\nfault_nonfinite_batches: [3, 4]\n"
-                 "use_gpu: false\nlr: 2.0e-4\n")
+    y.write_text("preset: small\nmax-steps: 50\nzero_stage: 3\nprecision: bf16\n"
+                 "fault_nonfinite_batches: [3, 4]\nuse_gpu: false\nlr: 2.0e-4\n")
     cfg = parse_run_config(["--config", str(y), "--max-steps", "7", "--lr", "1e-3"])
     assert cfg.preset == "small" and cfg.scale.zero_stage == 3 and cfg.scale.precision == "bf16"
     assert cfg.optim.max_steps == 7 and cfg.optim.lr == pytest.approx(1e-3)  # flags win
@@ -97,7 +98,8 @@ def test_lr_schedule_and_cold_start() -> None:
     assert lr_factor(cfg.optim, 55) == pytest.approx(0.1 + 0.9 * 0.5)
     lin = cfg.replace(lr_schedule="linear")
     assert lr_factor(lin.optim, 55) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert backbone_frozen(cfg.optim, 4, 1) and backbone_frozen(cfg.optim, 10, 0) and not backbone_frozen(cfg.optim, 5, 1)
+    assert (backbone_frozen(cfg.optim, 4, 1) and backbone_frozen(cfg.optim, 10, 0)
+            and not backbone_frozen(cfg.optim, 5, 1))
 
 
 def test_param_groups_split_the_resnet_trunk() -> None:
@@ -122,7 +124,8 @@ def test_param_groups_split_the_resnet_trunk() -> None:
     assert min(g["lr"] for g in opt.param_groups) == pytest.approx(1e-4)
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(p.name for p in
+                                         (Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")))
 def test_shipped_run_yamls_parse(name: str) -> None:
     path = Path(__file__).resolve().parents[2] / "configs" / name
     cfg = parse_run_config(["--config", str(path)])
@@ -138,7 +141,8 @@ def test_epoch_cold_start_on_a_resampled_stream_is_refused() -> None:
         RunConfig.from_dict({"freeze_backbone_epochs": 1})
     with pytest.raises(ValueError, match="freeze_backbone_epochs=2 .*--epochs N"):
         parse_run_config(["--freeze-backbone-epochs", "2"])
-    with pytest.raises(ValueError, match="epochs needs epoch passes"):  # epochs with a forced resampled stream
+    # epochs with a forced resampled stream
+    with pytest.raises(ValueError, match="epochs needs epoch passes"):
         parse_run_config(["--freeze-backbone-epochs", "2", "--epochs", "4", "--resampled"])
     ok = RunConfig.of(freeze_backbone_epochs=1, epochs=2)  # epoch passes: real epochs
     assert ok.dataset.use_resampled is False and ok.optim.freeze_backbone_epochs == 1
@@ -150,12 +154,14 @@ def test_epoch_cold_start_on_a_resampled_stream_is_refused() -> None:
     ("backbone_lr", float("nan"), "--backbone-lr"), ("backbone_lr", -1e-3, "--backbone-lr"),
     ("adam_beta1", 1.0, "--adam-beta1"), ("adam_beta1", -0.1, "--adam-beta1"),
     ("adam_beta2", float("nan"), "--adam-beta2"), ("adam_beta2", 1.5, "--adam-beta2"),
-    ("adam_eps", 0.0, "--adam-eps"), ("adam_eps", 0.5, "--adam-eps"), ("adam_eps", float("inf"), "--adam-eps"),
+    ("adam_eps", 0.0, "--adam-eps"), ("adam_eps", 0.5, "--adam-eps"),
+    ("adam_eps", float("inf"), "--adam-eps"),
     ("grad_clip", -1.0, "--grad-clip"), ("grad_clip", float("nan"), "--grad-clip"),
     ("weight_decay", float("inf"), "--weight-decay"), ("weight_decay", 2.0, "--weight-decay"),
     ("backbone_weight_decay", -1e-4, "--backbone-weight-decay"),
 ])
-def test_optimiser_values_out_of_range_are_refused_naming_field_and_fix(field: str, value: float, fix: str) -> None:
+def test_optimiser_values_out_of_range_are_refused_naming_field_and_fix(field: str, value: float,
+                                                                        fix: str) -> None:
     with pytest.raises(ValueError) as err:
         RunConfig.of(**{field: value})
     msg = str(err.value)
@@ -167,8 +173,9 @@ def test_optimiser_values_out_of_range_are_refused_naming_field_and_fix(field: s
 
 
 def test_optimiser_values_in_range_pass_and_reach_the_optimizer() -> None:
-    cfg = RunConfig.of(lr=1e-4, adam_beta1=0.0, adam_beta2=0.999, adam_eps=1e-6, grad_clip=0.0, weight_decay=0.0,
-                    backbone_optimizer="sgd", backbone_lr=1e-2, backbone_weight_decay=1e-4)
+    cfg = RunConfig.of(lr=1e-4, adam_beta1=0.0, adam_beta2=0.999, adam_eps=1e-6, grad_clip=0.0,
+                       weight_decay=0.0, backbone_optimizer="sgd", backbone_lr=1e-2,
+                       backbone_weight_decay=1e-4)
     assert (cfg.optim.adam_eps, cfg.optim.backbone_lr) == (1e-6, 1e-2)
     assert RunConfig.of().optim.adam_eps == 1e-8  # torch's AdamW default: unchanged behaviour
 
@@ -178,7 +185,8 @@ def _shipped_configs() -> list[Path]:
     return sorted((root / "configs").glob("*.yaml")) + [root / "k8s" / "base" / "run.yaml"]
 
 
-@pytest.mark.parametrize("path", _shipped_configs(), ids=lambda p: p.name if p.parent.name == "configs" else "k8s-run")
+@pytest.mark.parametrize("path", _shipped_configs(),
+                         ids=lambda p: p.name if p.parent.name == "configs" else "k8s-run")
 def test_print_config_resolves_every_shipped_config(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--print-config prints the resolved run + model config as JSON and starts nothing; the paper-scale
     recipes start the trunk from torchvision's ImageNet weights and have a cold start that can end."""
@@ -219,7 +227,8 @@ def test_print_config_process_exits_0_without_ray() -> None:
     import sys
 
     root = Path(__file__).resolve().parents[2]
-    code = ("import sys, runpy; sys.argv = ['soho.train', '--config', 'configs/coco_vg.yaml', '--print-config'];"
+    code = ("import sys, runpy; "
+            "sys.argv = ['soho.train', '--config', 'configs/coco_vg.yaml', '--print-config'];"
             "runpy.run_module('soho.train', run_name='__main__');"
             "print('IMPORTED', 'ray' in sys.modules, 'deepspeed' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)

@@ -23,7 +23,8 @@ def test_eval_every_needs_the_synthetic_heldout_split() -> None:
         RunConfig.of(eval_every=-1)
     cfg = parse_run_config(["--eval-every", "50", "--eval-candidates", "16"])
     assert (cfg.observability.eval_every, cfg.observability.eval_candidates) == (50, 16)
-    assert RunConfig.of(data="x/manifest.json").observability.eval_every == 0  # off by default: --data runs are unaffected
+    # off by default: --data runs are unaffected
+    assert RunConfig.of(data="x/manifest.json").observability.eval_every == 0
 
 
 def test_final_eval_is_on_exactly_for_the_embedded_synthetic_data() -> None:
@@ -49,10 +50,10 @@ def test_summary_carries_the_heldout_figures(tmp_path: Path) -> None:
     state = {"config": {"run_name": "h", "preset": "tiny", "zero_stage": 2, "precision": "fp32"}, "step": 40,
              "samples_seen": 1280, "world_size": 2, "nonfinite_steps": 0, "resumes": [], "history": history}
     heldout = {"model": "/tmp/gone/final_model", "itm_acc": 0.93, "itm_acc_pos": 0.95, "itm_acc_neg": 0.91,
-               "t2i_r1": 31.0, "t2i_r5": 77.0, "t2i_r10": 90.0, "i2t_r1": 29.0, "i2t_r5": 77.0, "i2t_r10": 93.0,
-               "num_candidates": 100, "chance_r1": 1.0, "vd_usage_ratio": 1.0, "vd_perplexity": 91.1,
-               "vd_dead_codes": 0, "vd_num_codes": 128, "vd_enabled": True, "eval_seconds": 20.0,
-               "heldout": {"cache_dir": "/somewhere"}}
+               "t2i_r1": 31.0, "t2i_r5": 77.0, "t2i_r10": 90.0, "i2t_r1": 29.0, "i2t_r5": 77.0,
+               "i2t_r10": 93.0, "num_candidates": 100, "chance_r1": 1.0, "vd_usage_ratio": 1.0,
+               "vd_perplexity": 91.1, "vd_dead_codes": 0, "vd_num_codes": 128, "vd_enabled": True,
+               "eval_seconds": 20.0, "heldout": {"cache_dir": "/somewhere"}}
     summary = write_run_artifacts(state, None, str(tmp_path), "h", {}, 1.0, heldout=heldout)
     on_disk = json.loads((tmp_path / "h" / "summary.json").read_text())
     want = {k: v for k, v in heldout.items() if k not in ("model", "heldout", "vd_enabled")}
@@ -80,12 +81,13 @@ def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: p
     cfg = RunConfig.of(preset="tiny", launcher="local", synthetic_pairs=64, image_size=64, max_text_len=24,
                     micro_batch_size=4, warmup_steps=2, max_steps=6, checkpoint_every=3, keep_checkpoints=2,
                     eval_every=3, eval_candidates=12, metrics_port=-1, log_every=1,
-                    storage_path=str(tmp_path / "runs"), run_name="periodic", tensorboard_dir=str(tmp_path / "tb"))
+                    storage_path=str(tmp_path / "runs"), run_name="periodic",
+                    tensorboard_dir=str(tmp_path / "tb"))
     data_url = ensure_data(cfg)
     created = ensure_process_group(False)
     try:
-        store = StorageStore(cfg.checkpoint.storage_path, cfg.name, cfg.checkpoint.keep_checkpoints, rank=0, world_size=1,
-                             barrier=dist.barrier)
+        store = StorageStore(cfg.checkpoint.storage_path, cfg.name, cfg.checkpoint.keep_checkpoints, rank=0,
+                             world_size=1, barrier=dist.barrier)
         trainer = _Trainer(cfg, store, data_url, under_ray=False)
         try:
             result = trainer.run()
@@ -126,7 +128,8 @@ def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: p
     # The offline evaluator on the models committed at those steps gives the same figures (it reports percent
     # rounded to 0.01): the step-6 fp32 export and the step-3 DeepSpeed checkpoint.
     hcfg = HeldoutConfig.from_run_config(cfg, num_candidates=12)
-    for step, model in ((6, SohoForPretraining.from_pretrained(str(ckroot / "checkpoint_step_00000006" / EXPORT_DIR))),
+    for step, model in ((6, SohoForPretraining.from_pretrained(
+                             str(ckroot / "checkpoint_step_00000006" / EXPORT_DIR))),
                         (3, model_from_checkpoint(ckroot / "checkpoint_step_00000003"))):
         offline = evaluate_heldout(model, hcfg)
         assert offline["itm_acc"] == evals[step]["eval_itm_acc"], step

@@ -21,11 +21,12 @@ CREDS = {"AWS_ACCESS_KEY_ID": "AKIASOHOUNITTEST0001", "AWS_SECRET_ACCESS_KEY": "
 
 
 def test_runtime_env_carries_settings_but_no_credential() -> None:
-    environ = {**CREDS, "AWS_DEFAULT_REGION": "eu-west-1", "SOHO_CACHE_DIR": "/data/cache", "HF_HUB_OFFLINE": "1",
-               "AWS_SHARED_CREDENTIALS_FILE": "/secrets/aws"}
+    environ = {**CREDS, "AWS_DEFAULT_REGION": "eu-west-1", "SOHO_CACHE_DIR": "/data/cache",
+               "HF_HUB_OFFLINE": "1", "AWS_SHARED_CREDENTIALS_FILE": "/secrets/aws"}
     env = ray_runtime_env(False, environ)
-    assert env == {"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "AWS_DEFAULT_REGION": "eu-west-1",
-                                "SOHO_CACHE_DIR": "/data/cache", "HF_HUB_OFFLINE": "1"}}
+    assert env == {"env_vars": {"DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
+                                "AWS_DEFAULT_REGION": "eu-west-1", "SOHO_CACHE_DIR": "/data/cache",
+                                "HF_HUB_OFFLINE": "1"}}
     text = json.dumps(env)
     assert [v for v in CREDS.values() if v in text] == []
     assert ray_runtime_env(True, {})["env_vars"] == {"DS_ACCELERATOR": "cuda",
@@ -78,7 +79,8 @@ def test_relative_storage_path_is_refused_inside_a_ray_working_dir_copy(tmp_path
     check_run_paths(RunConfig.of(storage_path="./runs"), cwd=str(tmp_path))  # a user's own folder: fine
 
 
-def test_relative_storage_path_refused_through_the_real_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_storage_path_refused_through_the_real_cwd(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(_ray_copy(tmp_path))
     with pytest.raises(ValueError, match="temporary copy"):
         check_run_paths(RunConfig.of())  # the default ./runs

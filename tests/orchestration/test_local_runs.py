@@ -58,7 +58,8 @@ def test_zero3_bf16_two_ranks_under_torchrun(tmp_path: Path, synth_manifest: str
 def test_crash_while_writing_checkpoint_resumes_from_previous(tmp_path: Path, synth_manifest: str) -> None:
     args = [*FAST_FLAGS, "--launcher", "local", "--data", synth_manifest, "--storage-path", str(tmp_path),
             "--run-name", "crash", "--max-steps", "6", "--checkpoint-every", "2", "--zero-stage", "2",
-            "--metrics-port", "-1", "--fault-crash-during-checkpoint", "4", "--tensorboard-dir", str(tmp_path / "tb")]
+            "--metrics-port", "-1", "--fault-crash-during-checkpoint", "4",
+            "--tensorboard-dir", str(tmp_path / "tb")]
     env = {"SOHO_FAULT_DIR": str(tmp_path / "faults")}
     first = run_cli(args, env=env)
     assert first.returncode == -9, first.stdout[-3000:] + first.stderr[-3000:]  # SIGKILLed mid-checkpoint
@@ -78,7 +79,8 @@ def test_crash_while_writing_checkpoint_resumes_from_previous(tmp_path: Path, sy
     # TensorBoard: the killed attempt had flushed steps 1-4 (at its step-4 checkpoint), the resumed one logged
     # 3-6; TensorBoard shows each step once, with the values of the history (the resumed attempt's for 3-6)
     killed, resumed = event_files(tmp_path / "tb" / "crash")
-    assert raw_steps(killed, "loss/total") == [1, 2, 3, 4] and raw_steps(resumed, "loss/total") == [3, 4, 5, 6]
+    assert (raw_steps(killed, "loss/total") == [1, 2, 3, 4]
+            and raw_steps(resumed, "loss/total") == [3, 4, 5, 6])
     assert_matches_history(tmp_path / "tb" / "crash", read_history(str(tmp_path), "crash"))
     from soho import SohoModel
 
@@ -94,10 +96,12 @@ NONFINITE_SCRIPT = textwrap.dedent(
     from orchestration.runtime.distributed import ensure_process_group, unwrap, visual_dictionary
     from orchestration.pretrain.worker import NonFiniteLossError, _Trainer
     ensure_process_group(False)
-    cfg = RunConfig.of(launcher="local", data=sys.argv[1], storage_path=sys.argv[2], image_size=64, micro_batch_size=4,
-                    max_text_len=24, max_steps=20, warmup_steps=0, lr_schedule="constant", metrics_port=-1,
-                    fault_nonfinite_batches=[1, 3, 4, 5], max_consecutive_nonfinite=3, freeze_backbone_steps=1)
-    t = _Trainer(cfg, StorageStore(cfg.checkpoint.storage_path, cfg.name, 2), cfg.dataset.data, under_ray=False)
+    cfg = RunConfig.of(launcher="local", data=sys.argv[1], storage_path=sys.argv[2], image_size=64,
+                       micro_batch_size=4, max_text_len=24, max_steps=20, warmup_steps=0,
+                       lr_schedule="constant", metrics_port=-1, fault_nonfinite_batches=[1, 3, 4, 5],
+                       max_consecutive_nonfinite=3, freeze_backbone_steps=1)
+    t = _Trainer(cfg, StorageStore(cfg.checkpoint.storage_path, cfg.name, 2), cfg.dataset.data,
+                 under_ray=False)
     t.build(); t.engine.train(); t._it = iter(t.loader)
     out = {}
     trunk = backbone_parameter_names(unwrap(t.engine))
@@ -113,9 +117,10 @@ NONFINITE_SCRIPT = textwrap.dedent(
     out["counted"] = t.nonfinite_total
     out["metric"] = t.metrics.value("soho_train_nonfinite_steps_total")
     assert t.train_step()                                  # batch 2: finite again, an update happens
-    out["params_changed_after"] = any(not torch.equal(p, params[n]) for n, p in unwrap(t.engine).named_parameters())
-    out["trunk_moved_after_unfreeze"] = any(not torch.equal(p, params[n]) for n, p in unwrap(t.engine).named_parameters()
-                                            if n in trunk)
+    out["params_changed_after"] = any(not torch.equal(p, params[n])
+                                      for n, p in unwrap(t.engine).named_parameters())
+    out["trunk_moved_after_unfreeze"] = any(not torch.equal(p, params[n])
+                                            for n, p in unwrap(t.engine).named_parameters() if n in trunk)
     out["step"] = t.step
     try:
         t.train_step()                                     # batches 3, 4, 5 all NaN: abort after 3 in a row
@@ -128,7 +133,8 @@ NONFINITE_SCRIPT = textwrap.dedent(
 )
 
 
-def test_cold_start_and_nonfinite_steps_are_skipped_counted_and_abort(tmp_path: Path, synth_manifest: str) -> None:
+def test_cold_start_and_nonfinite_steps_are_skipped_counted_and_abort(tmp_path: Path,
+                                                                      synth_manifest: str) -> None:
     proc = subprocess.run([sys.executable, "-c", NONFINITE_SCRIPT, synth_manifest, str(tmp_path)], cwd=REPO,
                           capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
                                                                               "DS_ACCELERATOR": "cpu"})

@@ -66,10 +66,12 @@ def test_hybrid_updates_equal_torch_sgd_and_adamw() -> None:
     # the updates are real (not both no-ops) and the state is the kind each group needs
     assert all(not torch.equal(p, q) for p, q in zip(ours.parameters(), init, strict=True))
     for p in ours[0].parameters():
-        torch.testing.assert_close(opt.state[p]["momentum_buffer"], ref_sgd.state[p_ref(ref, ours, p)]["momentum_buffer"])
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"],
+                                   ref_sgd.state[p_ref(ref, ours, p)]["momentum_buffer"])
         assert opt.state[p]["exp_avg"] is None
     for p in ours[2].parameters():
-        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref_adamw.state[p_ref(ref, ours, p)]["exp_avg_sq"])
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"],
+                                   ref_adamw.state[p_ref(ref, ours, p)]["exp_avg_sq"])
         assert opt.state[p]["momentum_buffer"] is None and float(opt.state[p]["step"]) == 3.0
 
 
@@ -111,25 +113,30 @@ def test_state_dict_round_trip_continues_exactly(tmp_path: Path) -> None:
 
 
 def test_lr_factor_step_exact_values() -> None:
-    cfg = RunConfig.of(max_steps=100, warmup_steps=10, lr_schedule="step", lr_milestones=[40, 70], lr_step_gamma=0.1)
+    cfg = RunConfig.of(max_steps=100, warmup_steps=10, lr_schedule="step", lr_milestones=[40, 70],
+                       lr_step_gamma=0.1)
     assert lr_factor(cfg.optim, 0) == pytest.approx(0.1)
     assert lr_factor(cfg.optim, 8) == pytest.approx(0.9)
-    assert lr_factor(cfg.optim, 9) == 1.0 and lr_factor(cfg.optim, 10) == 1.0  # warm-up ends at step 9 (0-based)
+    # warm-up ends at step 9 (0-based)
+    assert lr_factor(cfg.optim, 9) == 1.0 and lr_factor(cfg.optim, 10) == 1.0
     assert lr_factor(cfg.optim, 39) == 1.0
     assert lr_factor(cfg.optim, 40) == pytest.approx(0.1) and lr_factor(cfg.optim, 69) == pytest.approx(0.1)
     assert lr_factor(cfg.optim, 70) == pytest.approx(0.01) and lr_factor(cfg.optim, 99) == pytest.approx(0.01)
     early = cfg.replace(lr_milestones=[5])  # a milestone inside the warm-up scales the ramp
-    assert lr_factor(early.optim, 4) == pytest.approx(0.5) and lr_factor(early.optim, 5) == pytest.approx(0.06)
+    assert (lr_factor(early.optim, 4) == pytest.approx(0.5)
+            and lr_factor(early.optim, 5) == pytest.approx(0.06))
     assert lr_factor(early.optim, 50) == pytest.approx(0.1)
 
 
 def test_param_groups_and_apply_lr_for_the_paper_recipe() -> None:
     from soho import SohoForPretraining, soho_tiny
 
-    cfg = RunConfig.of(lr=1e-4, backbone_lr=1e-2, weight_decay=0.01, backbone_optimizer="sgd", backbone_momentum=0.9,
-                    backbone_weight_decay=1e-4, warmup_steps=2, lr_schedule="step", lr_milestones=[3, 5])
+    cfg = RunConfig.of(lr=1e-4, backbone_lr=1e-2, weight_decay=0.01, backbone_optimizer="sgd",
+                       backbone_momentum=0.9, backbone_weight_decay=1e-4, warmup_steps=2, lr_schedule="step",
+                       lr_milestones=[3, 5])
     groups, specs = param_groups(SohoForPretraining(soho_tiny()), cfg.optim)
-    kinds = {(s.name, s.decay): (g["optimizer"], g["weight_decay"], g.get("momentum")) for s, g in zip(specs, groups, strict=True)}
+    kinds = {(s.name, s.decay): (g["optimizer"], g["weight_decay"], g.get("momentum"))
+             for s, g in zip(specs, groups, strict=True)}
     assert kinds == {("backbone", True): ("sgd", 1e-4, 0.9), ("backbone", False): ("sgd", 0.0, 0.9),
                      ("rest", True): ("adamw", 0.01, None), ("rest", False): ("adamw", 0.0, None)}
     opt = HybridSGDAdamW(groups, lr=cfg.optim.lr)
@@ -174,7 +181,8 @@ DS_SCRIPT = textwrap.dedent(
 
     def opt_for(m):
         return HybridSGDAdamW([
-            {"params": list(m[0].parameters()), "optimizer": "sgd", "lr": 1e-2, "momentum": 0.9, "weight_decay": 1e-4},
+            {"params": list(m[0].parameters()), "optimizer": "sgd", "lr": 1e-2, "momentum": 0.9,
+             "weight_decay": 1e-4},
             {"params": list(m[2].parameters()), "optimizer": "adamw", "lr": 1e-3, "betas": (0.9, 0.98),
              "weight_decay": 0.01}])
 
@@ -186,8 +194,8 @@ DS_SCRIPT = textwrap.dedent(
     def engine(stage):
         m = model()
         cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1, "train_batch_size": 4,
-               "gradient_clipping": 0.0, "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-               "steps_per_print": 10**9}
+               "gradient_clipping": 0.0, "zero_optimization": {"stage": stage},
+               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
         e, _, _, _ = deepspeed.initialize(model=m, optimizer=opt_for(m), config=cfg, dist_init_required=False)
         return e
 
@@ -216,9 +224,11 @@ DS_SCRIPT = textwrap.dedent(
         out[stage] = {
             "kinds": kinds, "kinds_loaded": kinds_loaded,
             "flat": [len(g["params"]) for g in e.optimizer.param_groups],
-            "max_diff_vs_plain": max((straight[n] - p).abs().max().item() for n, p in ref.named_parameters()),
+            "max_diff_vs_plain": max((straight[n] - p).abs().max().item()
+                                     for n, p in ref.named_parameters()),
             "moved": max((straight[n] - p).abs().max().item() for n, p in model().named_parameters()),
-            "max_diff_resumed": max((straight[n] - p).abs().max().item() for n, p in e2.module.named_parameters()),
+            "max_diff_resumed": max((straight[n] - p).abs().max().item()
+                                    for n, p in e2.module.named_parameters()),
         }
     print("RESULT " + json.dumps(out))
     """
@@ -227,11 +237,11 @@ DS_SCRIPT = textwrap.dedent(
 
 @pytest.mark.integration
 def test_deepspeed_zero_0_1_2_client_optimizer_and_checkpoint(tmp_path: Path) -> None:
-    """Real DeepSpeed on CPU (1 gloo rank): the per-group kind survives ZeRO's flattening, the updates equal the
-    optimizer without DeepSpeed, and save/load_checkpoint continues exactly."""
+    """Real DeepSpeed on CPU (1 gloo rank): the per-group kind survives ZeRO's flattening, the updates equal
+    the optimizer without DeepSpeed, and save/load_checkpoint continues exactly."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", DS_SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=400)
+    proc = subprocess.run([sys.executable, "-c", DS_SCRIPT], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     for stage in ("0", "1", "2"):

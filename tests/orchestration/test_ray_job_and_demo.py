@@ -172,7 +172,8 @@ def test_make_demo_runs_the_embedded_default_and_the_loss_falls(tmp_path: Path) 
     from the measured runs in docs/RESULTS.md."""
     env = {**os.environ, "SOHO_STORAGE_PATH": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(["make", "-C", str(REPO), "demo"], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(["make", "-C", str(REPO), "demo"], env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = last_json(proc.stdout)
     assert summary["preset"] == "tiny" and summary["world_size"] == 2 and summary["zero_stage"] == 2
@@ -184,7 +185,8 @@ def test_make_demo_runs_the_embedded_default_and_the_loss_falls(tmp_path: Path) 
     assert on_disk["losses"] == summary["losses"]
     assert (run_dir / "loss_curve.png").stat().st_size > 10_000
     assert (run_dir / "final_model" / "config.json").is_file()
-    assert sorted(p.name for p in run_dir.glob("checkpoint_step_*"))[-1] == f"checkpoint_step_{summary['steps']:08d}"
+    assert (sorted(p.name for p in run_dir.glob("checkpoint_step_*"))[-1]
+            == f"checkpoint_step_{summary['steps']:08d}")
     held = summary["heldout"]
     assert on_disk["heldout"] == held
     assert held["num_candidates"] == 100 and held["chance_r1"] == 1.0

@@ -62,7 +62,8 @@ class Prometheus:
     def __init__(self, workdir: Path, targets: list[str]) -> None:
         binary = shutil.which("prometheus") or "/usr/bin/prometheus"
         if not Path(binary).exists():
-            raise FileNotFoundError("prometheus binary not found: run `make test-deps` (apt-get install prometheus)")
+            raise FileNotFoundError(
+                "prometheus binary not found: run `make test-deps` (apt-get install prometheus)")
         self.port = free_port()
         cfg = workdir / "prometheus.yml"
         cfg.write_text(
@@ -101,7 +102,8 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def faulted_run(ray_session: None, synth_manifest: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def faulted_run(ray_session: None, synth_manifest: str,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """2 workers, ZeRO-2, rank 1 SIGKILLed right after the checkpoint at step 5, scraped by Prometheus."""
     from orchestration.pretrain.cli import main
 
@@ -110,8 +112,9 @@ def faulted_run(ray_session: None, synth_manifest: str, tmp_path_factory: pytest
     prom = Prometheus(tmp, [f"127.0.0.1:{base}", f"127.0.0.1:{base + 1}"])
     try:
         summary = main([*FAST_FLAGS, "--data", synth_manifest, "--storage-path", str(tmp / "runs"),
-                        "--run-name", "faulted", "--num-workers", "2", "--zero-stage", "2", "--max-steps", "10",
-                        "--checkpoint-every", "5", "--metrics-port", str(base), "--max-failures", "2",
+                        "--run-name", "faulted", "--num-workers", "2", "--zero-stage", "2",
+                        "--max-steps", "10", "--checkpoint-every", "5", "--metrics-port", str(base),
+                        "--max-failures", "2",
                         "--fault-kill-after-checkpoint", "5", "--fault-kill-rank", "1"])
         time.sleep(2)  # one more scrape interval, so the last values are in the TSDB
         loss = prom.query('soho_train_loss{task="mlm"}[15m]')
@@ -170,7 +173,8 @@ def test_final_export_loads(faulted_run: dict[str, Any]) -> None:
     model = SohoModel.from_pretrained(str(export))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     full = SohoForPretraining.from_pretrained(str(export))
-    assert tensor_sha256(full.soho.visual_dictionary.codebook) == faulted_run["records"][0]["vd_codebook_sha256"]
+    assert (tensor_sha256(full.soho.visual_dictionary.codebook)
+            == faulted_run["records"][0]["vd_codebook_sha256"])
     run_dir = faulted_run["run_dir"]
     assert (run_dir / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 10
@@ -183,7 +187,8 @@ def test_prometheus_scraped_the_live_run(faulted_run: dict[str, Any]) -> None:
     assert ranks == {"0", "1"}
     values = [float(v) for s in loss for _, v in s["values"]]
     assert values and all(v > 0 for v in values)
-    assert faulted_run["perplexity"] and all(float(v) >= 1.0 for s in faulted_run["perplexity"] for _, v in s["values"])
+    assert faulted_run["perplexity"] and all(float(v) >= 1.0 for s in faulted_run["perplexity"]
+                                             for _, v in s["values"])
     assert max(float(s["value"][1]) for s in faulted_run["steps"]) >= 4
 
 
@@ -268,7 +273,8 @@ def test_s3_storage_checkpoints_land_in_the_bucket_and_relaunch_resumes(
 
         # Bit rot in the newest checkpoint (one byte, same size): Ray's newest committed checkpoint fails its
         # sha256 check, so the relaunch falls back to the previous one (step 2) instead of loading it.
-        ds_files = sorted(p for p in fs.find("soho-ckpt/runs/s3run/checkpoint_step_00000004/ds") if p.endswith(".pt"))
+        ds_files = sorted(p for p in fs.find("soho-ckpt/runs/s3run/checkpoint_step_00000004/ds")
+                          if p.endswith(".pt"))
         assert ds_files, "DeepSpeed wrote no .pt file"
         victim = ds_files[0]
         data = bytearray(fs.cat(victim))
@@ -303,7 +309,8 @@ def test_s3_storage_checkpoints_land_in_the_bucket_and_relaunch_resumes(
             return {k: os.environ.get(k) for k in AWS_ENV}
 
         assert ray.get(worker_env.remote()) == AWS_ENV
-        secrets = [AWS_ENV[k].encode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+        secrets = [AWS_ENV[k].encode()
+                   for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
         files = [p for p in fs.find("soho-ckpt/runs/s3run") if p.endswith(".json")]
         assert any(p.endswith("train_state.json") for p in files)
         assert [p for p in files for s in secrets if s in fs.cat(p)] == []

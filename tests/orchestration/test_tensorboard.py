@@ -1,6 +1,6 @@
-"""``--tensorboard-dir`` / ``--wandb-project`` (orchestration.runtime.loggers): event files read back with TensorBoard's
-own loader (``EventAccumulator``), a resumed attempt's purge, rank 0 only, a remote (moto S3) directory, and the
-error when W&B is asked for without its package.
+"""``--tensorboard-dir`` / ``--wandb-project`` (orchestration.runtime.loggers): event files read back with
+TensorBoard's own loader (``EventAccumulator``), a resumed attempt's purge, rank 0 only, a remote (moto S3)
+directory, and the error when W&B is asked for without its package.
 
 The runs through the real training loop live beside the runs they extend (one more flag, no extra run):
 ``test_local_runs.py`` (crash mid-checkpoint + resume; 2 torchrun ranks), ``test_heldout_eval_periodic.py``
@@ -23,7 +23,8 @@ STEP_TAGS = {
     "loss/total": "loss", "loss/mlm": "mlm", "loss/mvm": "mvm", "loss/itm": "itm",
     "accuracy/mlm": "mlm_acc", "accuracy/mvm": "mvm_acc", "accuracy/itm": "itm_acc",
     "train/lr": "lr",
-    "codebook/usage": "vd_usage", "codebook/perplexity": "vd_perplexity", "codebook/dead_codes": "vd_dead_codes",
+    "codebook/usage": "vd_usage", "codebook/perplexity": "vd_perplexity",
+    "codebook/dead_codes": "vd_dead_codes",
     "codebook/decay": "vd_decay",
     "throughput/samples_per_s": "samples_per_s", "throughput/step_seconds": "step_s",
     "throughput/data_wait_seconds": "data_wait_s",
@@ -64,7 +65,8 @@ def assert_matches_history(log_dir: Path, history: list[dict[str, Any]], *, itc:
     for tag, key in STEP_TAGS.items():
         assert tag in scalars, (tag, sorted(scalars))
         assert [s for s, _ in scalars[tag]] == steps, (tag, scalars[tag])
-        assert [v for _, v in scalars[tag]] == pytest.approx([float(r[key]) for r in history], rel=1e-6, abs=1e-7), tag
+        assert [v for _, v in scalars[tag]] == pytest.approx([float(r[key]) for r in history],
+                                                             rel=1e-6, abs=1e-7), tag
     assert ("loss/itc" in scalars) == itc and ("accuracy/itc" in scalars) == itc
     if itc:
         assert [v for _, v in scalars["loss/itc"]] == pytest.approx([float(r["itc"]) for r in history],
@@ -75,15 +77,16 @@ def assert_matches_history(log_dir: Path, history: list[dict[str, Any]], *, itc:
             assert tag not in scalars
             continue
         assert [s for s, _ in scalars[tag]] == [r["step"] for r in evals], tag
-        assert [v for _, v in scalars[tag]] == pytest.approx([float(r[key]) for r in evals], rel=1e-6, abs=1e-7)
+        assert [v for _, v in scalars[tag]] == pytest.approx([float(r[key]) for r in evals],
+                                                             rel=1e-6, abs=1e-7)
     assert "eval/candidates" not in scalars
 
 
 def _record(step: int, base: float) -> dict[str, float]:
     r = {"step": step, "loss": base + step, "mlm": 1.0 * step, "mvm": 0.5 * step, "itm": 0.69, "itc": 2.0,
-         "mlm_acc": 0.1, "mvm_acc": 0.2, "itm_acc": 0.5, "itc_acc": 0.3, "vd_usage": 0.25, "vd_perplexity": 3.5,
-         "vd_dead_codes": 7, "vd_decay": 0.99, "lr": 1e-4 * step, "samples_per_s": 40.0 + base, "step_s": 0.2,
-         "data_wait_s": 0.01}
+         "mlm_acc": 0.1, "mvm_acc": 0.2, "itm_acc": 0.5, "itc_acc": 0.3, "vd_usage": 0.25,
+         "vd_perplexity": 3.5, "vd_dead_codes": 7, "vd_decay": 0.99, "lr": 1e-4 * step,
+         "samples_per_s": 40.0 + base, "step_s": 0.2, "data_wait_s": 0.01}
     return r
 
 
@@ -104,7 +107,8 @@ def test_resumed_attempt_purges_the_steps_after_its_checkpoint(tmp_path: Path) -
 
     files = event_files(tmp_path / "r")
     assert len(files) == 2
-    assert raw_steps(files[0], "loss/total") == [1, 2, 3, 4] and raw_steps(files[1], "loss/total") == [3, 4, 5]
+    assert (raw_steps(files[0], "loss/total") == [1, 2, 3, 4]
+            and raw_steps(files[1], "loss/total") == [3, 4, 5])
     got = tb_scalars(tmp_path / "r")
     expected = [_record(1, 0.0), _record(2, 0.0), *(_record(s, 100.0) for s in (3, 4, 5))]
     assert [s for s, _ in got["loss/total"]] == [1, 2, 3, 4, 5]
@@ -145,9 +149,11 @@ def test_config_flags_and_the_wandb_error() -> None:
     assert RunConfig.of().observability.tensorboard_dir is None  # off by default
     with pytest.raises(ValueError, match="tensorboard_dir must not be empty"):
         RunConfig.of(tensorboard_dir=" ")
-    if wandb_available():  # the error below is about a missing package; nothing to check where it is installed
+    # the error below is about a missing package; nothing to check where it is installed
+    if wandb_available():
         return
-    with pytest.raises(ValueError, match=r"wandb_project='proj' needs the `wandb` package.*pip install wandb"):
+    with pytest.raises(ValueError,
+                       match=r"wandb_project='proj' needs the `wandb` package.*pip install wandb"):
         parse_run_config(["--wandb-project", "proj"])
     with pytest.raises(RuntimeError, match=r"needs the `wandb` package"):
         RunLogger(run_name="r", wandb_project="proj")
@@ -156,7 +162,8 @@ def test_config_flags_and_the_wandb_error() -> None:
 
 @pytest.mark.s3
 @pytest.mark.integration
-def test_remote_dir_is_uploaded_with_fsspec_to_moto_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_remote_dir_is_uploaded_with_fsspec_to_moto_s3(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """An s3:// --tensorboard-dir: events written in a local temp folder, uploaded at flush (checkpoint) and
     close; the bucket holds a TensorBoard-readable dir; an unwritable URL fails at start, naming it."""
     import s3fs

@@ -1,4 +1,5 @@
-"""Checkpoints you can trust, on the real worker loop with a real DeepSpeed engine on CPU (one process, world 1):
+"""Checkpoints you can trust, on the real worker loop with a real DeepSpeed engine on CPU (one process, world
+1):
 
 * a finite loss with NaN gradients is not stepped (ZeRO-0: our check; ZeRO-2: DeepSpeed's global-norm check),
   is counted in ``soho_train_nonfinite_steps_total`` and aborts after too many in a row;
@@ -32,12 +33,12 @@ SCRIPT = textwrap.dedent(
     from pathlib import Path
     import torch
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from orchestration.runtime.checkpoint import (TRAIN_STATE, StorageStore, Staging, read_history, rank_record_name,
-                                          sha256_file, step_dir_name, weights_only_loads)
+    from orchestration.runtime.checkpoint import (TRAIN_STATE, StorageStore, Staging, read_history,
+                                          rank_record_name, sha256_file, step_dir_name, weights_only_loads)
     from orchestration.pretrain.config import RunConfig
     from orchestration.pretrain.summary import write_run_artifacts
-    from orchestration.pretrain.worker import (NonFiniteLossError, NonFiniteWeightsError, _Trainer, ensure_process_group,
-                                      unwrap, visual_dictionary)
+    from orchestration.pretrain.worker import (NonFiniteLossError, NonFiniteWeightsError, _Trainer,
+                                      ensure_process_group, unwrap, visual_dictionary)
 
     data, root, marker = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
     ensure_process_group(False)
@@ -47,7 +48,8 @@ SCRIPT = textwrap.dedent(
         cfg = RunConfig.of(launcher="local", data=data, storage_path=str(root), run_name=name, image_size=64,
                         micro_batch_size=4, max_text_len=24, warmup_steps=0, lr_schedule="constant",
                         metrics_port=-1, **kw)
-        return _Trainer(cfg, StorageStore(cfg.checkpoint.storage_path, cfg.name, cfg.checkpoint.keep_checkpoints), cfg.dataset.data, False)
+        return _Trainer(cfg, StorageStore(cfg.checkpoint.storage_path, cfg.name,
+                                          cfg.checkpoint.keep_checkpoints), cfg.dataset.data, False)
 
     def params(t):
         return {n: p.detach().clone() for n, p in unwrap(t.engine).named_parameters()}
@@ -95,7 +97,8 @@ SCRIPT = textwrap.dedent(
     other_rank = Staging(str(root), "hist", 1).new("ckpt-7")
     t = trainer("hist", max_steps=15, checkpoint_every=5, keep_checkpoints=3)
     res = t.run(); t.close()
-    out["staging"] = {"mine": mine.exists(), "other_run": other_run.exists(), "other_rank": other_rank.exists(),
+    out["staging"] = {"mine": mine.exists(), "other_run": other_run.exists(),
+                      "other_rank": other_rank.exists(),
                       "left": sorted(p.name.rsplit("-", 1)[0] for p in tmp.glob("soho-stage-*"))}
     ck = root / "hist" / "checkpoints"
     out["sizes"] = {s: (ck / step_dir_name(s) / TRAIN_STATE).stat().st_size for s in (5, 10, 15)}
@@ -129,7 +132,8 @@ SCRIPT = textwrap.dedent(
     out["plant_live"] = marker.exists(); marker.unlink()
     rec_path = d10 / rank_record_name(0)
     rec = json.loads(rec_path.read_text())
-    rec["files"]["ds/mp_rank_00_model_states.pt"] = {"size": target.stat().st_size, "sha256": sha256_file(target)}
+    rec["files"]["ds/mp_rank_00_model_states.pt"] = {"size": target.stat().st_size,
+                                                     "sha256": sha256_file(target)}
     rec_path.write_text(json.dumps(rec))
     t = trainer("hist", max_steps=16, checkpoint_every=5, keep_checkpoints=3)
     t.build(); t.resume(); out["resumed_after_plant"] = t.step
@@ -163,8 +167,8 @@ def test_trusted_checkpoints_nonfinite_grads_history_and_staging(tmp_path: Path,
         assert r["loss_finite"] and r["flagged"] and r["params_unchanged"], (stage, r)
         assert r["moved_after"] and r["finite"], (stage, r)
         assert (r["step"], r["batches"], r["counted"], r["metric"]) == (3, 5, 1, 1.0), (stage, r)
-        assert r["aborted"] is not None and "3 consecutive steps had a non-finite loss or non-finite gradients" \
-            in r["aborted"], (stage, r)
+        assert r["aborted"] is not None and (
+            "3 consecutive steps had a non-finite loss or non-finite gradients" in r["aborted"]), (stage, r)
         assert r["counted_end"] == 4, (stage, r)
     assert "non-finite gradients (finite loss) at step 3" in log
     assert "not committing a checkpoint with non-finite weights" in out["zero2"]["refused"]
@@ -175,7 +179,8 @@ def test_trusted_checkpoints_nonfinite_grads_history_and_staging(tmp_path: Path,
     assert "removed 1 stale staging folder(s) of this run" in log
 
     sizes = out["sizes"]
-    assert abs(sizes["15"] - sizes["5"]) <= 8, sizes  # no per-step history inside: size independent of the step
+    # no per-step history inside: size independent of the step
+    assert abs(sizes["15"] - sizes["5"]) <= 8, sizes
     assert out["state_has_history"] is False
     assert out["history_steps"] == list(range(1, 16))
     assert out["segments"] == ["steps-00000001-00000005.jsonl", "steps-00000006-00000010.jsonl",
@@ -185,7 +190,8 @@ def test_trusted_checkpoints_nonfinite_grads_history_and_staging(tmp_path: Path,
     assert out["resumed_after_flip"] == 10
     assert "ignoring committed checkpoint at step 15" in log
     flip_line = next(ln for ln in log.splitlines() if "ignoring committed checkpoint at step 15" in ln)
-    assert out["flipped"].split("/", 1)[1] in flip_line and "has sha256" in flip_line and "expected" in flip_line
+    assert (out["flipped"].split("/", 1)[1] in flip_line and "has sha256" in flip_line
+            and "expected" in flip_line)
     assert out["history_after_fallback"] == list(range(1, 11))  # the abandoned steps 11-15 are dropped
 
     assert out["plant_live"] is True  # the planted file runs code under plain pickle ...

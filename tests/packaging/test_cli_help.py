@@ -55,8 +55,9 @@ def test_train_help_hides_the_fault_flags_which_still_work(capsys: pytest.Captur
     cfg = parse_run_config(["--fault-kill-after-checkpoint", "3", "--fault-kill-rank", "0",
                             "--fault-crash-during-checkpoint", "4", "--fault-nonfinite-batches", "1,5",
                             "--fault-nonfinite-grad-batches", "7"])
-    assert (cfg.faults.fault_kill_after_checkpoint, cfg.faults.fault_kill_rank, cfg.faults.fault_crash_during_checkpoint,
-            cfg.faults.fault_nonfinite_batches, cfg.faults.fault_nonfinite_grad_batches) == (3, 0, 4, [1, 5], [7])
+    assert (cfg.faults.fault_kill_after_checkpoint, cfg.faults.fault_kill_rank,
+            cfg.faults.fault_crash_during_checkpoint, cfg.faults.fault_nonfinite_batches,
+            cfg.faults.fault_nonfinite_grad_batches) == (3, 0, 4, [1, 5], [7])
 
 
 def test_every_shard_option_has_a_description_and_its_default(capsys: pytest.CaptureFixture[str]) -> None:

@@ -51,7 +51,8 @@ def _imports(tree: ast.Module, mod: str, is_package: bool) -> list[Import]:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, ast.If) and "TYPE_CHECKING" in ast.unparse(child.test):
                 continue  # annotations only: never executed
-            inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+            inner = top and not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                                                   ast.Lambda))
             if isinstance(child, ast.Import):
                 found.extend(Import(mod, a.name, child.lineno, top) for a in child.names)
             elif isinstance(child, ast.ImportFrom):
@@ -183,11 +184,13 @@ def test_the_checker_fails_on_each_kind_of_violation(tmp_path: Path) -> None:
         "soho.model:2 imports orchestration.runtime.engine: soho/ is the pure model",
         "soho.model:3 imports deepspeed: soho/ imports no training-stack package",
         "data_pipeline.loader:1 imports soho.model: data_pipeline/ never imports soho",
-        "orchestration.runtime.engine:1 imports orchestration.pretrain.worker: runtime/ is shared by both jobs",
+        "orchestration.runtime.engine:1 imports orchestration.pretrain.worker: runtime/ is shared by both "
+        "jobs",
         "orchestration.pretrain.worker:3 imports orchestration.finetune.tasks: pre-training never imports",
         "orchestration.pretrain.worker:3 imports orchestration.finetune.tasks: imports of the project's own "
         "packages belong at the top",
-        "import cycle: orchestration.finetune.loop -> orchestration.finetune.tasks -> orchestration.finetune.loop",
+        "import cycle: orchestration.finetune.loop -> orchestration.finetune.tasks -> "
+        "orchestration.finetune.loop",
         "import cycle: orchestration.pretrain.worker -> orchestration.runtime.engine -> "
         "orchestration.pretrain.worker",
     ]
