@@ -13,6 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10 (the dev extra installs tomli there)
+    import tomli as tomllib
 import yaml
 
 from tests.k8s.manifests import (
@@ -444,9 +449,14 @@ def test_images_come_from_the_dockerfile() -> None:
     users = re.findall(r"^USER\s+(\S+)", dockerfile, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert users[-1].split(":")[0] == "1000"
+    copied = set()
     for src in re.findall(r"^COPY\s+(?:--\S+\s+)*(.+?)\s+\S+$", dockerfile, re.M):
         for item in src.split():
             assert (REPO_ROOT / item).exists(), f"Dockerfile copies missing {item}"
+            copied.add(item)
+    pyproject = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert packages <= copied, f"the image would install without {sorted(packages - copied)}"
     ray_tag = re.search(r"rayproject/ray:(\d+\.\d+\.\d+)", dockerfile).group(1)
     ray_versions = {
         m.doc["spec"].get("rayClusterSpec", m.doc["spec"])["rayVersion"]
