@@ -107,7 +107,8 @@ def run_deepspeed(model: torch.nn.Module, batch: dict[str, torch.Tensor], steps:
     model = model.to(torch.bfloat16)
     groups, _ = param_groups(model, cfg.optim)
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=True)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=build_deepspeed_config(cfg.scale, cfg.optim, 1),
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
+                                           config=build_deepspeed_config(cfg.scale, cfg.optim, 1),
                                            dist_init_required=False)
     batch = {**batch, "pixel_values": batch["pixel_values"].to(torch.bfloat16)}
     times = []

@@ -84,8 +84,8 @@ class GridEncoderConfig:
             )
         if self.backbone == "tiny" and normalise_weights(self.weights) is not None:
             raise ValueError(
-                f"GridEncoderConfig.weights={self.weights!r}: the tiny trunk is not a torchvision ResNet and has "
-                "no pretrained weights; use weights=None ('none') or a resnet backbone"
+                f"GridEncoderConfig.weights={self.weights!r}: the tiny trunk is not a torchvision ResNet "
+                "and has no pretrained weights; use weights=None ('none') or a resnet backbone"
             )
         if self.backbone == "tiny" and (not self.tiny_blocks or min(self.tiny_blocks) < 1):
             raise ValueError(
@@ -175,13 +175,15 @@ class TransformerConfig:
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"TransformerConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+                f"TransformerConfig.hidden_size={self.hidden_size} is not divisible by "
+                f"num_heads={self.num_heads}"
             )
         if self.type_vocab_size < 2:
             raise ValueError("TransformerConfig.type_vocab_size must be >= 2 (text and visual modality)")
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(
-                f"TransformerConfig.attn_implementation={self.attn_implementation!r}: expected 'sdpa' or 'eager'"
+                f"TransformerConfig.attn_implementation={self.attn_implementation!r}: "
+                "expected 'sdpa' or 'eager'"
             )
         for name in (
             "pad_token_id",
@@ -283,8 +285,8 @@ class SohoConfig:
             )
         if not self.vd.enabled and self.pretrain.mvm_prob > 0:
             raise ValueError(
-                f"SohoConfig: vd.enabled=False but pretrain.mvm_prob={self.pretrain.mvm_prob}: MVM predicts VD "
-                "indices, so the no-VD ablation needs pretrain.mvm_prob=0"
+                f"SohoConfig: vd.enabled=False but pretrain.mvm_prob={self.pretrain.mvm_prob}: "
+                "MVM predicts VD indices, so the no-VD ablation needs pretrain.mvm_prob=0"
             )
 
     def to_dict(self) -> dict[str, Any]:

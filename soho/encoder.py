@@ -76,7 +76,8 @@ class TrunkWeightsUnavailableError(RuntimeError):
 
 def offline() -> bool:
     """``SOHO_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``): never download weights, fail with the fix instead."""
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes") for k in ("SOHO_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes")
+               for k in ("SOHO_OFFLINE", "HF_HUB_OFFLINE"))
 
 
 def torchvision_weights(backbone: str, name: str) -> Any:
@@ -105,12 +106,12 @@ def _unavailable(backbone: str, weights: Any, path: Path, why: str) -> TrunkWeig
     torch_home = os.environ.get("TORCH_HOME")
     home = f"TORCH_HOME={torch_home}" if torch_home else "TORCH_HOME unset: ~/.cache/torch"
     return TrunkWeightsUnavailableError(
-        f"the ResNet trunk's ImageNet weights {type(weights).__name__}.{weights.name} are not in torchvision's "
-        f"cache {path} ({home}; torchvision keeps them in $TORCH_HOME/hub/checkpoints/) and {why}. Fixes: "
-        f"copy {path.name} (from {weights.url}) into $TORCH_HOME/hub/checkpoints/ on this machine (the k8s "
-        "image does so at build time); or pass a local state dict: --backbone-weights /path/to/state_dict.pt; "
-        "or start the trunk from random weights: --backbone-weights none (YAML: backbone_weights: none, as the "
-        "CPU recipes do; not the paper's ImageNet start)"
+        f"the ResNet trunk's ImageNet weights {type(weights).__name__}.{weights.name} are not in "
+        f"torchvision's cache {path} ({home}; torchvision keeps them in $TORCH_HOME/hub/checkpoints/) "
+        f"and {why}. Fixes: copy {path.name} (from {weights.url}) into $TORCH_HOME/hub/checkpoints/ on this "
+        "machine (the k8s image does so at build time); or pass a local state dict: --backbone-weights "
+        "/path/to/state_dict.pt; or start the trunk from random weights: --backbone-weights none (YAML: "
+        "backbone_weights: none, as the CPU recipes do; not the paper's ImageNet start)"
     )
 
 
@@ -136,7 +137,7 @@ def ensure_trunk_weights(cfg: GridEncoderConfig, timeout_s: float = 120.0) -> Pa
     socket.setdefaulttimeout(timeout_s)  # urllib inside torch.hub has no timeout of its own: fail, not hang
     try:
         weights.get_state_dict(progress=False, check_hash=True)  # torchvision's weights API fills the cache
-    except (OSError, RuntimeError) as exc:  # URLError/HTTPError/timeouts are OSErrors; a bad hash RuntimeError
+    except (OSError, RuntimeError) as exc:  # URLError/HTTPError/timeouts: OSError; a bad hash: RuntimeError
         raise _unavailable(cfg.backbone, weights, path, f"downloading it failed ({exc})") from exc
     finally:
         socket.setdefaulttimeout(old_timeout)
@@ -157,8 +158,8 @@ def _resnet_trunk(cfg: GridEncoderConfig) -> tuple[nn.Sequential, int]:
         missing = [k for k in missing if not k.startswith("fc.")]
         if missing or unexpected:
             raise ValueError(
-                f"GridEncoderConfig.weights={cfg.weights!r} ({path}) does not fit torchvision {cfg.backbone}: "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"GridEncoderConfig.weights={cfg.weights!r} ({path}) does not fit torchvision "
+                f"{cfg.backbone}: missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         logger.info("loaded %s trunk weights (%s) from %s", cfg.backbone, cfg.weights, path)
     trunk = nn.Sequential(
@@ -217,7 +218,8 @@ class GridEncoder(nn.Module):
             pixel_mask = torch.ones(b, h_img, w_img, dtype=torch.bool, device=pixel_values.device)
         elif pixel_mask.shape != (b, h_img, w_img):
             raise ValueError(
-                f"pixel_mask must be (B, H, W)={(b, h_img, w_img)} like pixel_values, got {tuple(pixel_mask.shape)}"
+                f"pixel_mask must be (B, H, W)={(b, h_img, w_img)} like pixel_values, "
+                f"got {tuple(pixel_mask.shape)}"
             )
         x = self.proj(self.pool(self.trunk(pixel_values)))  # (B, C, h, w)
         h, w = x.shape[-2:]

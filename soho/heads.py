@@ -87,7 +87,9 @@ class ITMHead(nn.Module):
         if self.interaction is None:
             return logits
         if hidden is None or attention_mask is None or visual_mask is None:
-            raise ValueError("ITMHead(interaction=True) needs hidden, attention_mask and visual_mask of the joint pass")
+            raise ValueError(
+                "ITMHead(interaction=True) needs hidden, attention_mask and visual_mask of the joint pass"
+            )
         t_len = attention_mask.shape[1]
         text = masked_mean(hidden[:, :t_len], attention_mask)
         visual = masked_mean(hidden[:, t_len:], visual_mask)
@@ -125,7 +127,7 @@ class ContrastiveProjection(nn.Module):
         return F.normalize(self.text_proj(pooled_text), dim=-1)  # (N, D)
 
     def logit_scale(self) -> torch.Tensor:
-        return self.log_inv_temperature.clamp(max=4.6052).exp().squeeze(0)  # () scalar, at most 100 (CLIP's cap)
+        return self.log_inv_temperature.clamp(max=4.6052).exp().squeeze(0)  # () scalar, <= 100 (CLIP's cap)
 
 
 def info_nce_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:

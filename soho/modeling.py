@@ -138,7 +138,9 @@ class SohoModel(nn.Module):
         features, mask, _ = self.encoder(pixel_values, pixel_mask)
         return features, mask
 
-    def encode_visual(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> EncodedImages:
+    def encode_visual(
+        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None
+    ) -> EncodedImages:
         """Grid encoder → VD (updates the codebook in training mode): the visual side of a joint pass."""
         features, mask, grid = self.encoder(pixel_values, pixel_mask)  # (B, L, C), (B, L)
         vd = self.visual_dictionary(features, mask)
@@ -161,11 +163,14 @@ class SohoModel(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         n_text, n_vis = input_ids.shape[0], visual_tokens.shape[0]
         if n_text != n_vis:
-            raise ValueError(f"fuse: input_ids has {n_text} rows but visual_tokens has {n_vis} (one image per text)")
+            raise ValueError(
+                f"fuse: input_ids has {n_text} rows but visual_tokens has {n_vis} (one image per text)"
+            )
         if attention_mask.shape != input_ids.shape or visual_mask.shape != visual_tokens.shape[:2]:
             raise ValueError(
-                f"fuse: attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}"
-                f" and visual_mask {tuple(visual_mask.shape)} visual_tokens {tuple(visual_tokens.shape[:2])}"
+                f"fuse: attention_mask {tuple(attention_mask.shape)} must match input_ids "
+                f"{tuple(input_ids.shape)} and visual_mask {tuple(visual_mask.shape)} visual_tokens "
+                f"{tuple(visual_tokens.shape[:2])}"
             )
         text = self.transformer.embed_text(input_ids)  # (B, T, C)
         vis = self.transformer.embed_visual(visual_tokens, grid, masked_visual).to(text.dtype)  # (B, L, C)
@@ -173,8 +178,11 @@ class SohoModel(nn.Module):
         keep = torch.cat([attention_mask.to(torch.bool), visual_mask.to(torch.bool)], dim=1)  # (B, T+L)
         return self.transformer(joint, keep)
 
-    def image_only(self, visual_tokens: torch.Tensor, visual_mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """Single-modality image pass ([CLS] [SEP] + visual tokens, no caption) → mean visual output (B, C)."""
+    def image_only(
+        self, visual_tokens: torch.Tensor, visual_mask: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """Single-modality image pass ([CLS] [SEP] + visual tokens, no caption) → mean visual output
+        (B, C)."""
         n, cfg = visual_tokens.shape[0], self.config.transformer
         ids = torch.tensor([[cfg.cls_token_id, cfg.sep_token_id]], device=visual_tokens.device).expand(n, 2)
         hidden, _ = self.fuse(ids, None, visual_tokens, visual_mask, grid)
@@ -223,7 +231,8 @@ class SohoModel(nn.Module):
 
     @classmethod
     def from_state(cls, config: SohoConfig, state: dict[str, torch.Tensor]) -> SohoModel:
-        """A SohoModel with the weights of a bare state dict or of the ``soho.*`` part of a wrapping model's."""
+        """A SohoModel with the weights of a bare state dict or of the ``soho.*`` part of a wrapping
+        model's."""
         if any(k.startswith("soho.") for k in state):
             state = sub_state(state, "soho.")
         model = cls(config, load_pretrained=False)
@@ -380,7 +389,8 @@ class SohoForPretraining(nn.Module):
         matched = itm_labels.bool()
         ids_in, mlm_labels = mask_tokens(ids, am, cfg.transformer, cfg.pretrain, generator)
         v = images.visual
-        masked_visual, _ = mask_visual(images.vd.indices, v.mask, cfg.vd.num_codes, cfg.pretrain.mvm_prob, generator)
+        masked_visual, _ = mask_visual(images.vd.indices, v.mask, cfg.vd.num_codes, cfg.pretrain.mvm_prob,
+                                       generator)
         hidden, pooled = self.soho.fuse(ids_in, am, v.tokens, v.mask, v.grid, masked_visual)
         return _JointPass(
             hidden=hidden,
@@ -438,14 +448,16 @@ class SohoForPretraining(nn.Module):
         return self.itm_head(out.pooled, out.last_hidden_state, attention_mask, out.visual_mask)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        return save_model(directory, self, self.config, "SohoForPretraining", soho_format_version=FORMAT_VERSION)
+        return save_model(directory, self, self.config, "SohoForPretraining",
+                          soho_format_version=FORMAT_VERSION)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> SohoForPretraining:
         config, _, state = read_model(directory)
         if not any(k.startswith("soho.") for k in state):
             raise ValueError(
-                f"{directory}: holds a bare SohoModel (no pre-training heads); load it with SohoModel.from_pretrained"
+                f"{directory}: holds a bare SohoModel (no pre-training heads); "
+                "load it with SohoModel.from_pretrained"
             )
         model = cls(config, load_pretrained=False)
         model.load_state_dict(state, strict=True)

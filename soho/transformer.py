@@ -34,7 +34,8 @@ class CrossModalEncoder(nn.Module):
         """(B, T) ids → (B, T, C): BERT's word + position + token-type-0 embeddings."""
         if input_ids.shape[1] > self.config.max_text_len:
             raise ValueError(
-                f"input_ids has {input_ids.shape[1]} tokens; TransformerConfig.max_text_len is {self.config.max_text_len}"
+                f"input_ids has {input_ids.shape[1]} tokens; "
+                f"TransformerConfig.max_text_len is {self.config.max_text_len}"
             )
         return self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
 
@@ -43,7 +44,8 @@ class CrossModalEncoder(nn.Module):
     ) -> torch.Tensor:
         """(B, L, C) VD tokens → (B, L, C): + 2-D position + token-type-1 embedding; ``masked_visual`` (B, L)
         bool positions are replaced by the MVM mask embedding."""
-        return self.visual_embeddings(visual_tokens, grid, self.bert.embeddings.token_type_embeddings, masked_visual)
+        return self.visual_embeddings(visual_tokens, grid, self.bert.embeddings.token_type_embeddings,
+                                      masked_visual)
 
     def forward(self, embeddings: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BERT layers over an already joined sequence: embeddings (B, N, C), keep (B, N) bool (False =

@@ -87,11 +87,13 @@ class TaskModel(nn.Module):
         """Hook of ``from_backbone``: take task weights from a pre-training export's state (default none)."""
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        return save_model(directory, self, self.config, self.saved_class, task=self.task, task_args=self.task_args())
+        return save_model(directory, self, self.config, self.saved_class, task=self.task,
+                          task_args=self.task_args())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> TaskModel:
-        """A task model saved by ``save_pretrained`` (or by an earlier version), if it is one of this class."""
+        """A task model saved by ``save_pretrained`` (or by an earlier version), if it is one of this
+        class."""
         return _load_task_model(directory, cls)
 
     @classmethod
@@ -99,7 +101,8 @@ class TaskModel(nn.Module):
         """A fresh task head (``cls(config, *args, **kwargs)``) on the SOHO backbone of a pre-training export;
         the export's heads are dropped unless ``init_from_export`` takes them (retrieval: ITM + ITC)."""
         config, _, state = read_model(directory)
-        backbone = SohoModel.from_state(config, state)  # built before the head: seeded head inits stay as they were
+        # built before the head: seeded head inits stay as they were
+        backbone = SohoModel.from_state(config, state)
         model = cls(backbone.config, *args, **kwargs, load_pretrained=False)
         model.soho.load_state_dict(backbone.state_dict(), strict=True)
         model.init_from_export(state, directory)
@@ -139,7 +142,9 @@ class SohoForPooledClassification(TaskModel):
         self, config: SohoConfig, task: str, num_labels: int | None = None, load_pretrained: bool = True
     ) -> None:
         if task not in POOLED_TASKS:
-            raise ValueError(f"SohoForPooledClassification: task={task!r}, expected one of {sorted(POOLED_TASKS)}")
+            raise ValueError(
+                f"SohoForPooledClassification: task={task!r}, expected one of {sorted(POOLED_TASKS)}"
+            )
         spec = POOLED_TASKS[task]
         if spec.labels_arg is None and num_labels not in (None, spec.default_labels):
             raise ValueError(f"task {task!r} has {spec.default_labels} labels, got num_labels={num_labels}")
@@ -186,7 +191,8 @@ class SohoForPooledClassification(TaskModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if k > 1:  # (k·B, T): text i beside each of its k images
-            input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
+            input_ids, attention_mask = (input_ids.repeat_interleave(k, 0),
+                                         attention_mask.repeat_interleave(k, 0))
         pooled = self.soho(pixel_values, pixel_mask, input_ids, attention_mask).pooled  # (k·B, C)
         logits = self.head(pooled.reshape(b, -1))  # (B, k·C) → (B, num_labels)
         if labels is None:

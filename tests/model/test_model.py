@@ -152,7 +152,8 @@ def test_small_preset_text_embeddings_are_the_minilm_weights() -> None:
         "pooler.dense.weight",
     ):
         assert torch.equal(bert[name], ref[name]), name
-    grid = GridEncoder(dataclasses.replace(cfg.encoder, weights=None))  # ImageNet trunk: tests/model/test_trunk_weights.py
+    # ImageNet trunk: tests/model/test_trunk_weights.py
+    grid = GridEncoder(dataclasses.replace(cfg.encoder, weights=None))
     assert grid.proj.out_channels == 384 and grid.total_stride == 64
 
 
@@ -234,7 +235,10 @@ def test_itm_interaction_head_uses_masked_modality_means() -> None:
     logits = model.itm_logits(**batch)
     soho_out = model.soho(**batch)
     torch.testing.assert_close(
-        logits, model.itm_head(soho_out.pooled, soho_out.last_hidden_state, batch["attention_mask"], soho_out.visual_mask)
+        logits,
+        model.itm_head(
+            soho_out.pooled, soho_out.last_hidden_state, batch["attention_mask"], soho_out.visual_mask
+        ),
     )
     assert logits.shape == (3, 2)
     import tempfile
@@ -260,7 +264,8 @@ def test_itc_term_is_infonce_of_the_single_modality_passes(tmp_path: Path) -> No
 
     cfg = soho_tiny()
     cfg.pretrain.itc_weight = 0.5
-    model = SohoForPretraining(cfg).eval()  # eval: the VD leaves its codebook alone, so a recomputation matches
+    # eval: the VD leaves its codebook alone, so a recomputation matches
+    model = SohoForPretraining(cfg).eval()
     batch = _batch(b=4)
     out = model(**batch, generator=torch.Generator().manual_seed(0))
     feats, vmask, grid = model.soho.encode_image_grid(batch["pixel_values"], batch["pixel_mask"])

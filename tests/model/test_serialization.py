@@ -78,21 +78,24 @@ def nlvr2_inputs() -> dict[str, torch.Tensor]:
 def _pretraining_outputs(model: SohoForPretraining) -> dict[str, Any]:
     g = torch.Generator().manual_seed(5)
     out = model(**inputs(), generator=g)
-    names = ("loss", "mlm_loss", "mvm_loss", "itm_loss", "itc_loss", "mlm_acc", "mvm_acc", "itm_acc", "itc_acc",
-             "mlm_count", "mvm_count", "itm_labels")  # fmt: skip
+    names = ("loss", "mlm_loss", "mvm_loss", "itm_loss", "itc_loss", "mlm_acc", "mvm_acc", "itm_acc",
+             "itc_acc", "mlm_count", "mvm_count", "itm_labels")  # fmt: skip
     result = {n: getattr(out, n).float().flatten().tolist() for n in names}
-    result["next_draw"] = torch.rand(2, generator=g).tolist()  # the generator is left where the old code left it
+    # the generator is left where the old code left it
+    result["next_draw"] = torch.rand(2, generator=g).tolist()
     result["itm_logits"] = model.itm_logits(**inputs()).flatten().tolist()
     return result
 
 
 def outputs(kind: str, model: torch.nn.Module) -> dict[str, Any]:
-    """The pinned quantities of one model kind on `inputs()` (model in eval mode: no dropout, no VD update)."""
+    """The pinned quantities of one model kind on `inputs()` (model in eval mode: no dropout, no VD
+    update)."""
     model.eval()
     with torch.no_grad():
         if kind == "soho_model":
             out = model(**inputs())
-            return {"hidden": out.last_hidden_state[:, :, :4].flatten().tolist(), "pooled": out.pooled.flatten().tolist()}
+            return {"hidden": out.last_hidden_state[:, :, :4].flatten().tolist(),
+                    "pooled": out.pooled.flatten().tolist()}
         if kind.startswith("pretraining"):
             return _pretraining_outputs(model)
         if kind == "vqa":
@@ -112,22 +115,28 @@ def outputs(kind: str, model: torch.nn.Module) -> dict[str, Any]:
             out = model(**x, generator=g)
             visual = model.encode_images(x["pixel_values"], x["pixel_mask"])
             return {
-                "loss": [out.loss.item()], "itm_loss": [out.itm_loss.item()], "itc_loss": [out.itc_loss.item()],
-                "itm_acc": [out.itm_acc.item()], "next_draw": torch.rand(2, generator=g).tolist(),
+                "loss": [out.loss.item()], "itm_loss": [out.itm_loss.item()],
+                "itc_loss": [out.itc_loss.item()], "itm_acc": [out.itm_acc.item()],
+                "next_draw": torch.rand(2, generator=g).tolist(),
                 "itm_score": model.itm_score(visual, x["input_ids"], x["attention_mask"]).tolist(),
                 "image_embedding": model.image_embedding(visual).flatten().tolist(),
-                "text_embedding": model.text_embedding(x["input_ids"], x["attention_mask"]).flatten().tolist(),
+                "text_embedding": (
+                    model.text_embedding(x["input_ids"], x["attention_mask"]).flatten().tolist()
+                ),
             }  # fmt: skip
     raise ValueError(f"unknown kind {kind!r}")
 
 
 def _task_kwargs(kind: str) -> dict[str, Any]:
     """Keyword arguments of `new_task_model` / `task_model_from_backbone` for the asset's task models."""
-    return {"vqa": {"num_labels": 5}, "snli_ve": {"num_labels": 3}, "retrieval": {"embed_dim": 8}}.get(kind, {})
+    return {"vqa": {"num_labels": 5}, "snli_ve": {"num_labels": 3},
+            "retrieval": {"embed_dim": 8}}.get(kind, {})
 
 
-# ``task_args`` in the saved config.json, as the pre-refactor classes (SohoForVQA(num_answers), ...) wrote them.
-LEGACY_TASK_ARGS = {"vqa": {"num_answers": 5}, "snli_ve": {"num_labels": 3}, "nlvr2": {}, "retrieval": {"embed_dim": 8}}
+# ``task_args`` in the saved config.json, as the pre-refactor classes (SohoForVQA(num_answers), ...)
+# wrote them.
+LEGACY_TASK_ARGS = {"vqa": {"num_answers": 5}, "snli_ve": {"num_labels": 3}, "nlvr2": {},
+                    "retrieval": {"embed_dim": 8}}
 LEGACY_CLASS_TAGS = {"vqa": "SohoForVQA", "snli_ve": "SohoForSNLIVE", "nlvr2": "SohoForNLVR2",
                      "retrieval": "SohoForRetrieval"}  # fmt: skip
 
@@ -161,7 +170,8 @@ def test_legacy_directory_loads_and_reproduces_pinned_outputs(kind: str) -> None
         model = load_task_model(d)
         assert sorted(meta) == TASK_META_KEYS and meta["task"] == kind
         assert meta["task_args"] == LEGACY_TASK_ARGS[kind] and meta["soho_class"] == LEGACY_CLASS_TAGS[kind]
-        assert downstream.TASK_MODELS[kind].from_pretrained(d).state_dict().keys() == model.state_dict().keys()
+        assert (downstream.TASK_MODELS[kind].from_pretrained(d).state_dict().keys()
+                == model.state_dict().keys())
         # the backbone part of a fine-tuned directory loads as a SohoModel too
         backbone = SohoModel.from_pretrained(d)
         assert all(torch.equal(v, model.soho.state_dict()[k]) for k, v in backbone.state_dict().items())
@@ -177,10 +187,11 @@ def test_saving_a_loaded_legacy_directory_rewrites_identical_bytes(kind: str, tm
     assert sorted(p.name for p in (tmp_path / kind).iterdir()) == LEGACY_FILES
     new, old = tmp_path / kind, d
     assert (new / "config.json").read_bytes() == (old / "config.json").read_bytes(), kind
-    # safetensors: same header (tensor names, dtypes, shapes, offsets, metadata) and identical tensor bytes. The
-    # header's key order is not compared: safetensors writes __metadata__ from a hash map, whose order varies
-    # from one process to the next even for the same code.
-    assert _safetensors_parts(new / "model.safetensors") == _safetensors_parts(old / "model.safetensors"), kind
+    # safetensors: same header (tensor names, dtypes, shapes, offsets, metadata) and identical tensor bytes.
+    # The header's key order is not compared: safetensors writes __metadata__ from a hash map, whose order
+    # varies from one process to the next even for the same code.
+    assert (_safetensors_parts(new / "model.safetensors")
+            == _safetensors_parts(old / "model.safetensors")), kind
 
 
 def _safetensors_parts(path: Path) -> tuple[dict[str, Any], bytes]:
@@ -231,18 +242,21 @@ def test_every_forward_path_fuses_through_soho_model_fuse(monkeypatch: pytest.Mo
 
     pre = SohoForPretraining.from_pretrained(ASSET / "pretraining")
     # ITC on: image-only (4 rows), text-only (4), the joint pass (4)
-    assert fused("pretraining", pre, lambda m: m(**inputs(), generator=torch.Generator().manual_seed(0))) == [4] * 3
+    assert fused("pretraining", pre,
+                 lambda m: m(**inputs(), generator=torch.Generator().manual_seed(0))) == [4] * 3
     assert fused("itm_logits", pre, lambda m: m.itm_logits(**inputs())) == [4]
     assert fused("vqa", load_task_model(ASSET / "vqa"), lambda m: m(**inputs())) == [4]
     assert fused("snli_ve", load_task_model(ASSET / "snli_ve"), lambda m: m(**inputs())) == [4]
-    assert fused("nlvr2", load_task_model(ASSET / "nlvr2"), lambda m: m(**nlvr2_inputs())) == [4]  # 2 × 2 pairs
+    assert fused("nlvr2", load_task_model(ASSET / "nlvr2"),
+                 lambda m: m(**nlvr2_inputs())) == [4]  # 2 × 2 pairs
     retrieval = load_task_model(ASSET / "retrieval")
     # image-only, text-only, then the ITM pass over positives + both kinds of hard negatives (3 × 4 rows)
-    assert fused("retrieval", retrieval, lambda m: m(**inputs(), generator=torch.Generator().manual_seed(0))) == [
-        4, 4, 12]  # fmt: skip
+    assert fused("retrieval", retrieval,
+                 lambda m: m(**inputs(), generator=torch.Generator().manual_seed(0))) == [4, 4, 12]
     x = inputs()
     visual = retrieval.encode_images(x["pixel_values"], x["pixel_mask"])
-    assert fused("itm_score", retrieval, lambda m: m.itm_score(visual, x["input_ids"], x["attention_mask"])) == [4]
+    assert fused("itm_score", retrieval,
+                 lambda m: m.itm_score(visual, x["input_ids"], x["attention_mask"])) == [4]
 
 
 def test_one_pooled_classification_class_for_vqa_snli_ve_and_nlvr2(tmp_path: Path) -> None:

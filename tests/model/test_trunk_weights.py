@@ -43,8 +43,10 @@ def test_presets_start_from_imagenet_and_tiny_cannot() -> None:
     cfg = RunConfig.of(preset="small")
     assert cfg.model_config().encoder.weights == "IMAGENET1K_V1"
     assert RunConfig.of(preset="small", backbone_weights="none").model_config().encoder.weights is None
-    assert RunConfig.of(preset="base", backbone_weights="imagenet").model_config().encoder.weights == "IMAGENET1K_V1"
-    assert RunConfig.of(preset="base", backbone_weights="IMAGENET1K_V2").model_config().encoder.weights == "IMAGENET1K_V2"
+    assert (RunConfig.of(preset="base", backbone_weights="imagenet").model_config().encoder.weights
+            == "IMAGENET1K_V1")
+    assert (RunConfig.of(preset="base", backbone_weights="IMAGENET1K_V2").model_config().encoder.weights
+            == "IMAGENET1K_V2")
     with pytest.raises(ValueError, match="IMAGENET1K_V3.*IMAGENET1K_V1"):
         RunConfig.of(preset="base", backbone_weights="IMAGENET1K_V3")
     with pytest.raises(ValueError, match="tiny trunk is not a torchvision ResNet"):
@@ -62,10 +64,14 @@ def test_local_state_dict_file_loads_through_the_run_config(tmp_path: Path) -> N
     other = _random_resnet18_state(seed=12)
     assert not torch.equal(other["conv1.weight"], state["conv1.weight"])
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        GridEncoder(RunConfig.of(preset="small", backbone_weights=str(tmp_path / "missing.pt")).model_config().encoder)
+        GridEncoder(
+            RunConfig.of(preset="small", backbone_weights=str(tmp_path / "missing.pt")).model_config().encoder
+        )
 
 
-def test_imagenet_weights_come_from_the_torch_home_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_imagenet_weights_come_from_the_torch_home_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A pre-seeded $TORCH_HOME/hub/checkpoints/<torchvision's file name> is what "imagenet" loads: the
     offline recipe of the README (a random state dict stands in for the real file, which cannot be
     downloaded here)."""
@@ -106,8 +112,8 @@ def test_cli_fails_before_training_when_the_weights_are_missing(
     monkeypatch.setenv("SOHO_OFFLINE", "1")
     storage = tmp_path / "runs"
     with pytest.raises(TrunkWeightsUnavailableError, match="--backbone-weights none"):
-        main(["--preset", "small", "--launcher", "local", "--num-workers", "1", "--storage-path", str(storage),
-              "--metrics-port", "-1", "--max-steps", "1"])
+        main(["--preset", "small", "--launcher", "local", "--num-workers", "1",
+              "--storage-path", str(storage), "--metrics-port", "-1", "--max-steps", "1"])
     assert not storage.exists()  # nothing started, nothing written
 
 
