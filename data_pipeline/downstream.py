@@ -321,8 +321,9 @@ def flatten_captions(
 
 # ------------------------------------------------------------------------------ images → task batches
 # Images go through the pre-training loader's own decode (resize the longest side to `max_image_side`, RGB)
-# and collation (ImageNet normalisation, bottom/right padding to `pad_multiple`, tokenization), so a
-# fine-tuned model sees exactly the input statistics it was pre-trained on.
+# and collation (uint8 pixels, bottom/right padding to `pad_multiple`, tokenization; the model's encoder
+# applies the ImageNet normalisation on its device), so a fine-tuned model sees exactly the input
+# statistics it was pre-trained on.
 
 
 @dataclass
@@ -355,7 +356,7 @@ class TaskCollator:
         self._cache: OrderedDict[str, Any] = OrderedDict()
 
     def image(self, path: str) -> Any:
-        """uint8 (3, h, w) tensor of the image at `path`, decoded like a shard sample."""
+        """uint8 (h, w, 3) array of the image at `path`, decoded like a shard sample."""
         hit = self._cache.get(path)
         if hit is not None:
             self._cache.move_to_end(path)
@@ -382,7 +383,7 @@ class TaskCollator:
         return self._collate(samples)
 
     def images(self, image_paths: list[str]) -> dict[str, Any]:
-        """Images only (retrieval encodes each image once): pixel_values, pixel_mask."""
+        """Images only (retrieval encodes each image once): pixel_values (uint8), pixel_mask."""
         b = self.batch(image_paths, image_paths, [""] * len(image_paths))
         return {"pixel_values": b["pixel_values"], "pixel_mask": b["pixel_mask"]}
 

@@ -14,9 +14,18 @@ Stages (one small function or class each):
 4. ``decode_sample``    JPEG/PNG → RGB, resize so the longest side is ``max_image_side`` (both ways, aspect
                         kept; SOHO feeds whole images at a fixed scale), UTF-8 caption. No horizontal flip:
                         captions name left and right. Undecodable samples are skipped and counted.
-5. ``collate``          pad images bottom/right to a multiple of ``pad_multiple`` (pixel_mask True on real
-                        pixels), ImageNet-normalise, tokenize "[CLS] caption [SEP] [PAD]…" (fast BERT
-                        WordPiece), attention masks.
+5. ``collate``          pad the uint8 images bottom/right to a multiple of ``pad_multiple`` (pixel_mask
+                        True on real pixels), tokenize "[CLS] caption [SEP] [PAD]…" (fast BERT WordPiece),
+                        attention masks. No float work: the model normalises on its device
+                        (``soho.encoder.normalize_pixels``). ``pin_memory``: batches come out in pinned
+                        memory (for ``.to("cuda", non_blocking=True)``).
+
+GPU decoding (``LoaderConfig.gpu_decode``, for nodes whose CPUs cannot decode fast enough): stage 4 only
+reads the image header (format, size: undecodable headers are still skipped and counted) and keeps the
+JPEG bytes; the batch carries ``images`` (one 1-D uint8 tensor of JPEG bytes per sample) instead of
+``pixel_values``/``pixel_mask``, and the consumer calls :func:`images_to_batch` on the GPU
+(``torchvision.io.decode_jpeg(device="cuda")``, resize, pad). Images that are not baseline RGB/grey JPEG
+(PNG, CMYK, …) are decoded here as usual and travel as (h, w, 3) uint8 arrays in the same list.
 
 Epochs (non-resampled): one pass over every shard; each sample is delivered exactly once per epoch across
 all ranks and workers. ``LoaderConfig.epochs``: ``None`` iterates forever (epoch after epoch), ``n`` stops
@@ -88,8 +97,6 @@ from data_pipeline.writer import FORMAT_NAME
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork; no nested thread pools
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 STATE_VERSION = 1
 
 # Reasons counted while loading (beside tarstream's truncated_tar / unsafe_member_name / unreadable_shard).
@@ -127,6 +134,8 @@ class LoaderConfig:
     prefetch_factor: int = 2
     verify: bool = True  # check sample hashes and (manifest) shard size + sha256; see the module docstring
     max_bad_shards_in_row: int = 8  # shards in a row giving nothing (per worker) before DataUnreadableError
+    pin_memory: bool = False  # batches in page-locked memory (needs CUDA), for non_blocking host→GPU copies
+    gpu_decode: bool = False  # keep JPEG bytes; the consumer decodes on the GPU (images_to_batch)
 
 
 # ------------------------------------------------------------------------------------------ shard list
@@ -298,15 +307,93 @@ def decode_sample(raw: RawSample, max_side: int) -> DecodedSample | str:
     return DecodedSample(raw.key, np.asarray(img), caption)  # (h, w, 3) uint8, read-only view
 
 
+GPU_DECODABLE_MODES = ("RGB", "L")  # JPEG colour modes nvjpeg turns into RGB (ImageReadMode.RGB)
+
+
+def undecodable_header(data: bytes) -> str | None:
+    """None if ``data`` is a JPEG the GPU path decodes (baseline/progressive, RGB or grey), "other" if it is
+    another readable image (decoded on the CPU instead), UNDECODABLE_IMAGE if not even its header reads."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            fmt, mode, (w, h) = img.format, img.mode, img.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError):
+        return UNDECODABLE_IMAGE
+    if w < 1 or h < 1:
+        return UNDECODABLE_IMAGE
+    return None if fmt == "JPEG" and mode in GPU_DECODABLE_MODES else "other"
+
+
+def undecoded_sample(raw: RawSample, max_side: int) -> DecodedSample | str:
+    """``gpu_decode``'s stage 4: the caption decoded, the JPEG bytes kept as they are (``image``: 1-D
+    uint8); a sample the GPU path cannot decode goes through :func:`decode_sample` (``image`` (h, w, 3))."""
+    data = raw.image_bytes()
+    if data is None:
+        return MISSING_IMAGE
+    header = undecodable_header(data)
+    if header == "other":
+        return decode_sample(raw, max_side)
+    txt = raw.members.get("txt")
+    if txt is None:
+        return MISSING_CAPTION
+    try:
+        caption = " ".join(txt.decode("utf-8").split())
+    except UnicodeDecodeError:
+        return BAD_CAPTION
+    if header is not None:
+        return header
+    return DecodedSample(raw.key, np.frombuffer(data, dtype=np.uint8), caption)
+
+
+def images_to_batch(
+    images: list[torch.Tensor], max_side: int, pad_multiple: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``gpu_decode`` batch's ``images`` → (pixel_values uint8 (B, 3, H, W), pixel_mask (B, H, W)) on
+    ``device``, as :class:`Collator` pads them: JPEG bytes (1-D) decoded there with
+    ``torchvision.io.decode_jpeg`` (nvjpeg on CUDA, one batched call), resized so the longest side is
+    ``max_side`` (bilinear, antialiased: PIL's filter up to rounding; no DCT-domain draft as on the CPU path);
+    already decoded (h, w, 3) images are copied over."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms.v2.functional import resize
+
+    device = torch.device(device)
+    jpeg_at = [i for i, t in enumerate(images) if t.dim() == 1]
+    out: list[torch.Tensor | None] = [None] * len(images)
+    if jpeg_at:
+        data = [images[i] for i in jpeg_at]
+        try:
+            decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError as e:
+            raise ValueError(f"decode_jpeg on {device} failed for a batch of {len(data)} JPEGs: {e}") from e
+        for i, img in zip(jpeg_at, decoded, strict=True):  # (3, h, w) uint8
+            h, w = img.shape[-2:]
+            nw, nh = fit_longest_side(int(w), int(h), max_side)
+            if (nh, nw) != (h, w):
+                img = resize(img, [nh, nw], antialias=True)
+            out[i] = img.permute(1, 2, 0)
+    for i, t in enumerate(images):
+        if t.dim() == 3:
+            out[i] = t.to(device)
+        elif t.dim() != 1:
+            raise ValueError(f"images[{i}]: expected JPEG bytes (1-D) or an (h, w, 3) image, "
+                             f"got shape {tuple(t.shape)}")
+    return pad_images([t for t in out if t is not None], pad_multiple)
+
+
 class Collator:
-    """Pads, normalises and tokenizes a list of decoded samples into the batch dict (docs/DESIGN.md)."""
+    """Pads and tokenizes a list of decoded samples into the batch dict (docs/DESIGN.md "The batch").
+
+    Pixels stay uint8: the model normalises them on its device (``soho.encoder.normalize_pixels``), so the
+    loader makes no per-sample float copies. The batch is stored channels-last — (B, H, W, 3) memory viewed
+    as (B, 3, H, W) — so each decoded (h, w, 3) image goes in with one row-contiguous copy.
+    With ``LoaderConfig.gpu_decode`` there are no pixels at all: ``images`` holds each sample's JPEG bytes
+    (see :func:`images_to_batch`).
+    """
 
     def __init__(self, cfg: LoaderConfig) -> None:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)
-        self.bias = -torch.tensor(IMAGENET_MEAN).view(3, 1, 1) / std
 
     def __call__(self, samples: list[DecodedSample]) -> dict[str, Any]:
         # Per-image tensors are small: torch's intra-op threads only add hand-off stalls (milliseconds when
@@ -319,23 +406,14 @@ class Collator:
             torch.set_num_threads(threads)
 
     def _collate(self, samples: list[DecodedSample]) -> dict[str, Any]:
-        m = self.cfg.pad_multiple
-        H = math.ceil(max(s.image.shape[0] for s in samples) / m) * m
-        W = math.ceil(max(s.image.shape[1] for s in samples) / m) * m
-        # empty + explicit zero padding: every page of this (often > 32 MiB, so freshly mmapped) tensor
-        # is touched once, instead of once by zeros() and again by the copy.
-        pixel_values = torch.empty(len(samples), 3, H, W, dtype=torch.float32)
-        pixel_mask = torch.zeros(len(samples), H, W, dtype=torch.bool)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only numpy views: we only read them
             images = [torch.from_numpy(s.image) for s in samples]
-        for i, img in enumerate(images):
-            h, w, _ = img.shape
-            out = pixel_values[i, :, :h, :w]
-            out.copy_(img.permute(2, 0, 1)).mul_(self.scale).add_(self.bias)
-            pixel_values[i, :, :h, w:] = 0
-            pixel_values[i, :, h:, :] = 0
-            pixel_mask[i, :h, :w] = True
+        if self.cfg.gpu_decode:
+            pixels: dict[str, Any] = {"images": images}
+        else:
+            values, mask = pad_images(images, self.cfg.pad_multiple)
+            pixels = {"pixel_values": values, "pixel_mask": mask}
         tok = self.tokenizer(
             [s.caption for s in samples],
             padding="longest",
@@ -344,12 +422,42 @@ class Collator:
             return_tensors="pt",
         )
         return {
-            "pixel_values": pixel_values,
-            "pixel_mask": pixel_mask,
+            **pixels,
             "input_ids": tok["input_ids"].to(torch.int64),
             "attention_mask": tok["attention_mask"].to(torch.int64),
             "keys": [s.key for s in samples],
         }
+
+
+def pad_images(images: list[torch.Tensor], pad_multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (h, w, 3) images → (pixel_values uint8 (B, 3, H, W) channels-last, pixel_mask bool (B, H, W)),
+    zero-padded at the bottom/right to the largest H, W rounded up to ``pad_multiple``; on the images' device.
+    """
+    m = pad_multiple
+    H = math.ceil(max(img.shape[0] for img in images) / m) * m
+    W = math.ceil(max(img.shape[1] for img in images) / m) * m
+    device = images[0].device
+    # empty + explicit zero padding: every page of a fresh (often mmapped) tensor is touched once.
+    hwc = torch.empty(len(images), H, W, 3, dtype=torch.uint8, device=device)
+    pixel_mask = torch.zeros(len(images), H, W, dtype=torch.bool, device=device)
+    for i, img in enumerate(images):
+        h, w, _ = img.shape
+        hwc[i, :h, :w] = img
+        hwc[i, :h, w:] = 0
+        hwc[i, h:] = 0
+        pixel_mask[i, :h, :w] = True
+    return hwc.permute(0, 3, 1, 2), pixel_mask
+
+
+def pin_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with every tensor (also those in lists: ``images``) in page-locked memory."""
+    def pin(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.pin_memory()
+        if isinstance(v, list):
+            return [pin(x) for x in v]
+        return v
+    return {k: pin(v) for k, v in batch.items()}
 
 
 # ------------------------------------------------------------------------------------ one worker's stream
@@ -481,6 +589,7 @@ class WorkerStream:
         mine = None if cfg.resampled else epoch_shards(
             self.shards, cfg.seed, self.epoch, self.rank, self.world_size, self.worker, self.num_workers)
         collate = Collator(cfg)
+        decode = undecoded_sample if cfg.gpu_decode else decode_sample
         pos, skip = int(self.start["pos"]), int(self.start["item"])
         if self.start.get("done"):
             return
@@ -505,7 +614,7 @@ class WorkerStream:
             if cfg.shuffle_buffer > 1:
                 random.Random(f"{cfg.seed}/window/{self.epoch}/{self.rank}/{self.worker}/{pos}").shuffle(order)
             for idx in range(skip, len(order)):
-                out = decode_sample(items[order[idx]], cfg.max_image_side)
+                out = decode(items[order[idx]], cfg.max_image_side)
                 if isinstance(out, str):
                     self.bad[out] += 1
                 else:
@@ -558,6 +667,9 @@ class PretrainLoader:
             raise ValueError(f"batch_size must be ≥ 1, got {cfg.batch_size}")
         if cfg.max_bad_shards_in_row < 1:
             raise ValueError(f"max_bad_shards_in_row must be ≥ 1, got {cfg.max_bad_shards_in_row}")
+        if cfg.pin_memory and not torch.cuda.is_available():
+            raise ValueError("LoaderConfig.pin_memory=True needs CUDA (page-locked memory is for host→GPU "
+                             "copies), but torch.cuda.is_available() is False")
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.shards, self.records = resolve_shard_records(cfg.urls, cfg.storage_options)
         self.num_streams = max(1, cfg.num_workers)
@@ -619,8 +731,10 @@ class PretrainLoader:
         ds = _EpochDataset(self, self.epoch, starts)
         if self.cfg.num_workers == 0:
             return iter(ds)
+        # pin_memory: DataLoader's pin thread pins the batches while the workers build the next ones.
         dl = DataLoader(ds, batch_size=None, num_workers=self.cfg.num_workers,
-                        prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False)
+                        prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False,
+                        pin_memory=self.cfg.pin_memory)
         return iter(dl)
 
     def _iter_epoch(self) -> Iterator[dict[str, Any]]:
@@ -658,7 +772,7 @@ class PretrainLoader:
                 self._next_worker = active[(i + 1) % len(active)]
                 self.batches_yielded += 1
                 batches += 1
-                yield batch
+                yield pin_batch(batch) if self.cfg.pin_memory and self.cfg.num_workers == 0 else batch
             if from_start and batches == 0 and not self.cfg.resampled:
                 failed = list(self._pass_failed.items())
                 where = self.cfg.urls if isinstance(self.cfg.urls, str) else "the configured list"

@@ -4,6 +4,10 @@ Images of different sizes share a batch by zero-padding at the bottom/right; ``p
 pixels and is max-pooled down to the token grid, so a visual token is real when its receptive cell holds
 any real pixel.
 
+Input: the loader's uint8 RGB batch (0..255, see docs/DESIGN.md "The batch"), normalised here on the
+model's device by :func:`normalize_pixels` — the one place that applies the ImageNet mean/std — or an
+already normalised float batch, used as it is.
+
 BatchNorm: regular ``nn.BatchNorm2d``. While the trunk is frozen (the paper's cold start) its BN layers
 are also kept in eval mode, so running statistics do not drift while the weights are fixed.
 """
@@ -27,6 +31,48 @@ from soho.config import RESNET_BACKBONES, GridEncoderConfig, normalise_weights, 
 logger = logging.getLogger(__name__)
 
 _TRUNK_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_NORM_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, bias) of shape (3, 1, 1), float32, on ``device``: x·scale + bias = (x/255 − mean)/std.
+    Computed once on the CPU in float32 (the values the loader used when it normalised), then copied."""
+    hit = _NORM_CONSTANTS.get(device)
+    if hit is None:
+        std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+        scale = 1.0 / (255.0 * std)
+        bias = -torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1) / std
+        hit = _NORM_CONSTANTS[device] = (scale.to(device), bias.to(device))
+    return hit
+
+
+def normalize_pixels(
+    pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 RGB (B, 3, H, W) → ImageNet-normalised ``dtype`` (B, 3, H, W), contiguous, on the input's device.
+
+    Arithmetic in float32 (``v·scale`` then ``+ bias``, two rounded steps), then zero where ``pixel_mask``
+    is False, then the cast to ``dtype``: bit for bit what the loader produced when it normalised on the
+    CPU (padding exactly 0 after normalisation). Any memory format in (the loader's batch is stored
+    channels-last); the result is contiguous, so the trunk computes exactly as on a contiguous float batch.
+    """
+    if pixel_values.dtype != torch.uint8:
+        raise ValueError(f"normalize_pixels: pixel_values must be uint8 (0..255), got {pixel_values.dtype}")
+    if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+        raise ValueError(f"normalize_pixels: pixel_values must be (B, 3, H, W), "
+                         f"got {tuple(pixel_values.shape)}")
+    scale, bias = _norm_constants(pixel_values.device)
+    x = pixel_values.to(torch.float32, memory_format=torch.contiguous_format)
+    x.mul_(scale).add_(bias)
+    if pixel_mask is not None:
+        if pixel_mask.shape != (x.shape[0], *x.shape[2:]):
+            raise ValueError(f"normalize_pixels: pixel_mask must be (B, H, W)={(x.shape[0], *x.shape[2:])}, "
+                             f"got {tuple(pixel_mask.shape)}")
+        x.masked_fill_(~pixel_mask.to(torch.bool)[:, None], 0.0)
+    return x if dtype == torch.float32 else x.to(dtype)
 
 
 def _tiny_trunk(cfg: GridEncoderConfig) -> tuple[nn.Sequential, int]:
@@ -170,7 +216,8 @@ def _resnet_trunk(cfg: GridEncoderConfig) -> tuple[nn.Sequential, int]:
 
 class GridEncoder(nn.Module):
     """``forward(pixel_values (B,3,H,W), pixel_mask (B,H,W) | None) -> (features (B,L,C), mask (B,L), (h,w))``
-    with L = h·w tokens in row-major order."""
+    with L = h·w tokens in row-major order. uint8 ``pixel_values`` are normalised first
+    (:func:`normalize_pixels`, in the dtype of the encoder's weights); float ones are taken as normalised."""
 
     def __init__(self, config: GridEncoderConfig, load_pretrained: bool = True) -> None:
         super().__init__()
@@ -221,6 +268,11 @@ class GridEncoder(nn.Module):
                 f"pixel_mask must be (B, H, W)={(b, h_img, w_img)} like pixel_values, "
                 f"got {tuple(pixel_mask.shape)}"
             )
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = normalize_pixels(pixel_values, pixel_mask, dtype=self.proj.weight.dtype)
+        elif not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be uint8 (0..255) or normalised float, "
+                             f"got {pixel_values.dtype}")
         x = self.proj(self.pool(self.trunk(pixel_values)))  # (B, C, h, w)
         h, w = x.shape[-2:]
         s = self.total_stride

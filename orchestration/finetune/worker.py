@@ -79,7 +79,8 @@ def _collator(cfg: FinetuneConfig, model: torch.nn.Module) -> TaskCollator:
 
 def _device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    out["pixel_values"] = out["pixel_values"].to(dtype)
+    if out["pixel_values"].is_floating_point():  # uint8: the encoder normalises it in its own dtype
+        out["pixel_values"] = out["pixel_values"].to(dtype)
     return out
 
 

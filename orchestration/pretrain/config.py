@@ -135,6 +135,10 @@ class RunConfig:
              "ResNet trunk would stay frozen (learning rate 0) for the whole run. Give the cold start in "
              "steps instead, freeze_backbone_steps = epochs x pairs / global batch "
              "(--freeze-backbone-steps), or train in epoch passes with --epochs N")
+        need(not (data.gpu_decode and not self.scale.use_gpu),
+             "--gpu-decode needs --use-gpu: it decodes the JPEGs with torchvision.io.decode_jpeg on the "
+             "training worker's CUDA device (nvjpeg); without a GPU the loader decodes them "
+             "(drop --gpu-decode)")
         obs = self.observability
         need(not (obs.final_eval and data.data is not None),
              f"final_eval needs the embedded synthetic data, the only data with a held-out split; --data "

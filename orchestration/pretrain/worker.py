@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from fsspec.utils import get_protocol
 
-from data_pipeline.loader import LoaderConfig, PretrainLoader
+from data_pipeline.loader import LoaderConfig, PretrainLoader, images_to_batch
 from orchestration.pretrain.config import RunConfig
 from orchestration.pretrain.heldout_eval import periodic_heldout_eval
 from orchestration.runtime import faults
@@ -182,6 +182,8 @@ class _Trainer:
                 num_workers=data.loader_workers,
                 verify=data.verify_data,
                 storage_options=cfg.storage_options(),
+                pin_memory=cfg.scale.use_gpu,
+                gpu_decode=data.gpu_decode,
             ),
             rank=self.rank,
             world_size=self.world_size,
@@ -370,12 +372,17 @@ class _Trainer:
         vd = visual_dictionary(self.engine)
         # The VD updates its codebook inside forward; keep a copy so a non-finite step can be undone.
         vd_backup = {k: v.clone() for k, v in vd.state_dict().items()}
-        pv = batch["pixel_values"].to(self.device, non_blocking=True)
-        if self.model_dtype != torch.float32:
+        if "images" in batch:  # --gpu-decode: JPEG bytes, decoded, resized and padded on this device
+            pv, pmask = images_to_batch(batch["images"], self.cfg.dataset.image_size,
+                                        self.model_cfg.encoder.total_stride, self.device)
+        else:  # uint8 (the encoder normalises on the device); pinned when use_gpu, so the copy is async
+            pv = batch["pixel_values"].to(self.device, non_blocking=True)
+            pmask = batch["pixel_mask"].to(self.device, non_blocking=True)
+        if pv.is_floating_point() and self.model_dtype != torch.float32:
             pv = pv.to(self.model_dtype)
         out = self.engine(
             pv,
-            batch["pixel_mask"].to(self.device, non_blocking=True),
+            pmask,
             batch["input_ids"].to(self.device, non_blocking=True),
             batch["attention_mask"].to(self.device, non_blocking=True),
             generator=step_generator(self.cfg.seed, self.batches_seen, self.rank),

@@ -78,6 +78,11 @@ class DatasetConfig:
         metadata=opt("check every sample against the hashes recorded when it was sharded and each manifest "
                       "shard's size + sha256; mismatches are dropped and counted (--no-verify-data: off)"),
     )
+    gpu_decode: bool = field(
+        default=False,
+        metadata=opt("decode JPEGs on the GPU (torchvision.io.decode_jpeg, nvjpeg) instead of in the loader, "
+                      "for nodes whose CPUs cannot keep up; needs --use-gpu"),
+    )
     resampled: bool | None = field(
         default=None,
         metadata=opt("resampled shard stream (endless, exactly resumable; multi-node friendly); default: "

@@ -33,7 +33,7 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 def batch_to(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     out = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-    if "pixel_values" in out:
+    if "pixel_values" in out and out["pixel_values"].is_floating_point():  # uint8: the encoder normalises
         out["pixel_values"] = out["pixel_values"].to(dtype)
     return out
 

@@ -1,0 +1,168 @@
+"""uint8 batches out of the loader, normalised on the model side (issue 18): the same tensors as the loader's
+old float32 normalisation, bit for bit; the --gpu-decode path's CPU-side parts."""
+
+from __future__ import annotations
+
+import io
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import jpeg_bytes, png_bytes
+
+from data_pipeline.loader import (
+    UNDECODABLE_IMAGE,
+    Collator,
+    DecodedSample,
+    LoaderConfig,
+    PretrainLoader,
+    images_to_batch,
+)
+from soho.config import soho_tiny
+from soho.encoder import GridEncoder, normalize_pixels
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def old_float_batch(images: list[np.ndarray], pad_multiple: int) -> torch.Tensor:
+    """The loader's float32 pixel_values before issue 18, formula for formula."""
+    std = torch.tensor(STD).view(3, 1, 1)
+    scale, bias = 1.0 / (255.0 * std), -torch.tensor(MEAN).view(3, 1, 1) / std
+    H = math.ceil(max(i.shape[0] for i in images) / pad_multiple) * pad_multiple
+    W = math.ceil(max(i.shape[1] for i in images) / pad_multiple) * pad_multiple
+    out = torch.empty(len(images), 3, H, W, dtype=torch.float32)
+    for k, img in enumerate(images):
+        h, w, _ = img.shape
+        out[k, :, :h, :w].copy_(torch.from_numpy(img).permute(2, 0, 1)).mul_(scale).add_(bias)
+        out[k, :, :h, w:] = 0
+        out[k, :, h:, :] = 0
+    return out
+
+
+def _samples(sizes: list[tuple[int, int]], seed: int) -> list[DecodedSample]:
+    rng = np.random.default_rng(seed)
+    return [DecodedSample(f"k{i}", rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8), f"caption {i}")
+            for i, (h, w) in enumerate(sizes)]
+
+
+@pytest.mark.parametrize(("sizes", "pad_multiple"), [
+    ([(48, 48), (48, 48)], 32),                 # no padding at all
+    ([(64, 32), (17, 64), (1, 1), (33, 5)], 32),  # ragged, a 1-pixel image, every pad direction
+    ([(30, 41), (29, 7), (8, 8)], 8),
+    ([(100, 3)], 16),
+])
+def test_uint8_batch_normalises_to_the_old_float_batch(sizes: list[tuple[int, int]], pad_multiple: int
+                                                       ) -> None:
+    samples = _samples(sizes, seed=len(sizes) * pad_multiple)
+    batch = Collator(LoaderConfig(urls=[], pad_multiple=pad_multiple))(samples)
+    pv, mask = batch["pixel_values"], batch["pixel_mask"]
+    want = old_float_batch([s.image for s in samples], pad_multiple)
+    assert pv.dtype == torch.uint8 and pv.shape == want.shape and mask.shape == (len(sizes), *want.shape[2:])
+    for k, s in enumerate(samples):  # raw pixels in place, zeros and mask False outside
+        h, w, _ = s.image.shape
+        assert torch.equal(pv[k, :, :h, :w], torch.from_numpy(s.image).permute(2, 0, 1))
+        assert int(pv[k].sum()) == int(s.image.astype(np.int64).sum())
+        assert int(mask[k].sum()) == h * w and bool(mask[k, :h, :w].all())
+    got = normalize_pixels(pv, mask)
+    assert got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got, want)  # bit for bit, padding exactly 0 after normalisation
+    assert torch.equal(normalize_pixels(pv, mask, dtype=torch.bfloat16), want.to(torch.bfloat16))
+    # A contiguous uint8 copy (another caller's layout) gives the same values.
+    assert torch.equal(normalize_pixels(pv.contiguous(), mask), want)
+
+
+def test_real_loader_batches_normalise_like_before(synth_dir: Path) -> None:
+    """Every batch of an epoch over real shards: uint8 → normalised equals the old float path on the decoded
+    images, and the grid encoder gives the same features for the uint8 batch as for the old float one."""
+    cfg = LoaderConfig(urls=str(synth_dir / "pretrain" / "manifest.json"), batch_size=7, max_image_side=40,
+                       pad_multiple=16, shuffle_buffer=20, seed=1, epochs=1)
+    enc = GridEncoder(soho_tiny().encoder).eval()
+    n = 0
+    for b in PretrainLoader(cfg):
+        images = [b["pixel_values"][k, :, m.any(1), :][:, :, m.any(0)].permute(1, 2, 0).numpy()
+                  for k, m in enumerate(b["pixel_mask"])]
+        want = old_float_batch(images, 16)
+        assert torch.equal(normalize_pixels(b["pixel_values"], b["pixel_mask"]), want)
+        if n == 0:
+            with torch.no_grad():
+                f8, m8, g8 = enc(b["pixel_values"], b["pixel_mask"])
+                f32, m32, g32 = enc(want, b["pixel_mask"])
+            assert torch.equal(f8, f32) and torch.equal(m8, m32) and g8 == g32
+        n += len(b["keys"])
+    assert n == 96
+
+
+def test_bad_pixel_dtypes_are_refused_by_name() -> None:
+    enc = GridEncoder(soho_tiny().encoder)
+    with pytest.raises(ValueError, match="pixel_values must be uint8 .* got torch.int32"):
+        enc(torch.zeros(1, 3, 32, 32, dtype=torch.int32))
+    with pytest.raises(ValueError, match="normalize_pixels: pixel_values must be uint8"):
+        normalize_pixels(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"pixel_mask must be \(B, H, W\)"):
+        normalize_pixels(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.ones(1, 8, 4, dtype=torch.bool))
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_gpu_decode_batches_carry_jpeg_bytes_and_decode_like_the_cpu_path(synth_dir: Path) -> None:
+    """--gpu-decode's loader side: the same samples, keys and tokens, JPEG bytes instead of pixels; the
+    decoding half (images_to_batch) run on the CPU gives the CPU loader's pixels (no resize needed here)."""
+    base = dict(urls=str(synth_dir / "pretrain" / "manifest.json"), batch_size=8, max_image_side=48,
+                pad_multiple=32, shuffle_buffer=20, seed=2, epochs=1)
+    cpu = list(PretrainLoader(LoaderConfig(**base)))
+    raw = list(PretrainLoader(LoaderConfig(**base, gpu_decode=True)))
+    assert [b["keys"] for b in raw] == [b["keys"] for b in cpu] and len(cpu) == 12
+    worst = 0
+    for r, c in zip(raw, cpu, strict=True):
+        assert "pixel_values" not in r and torch.equal(r["input_ids"], c["input_ids"])
+        assert all(t.dtype == torch.uint8 and t.dim() == 1 and bytes(t[:2].tolist()) == b"\xff\xd8"
+                   for t in r["images"])
+        pv, mask = images_to_batch(r["images"], 48, 32, "cpu")
+        assert pv.dtype == torch.uint8 and torch.equal(mask, c["pixel_mask"])
+        worst = max(worst, int((pv.int() - c["pixel_values"].int()).abs().max()))
+    assert worst <= 2, f"torchvision's and PIL's libjpeg decodes differ by {worst} levels"
+
+
+def test_gpu_decode_resizes_falls_back_and_counts_bad_headers(tmp_path: Path) -> None:
+    big = jpeg_bytes(1, size=(96, 64))  # resized to 48x32 on the device side
+    members = [("a.jpg", big), ("a.txt", b"big"), ("b.png", png_bytes("alpha", (20, 30))), ("b.txt", b"png"),
+               ("c.jpg", b"\xff\xd8 not a jpeg"), ("c.txt", b"bad"),
+               ("d.jpg", jpeg_bytes(2, mode="CMYK")), ("d.txt", b"cmyk")]
+    _tar(tmp_path / "s.tar", members)
+    cfg = LoaderConfig(urls=str(tmp_path / "s.tar"), batch_size=8, max_image_side=48, pad_multiple=16,
+                       shuffle_buffer=1, epochs=1, gpu_decode=True)
+    loader = PretrainLoader(cfg)
+    (b,) = list(loader)
+    assert b["keys"] == ["a", "b", "d"] and loader.bad_sample_counts() == {UNDECODABLE_IMAGE: 1}
+    a, png, cmyk = b["images"]
+    assert a.dim() == 1 and bytes(a.numpy()) == big  # JPEG bytes travel as they are
+    assert png.shape == (48, 32, 3) and cmyk.shape == (32, 48, 3)  # decoded (and resized) on the CPU instead
+    pv, mask = images_to_batch(b["images"], 48, 16, "cpu")
+    assert pv.shape == (3, 3, 48, 48)
+    assert [int(m.sum()) for m in mask] == [32 * 48] * 3
+    assert torch.equal(pv[1, :, :, :32], png.permute(2, 0, 1))
+    assert torch.equal(pv[2, :, :32], cmyk.permute(2, 0, 1))
+    assert int(pv[0, :, 32:, :].sum()) == 0  # a's padding (48 wide, 32 high after the resize)
+    with pytest.raises(ValueError, match="decode_jpeg on cpu failed"):
+        images_to_batch([torch.frombuffer(bytearray(b"\xff\xd8\xff\xe0 truncated"), dtype=torch.uint8)],
+                        48, 16, "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_only_options_refuse_clearly_without_cuda(synth_dir: Path) -> None:
+    from orchestration.pretrain.config import parse_run_config
+
+    with pytest.raises(ValueError, match="pin_memory=True needs CUDA"):
+        PretrainLoader(LoaderConfig(urls=str(synth_dir / "pretrain" / "manifest.json"), pin_memory=True))
+    with pytest.raises(ValueError, match="--gpu-decode needs --use-gpu"):
+        parse_run_config(["--gpu-decode"])
+    assert parse_run_config(["--gpu-decode", "--use-gpu"]).dataset.gpu_decode is True
