@@ -1,13 +1,14 @@
 """Loader samples/s on one core vs the raw JPEG-decode ceiling over the same shard bytes.
 
-    .venv/bin/python benchmarks/loader_throughput.py [--num 1000] [--size 384] [--batch-size 32]
+    .venv/bin/python benchmarks/loader_throughput.py [--num 1000] [--size 384] [--batch-sizes 8,32]
 
 Writes one shard of synthetic scenes (noisy backgrounds, so the JPEGs are photo-like in size), then on a
 single pinned core measures (a) a tight loop ``Image.open(bytes).convert("RGB")`` over the shard's JPEG
 bytes — the ceiling for any loader that decodes with PIL — and (b) ``PretrainLoader`` with
-``num_workers=0`` reading the same shard end to end (tar parsing, shuffle window, decode, normalise, pad,
-tokenize, batch). Prints samples/s of each and the ratio (target ≥ 0.8), and the loader again with
-``verify=False`` (no sample-hash / shard sha256 checks) to show what verification costs.
+``num_workers=0`` reading the same shard end to end (tar parsing, shuffle window, decode, pad into the
+uint8 batch, tokenize; normalisation is the model's, on its device), at each batch size. Prints samples/s of
+each and the ratio per batch size (target ≥ 0.8), and the loader again with ``verify=False`` (no
+sample-hash / shard sha256 checks) to show what verification costs.
 """
 
 from __future__ import annotations
@@ -31,10 +32,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num", type=int, default=1000)
     p.add_argument("--size", type=int, default=384, help="image side (the loader keeps it: no resize)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-sizes", default="8,32", help="comma-separated batch sizes, each measured")
+    p.add_argument("--batch-size", type=int, default=None, help="one batch size (overrides --batch-sizes)")
     p.add_argument("--repeats", type=int, default=3, help="best of N for each measurement")
     p.add_argument("--core", type=int, default=0)
     a = p.parse_args(argv)
+    try:
+        sizes = [a.batch_size] if a.batch_size else [int(x) for x in a.batch_sizes.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--batch-sizes {a.batch_sizes!r}: expected comma-separated integers such as 8,32")
+    if not sizes or min(sizes) < 1:
+        p.error(f"--batch-sizes {a.batch_sizes!r}: every batch size must be >= 1")
     os.sched_setaffinity(0, {a.core})  # same single core for both measurements
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as d:
@@ -52,8 +60,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 Image.open(io.BytesIO(b)).convert("RGB")
             return len(jpegs) / (time.perf_counter() - t)
 
-        def loader(verify: bool = True) -> float:
-            lcfg = LoaderConfig(urls=r["pretrain_manifest"], batch_size=a.batch_size, max_image_side=a.size,
+        def loader(batch_size: int, verify: bool = True) -> float:
+            lcfg = LoaderConfig(urls=r["pretrain_manifest"], batch_size=batch_size, max_image_side=a.size,
                                 pad_multiple=32, max_text_len=40, shuffle_buffer=1000, epochs=1,
                                 num_workers=0, verify=verify)
             pl = PretrainLoader(lcfg)
@@ -62,20 +70,26 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             assert n == a.num, n
             return n / (time.perf_counter() - t)
 
-        loader()  # warm-up: tokenizer load, page cache
-        # Interleaved, best of N: the machine is shared, so compare the two under the same conditions.
-        ceil = load = unverified = 0.0
+        loader(sizes[0])  # warm-up: tokenizer load, page cache
+        # Interleaved, best of N: the machine is shared, so compare them under the same conditions.
+        ceil = 0.0
+        load = dict.fromkeys(sizes, 0.0)
+        unverified = dict.fromkeys(sizes, 0.0)
         for _ in range(a.repeats):
             ceil = max(ceil, ceiling())
-            load = max(load, loader())
-            unverified = max(unverified, loader(verify=False))
+            for bs in sizes:
+                load[bs] = max(load[bs], loader(bs))
+                unverified[bs] = max(unverified[bs], loader(bs, verify=False))
     print(f"images: {a.num} × {a.size}x{a.size} JPEG (mean {mean_kb:.1f} KiB), one core (cpu {a.core})")
     print(f"raw decode ceiling : {ceil:8.1f} samples/s")
-    print(f"PretrainLoader     : {load:8.1f} samples/s")
-    print(f"ratio              : {load / ceil:8.3f}  (target ≥ 0.8)")
-    print(f"  verify=False     : {unverified:8.1f} samples/s "
-          f"(verification costs {1 - load / unverified:+.1%})")
-    return {"ceiling": ceil, "loader": load, "ratio": load / ceil, "loader_unverified": unverified}
+    result: dict[str, float] = {"ceiling": ceil}
+    for bs in sizes:
+        print(f"batch {bs:<4d}: PretrainLoader {load[bs]:8.1f} samples/s, ratio {load[bs] / ceil:6.3f} "
+              f"(target ≥ 0.8); verify=False {unverified[bs]:8.1f} samples/s "
+              f"(verification costs {1 - load[bs] / unverified[bs]:+.1%})")
+        result.update({f"loader_b{bs}": load[bs], f"ratio_b{bs}": load[bs] / ceil,
+                       f"loader_unverified_b{bs}": unverified[bs]})
+    return result
 
 
 if __name__ == "__main__":
