@@ -166,3 +166,21 @@ def test_gpu_only_options_refuse_clearly_without_cuda(synth_dir: Path) -> None:
     with pytest.raises(ValueError, match="--gpu-decode needs --use-gpu"):
         parse_run_config(["--gpu-decode"])
     assert parse_run_config(["--gpu-decode", "--use-gpu"]).dataset.gpu_decode is True
+
+
+def test_batch_tokenizer_equals_the_transformers_call() -> None:
+    """The loader's tokenization (one configured Rust backend) is exactly the transformers call's."""
+    from data_pipeline.loader import BatchTokenizer
+    from data_pipeline.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    texts = ["a dog on the left", "", "Ünïcödé café — naïve 東京 😀", "word " * 60, "x",
+             "a red square above a blue circle, next to two small green triangles"]
+    for max_len in (5, 40):
+        fast = BatchTokenizer(tok, max_len)
+        for batch in (texts, texts[:1], texts[3:4], texts[1:2]):
+            want = tok(batch, padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+            ids, mask = fast(batch)
+            assert ids.dtype == mask.dtype == torch.int64
+            assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
+    assert tok("word " * 60, truncation=True, max_length=40)["input_ids"][-1] == tok.sep_token_id
