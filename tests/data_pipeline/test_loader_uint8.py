@@ -187,3 +187,27 @@ def test_batch_tokenizer_equals_the_transformers_call() -> None:
             assert ids.dtype == mask.dtype == torch.int64
             assert torch.equal(ids, want["input_ids"]) and torch.equal(mask, want["attention_mask"])
     assert tok("word " * 60, truncation=True, max_length=40)["input_ids"][-1] == tok.sep_token_id
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (never ran on one when written)")
+def test_cuda_paths_match_the_cpu_ones(synth_dir: Path) -> None:
+    """Pinned batches hold the CPU loader's pixels; normalising on CUDA is bit for bit the CPU's; nvjpeg's
+    decode of --gpu-decode batches is within a few levels of PIL's."""
+    base = dict(urls=resolve_shards(str(synth_dir / "pretrain" / "manifest.json"))[:2], batch_size=8,
+                max_image_side=48, pad_multiple=32, shuffle_buffer=20, seed=4, epochs=1)
+    cpu = list(PretrainLoader(LoaderConfig(**base)))
+    pinned = list(PretrainLoader(LoaderConfig(**base, pin_memory=True)))
+    raw = list(PretrainLoader(LoaderConfig(**base, gpu_decode=True, pin_memory=True)))
+    assert len(cpu) == len(pinned) == len(raw) == 3
+    for c, p, r in zip(cpu, pinned, raw, strict=True):
+        assert p["pixel_values"].is_pinned() and torch.equal(p["pixel_values"], c["pixel_values"])
+        pv = p["pixel_values"].to("cuda", non_blocking=True)
+        mask = p["pixel_mask"].to("cuda", non_blocking=True)
+        want = normalize_pixels(c["pixel_values"], c["pixel_mask"])
+        assert torch.equal(normalize_pixels(pv, mask).cpu(), want)
+        assert torch.equal(normalize_pixels(pv, mask, torch.bfloat16).cpu(), want.to(torch.bfloat16))
+        gpv, gmask = images_to_batch(r["images"], 48, 32, "cuda")
+        assert gpv.is_cuda and gpv.dtype == torch.uint8 and torch.equal(gmask.cpu(), c["pixel_mask"])
+        diff = (gpv.cpu().int() - c["pixel_values"].int()).abs().float()
+        assert diff.mean() < 1.0 and diff.max() <= 32, (diff.mean(), diff.max())
