@@ -267,7 +267,7 @@ def _name_shards(failures: list[tuple[str, str]]) -> str:
 @dataclass
 class DecodedSample:
     key: str
-    image: np.ndarray  # uint8 (h, w, 3)
+    image: np.ndarray  # uint8 (h, w, 3); with gpu_decode, 1-D JPEG bytes (undecoded_sample)
     caption: str
 
 
