@@ -48,7 +48,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 
 import torch
@@ -56,7 +56,7 @@ import torchvision
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
-from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
+from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import RoIPool, nms
 
 from soho import SohoForPretraining, get_preset
@@ -139,13 +139,23 @@ class RegionPipeline(nn.Module):
         return feats / rms.to(feats.dtype)
 
     def proposals(self, images: torch.Tensor, feats: torch.Tensor) -> list[torch.Tensor]:
+        """torchvision's RPN forward (eval), with the head in the model dtype and the anchors, box decoding and
+        NMS in fp32 (torchvision's NMS has no bf16 kernel; bf16 box coordinates would be off by pixels)."""
         b, _, h, w = images.shape
-        boxes, _ = self.rpn(ImageList(images, [(h, w)] * b), OrderedDict([("c4", feats)]))
+        sizes = [(h, w)] * b
+        objectness, deltas = self.rpn.head([feats])
+        grid = [feats.new_empty((b, 1, *feats.shape[-2:]), dtype=torch.float32)]  # shape + dtype for anchors
+        anchors = self.rpn.anchor_generator(ImageList(images, sizes), grid)
+        per_level = [o[0].numel() for o in objectness]
+        objectness, deltas = concat_box_prediction_layers(objectness, deltas)
+        proposals = self.rpn.box_coder.decode(deltas.float(), anchors).view(b, -1, 4)
+        boxes, _ = self.rpn.filter_proposals(proposals, objectness.float(), sizes, per_level)
         return boxes  # per image (≤ 300, 4), sorted by objectness
 
     def pooled(self, feats: torch.Tensor, boxes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """RoI pooling → res5 → mean: (ΣN_i, 2048) pool5 features and the res5 maps (for the shape check)."""
-        maps = self.res5(self.roi_pool(feats, [x.to(feats.dtype) for x in boxes]))
+        # RoI pooling in fp32 (torchvision's roi_pool has no bf16 kernel), res5 in the model dtype.
+        maps = self.res5(self.roi_pool(feats.float(), [x.float() for x in boxes]).to(feats.dtype))
         return maps.mean(dim=(2, 3)), maps
 
     def heads(self, pool5: torch.Tensor, boxes: list[torch.Tensor], n_keep: list[int]) -> dict[int, list[torch.Tensor]]:
