@@ -139,3 +139,28 @@ def test_bad_input_is_named() -> None:
     with pytest.raises(ValueError, match="num_codes"):
         VDConfig(num_codes=1).validate()
     assert math.isfinite(vd.current_decay())
+
+
+def test_blocked_column_argmax_equals_argmax_with_ties_and_nan() -> None:
+    from soho.visual_dictionary import _column_argmax
+
+    g = torch.Generator().manual_seed(4)
+    scores = torch.randint(0, 3, (256, 64), generator=g).float()  # many ties: the first maximum must win
+    scores[200, 5] = float("nan")  # argmax picks the NaN
+    scores[3, 6] = scores[190, 6] = 9.0
+    assert torch.equal(_column_argmax(scores), scores.argmax(dim=0))
+    assert _column_argmax(scores)[5] == 200 and _column_argmax(scores)[6] == 3
+    for k in (40, 13):  # blocks of 8; no block divides k: plain argmax
+        odd = torch.randn(k, 7, generator=g)
+        assert torch.equal(_column_argmax(odd), odd.argmax(dim=0))
+
+
+def test_reduce_fn_sees_packed_sums_and_counts_once_per_step() -> None:
+    vd = _vd([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], decay=0.5).train()
+    seen: list[torch.Tensor] = []
+    vd.reduce_fn = lambda t: seen.append(t.clone())
+    feats = torch.tensor([[[1.0, 0.0], [-1.0, 2.0], [9.0, 1.0]], [[50.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
+    vd(feats, torch.tensor([[True, True, True], [False, True, False]]))
+    assert len(seen) == 1
+    # Rows: code j's [Σ v | count] over the real positions assigned to it.
+    assert seen[0].tolist() == [[0.0, 3.0, 3.0], [9.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
