@@ -9,34 +9,36 @@ torchvision parts, random weights):
   trunk      ResNet-101 C4 (conv1…res4, stride 16, 1024 ch)
   proposals  RPN on C4: 12 anchors (sizes 64…512, ratios ½/1/2), 6000 pre-NMS, NMS 0.7, 300 proposals kept
   res5       RoI pooling 14×14 on C4 → res5 (ResNet layer4, stride 2 → 7×7×2048) → mean → 2048-d ``pool5``
-  heads      box head (1601-class softmax + 1601×4 box deltas), attribute head (class embedding 256 ⊕ pool5
-             → 512 → 401-class softmax), then class-wise NMS (IoU 0.3) for each of the 1600 object classes over
-             the 300 proposals (one NMS per class and image, as BUTD's loop does), and the box selection below
+  heads      box head (1601-class softmax + 1601×4 box deltas), attribute head (class embedding 256 ⊕
+             pool5 → 512 → 401-class softmax), then class-wise NMS (IoU 0.3) for each of the 1600 object
+             classes over the 300 proposals (one NMS per class and image, as BUTD's loop does), and the box
+             selection below
   transformer  the kept boxes' pool5 features → linear to the transformer width → the same cross-modal
              transformer and ITM head as SOHO's (regions get a 1×n "grid" of position codes)
 
-Box selection (BUTD's rule). ``max_conf[i]`` = the highest class score proposal i keeps in any class's NMS
-(0 where every class suppressed it). BUTD keeps the proposals with ``max_conf ≥ 0.2``, at least MIN_BOXES and at
-most MAX_BOXES of them, topping up / cutting by ``max_conf`` order. With random weights the number that passes
-0.2 is arbitrary, so this benchmark fixes MIN_BOXES = MAX_BOXES = N (BUTD's common N = 36, and N = 100): the
-kept set is the N proposals of highest ``max_conf`` (ties: lower proposal index first, i.e. higher RPN
+Box selection (BUTD's rule). ``max_conf[i]`` = the highest class score proposal i keeps in any class's
+NMS (0 where every class suppressed it). BUTD keeps the proposals with ``max_conf ≥ 0.2``, at least
+MIN_BOXES and at most MAX_BOXES of them, topping up / cutting by ``max_conf`` order. With random weights
+the number that passes 0.2 is arbitrary, so this benchmark fixes MIN_BOXES = MAX_BOXES = N (BUTD's common
+N = 36, and N = 100): the kept set is the N proposals of highest ``max_conf`` (ties: lower proposal index first, i.e. higher RPN
 objectness) — every proposal above 0.2 first, then, when fewer than N pass, the highest-scoring remaining ones
 fill up deterministically to N; when more pass, the top N. Every image then has exactly N boxes (asserted).
 
-Light variant ("fixed boxes"): the same trunk and RPN, then only the top-N RPN proposals go through RoI pooling
-and res5 into the transformer — no box/attribute heads, no class-wise NMS, res5 on N RoIs instead of 300.
+Light variant ("fixed boxes"): the same trunk and RPN, then only the top-N RPN proposals go through RoI
+pooling and res5 into the transformer — no box/attribute heads, no class-wise NMS, res5 on N RoIs instead
+of 300.
 This is a lower bound on any detector front end; the faithful variant is what BUTD features cost.
 
 Workload assertions (a check pass at the smallest batch runs before any timing, and every timed pass asserts
 again before its times are kept): 300 proposals into the heads per image, res5 output (B·300, 2048, 7, 7),
-class-wise NMS run over exactly 1600 classes × 300 proposals per image, exactly N boxes per image, pooled region
-features (B, N, 2048), SOHO's visual tokens (B, L, C).
+class-wise NMS run over exactly 1600 classes × 300 proposals per image, exactly N boxes per image, pooled
+region features (B, N, 2048), SOHO's visual tokens (B, L, C).
 
 Timing: each stage is synchronised and timed on its own; the region variants share the trunk and proposal
-stages of one pass (they are the same computation), and their totals are the sums of their stages. Medians over
-``--repeats`` passes. The random-weight 101-layer trunk outputs C4 values of RMS ~5e4, which make the random
-RPN's boxes degenerate, so the C4 map is scaled to unit RMS per image (a cheap op, counted in ``trunk``) —
-without it torchvision's RPN kept 0 boxes per image at 600×1000, and the earlier "region" figure timed a
+stages of one pass (they are the same computation), and their totals are the sums of their stages.
+Medians over ``--repeats`` passes. The random-weight 101-layer trunk outputs C4 values of RMS ~5e4, which
+make the random RPN's boxes degenerate, so the C4 map is scaled to unit RMS per image (a cheap op, counted
+in ``trunk``) — without it torchvision's RPN kept 0 boxes per image at 600×1000, and the earlier "region" figure timed a
 detector that detected nothing.
 
     python benchmarks/region_vs_grid.py [--preset base] [--batches 1,8] [--repeats 1] [--boxes 36,100]
@@ -68,17 +70,21 @@ CONF_THRESH = 0.2  # BUTD generate_tsv.py conf_thresh
 CLASS_NMS_IOU = 0.3  # BUTD cfg.TEST.NMS
 
 
-def select_boxes(max_conf: torch.Tensor, min_boxes: int, max_boxes: int, conf: float = CONF_THRESH) -> torch.Tensor:
-    """BUTD's rule: the proposals with ``max_conf ≥ conf``, topped up to ``min_boxes`` / cut to ``max_boxes`` by
-    ``max_conf`` order (stable: ties keep proposal order). Returns proposal indices, highest ``max_conf`` first."""
+def select_boxes(max_conf: torch.Tensor, min_boxes: int, max_boxes: int,
+                 conf: float = CONF_THRESH) -> torch.Tensor:
+    """BUTD's rule: the proposals with ``max_conf ≥ conf``, topped up to ``min_boxes`` / cut to ``max_boxes``
+    by ``max_conf`` order (stable: ties keep proposal order). Returns proposal indices, highest ``max_conf``
+    first."""
     order = torch.sort(max_conf, descending=True, stable=True).indices
     n_pass = int((max_conf >= conf).sum())
     return order[: min(max(n_pass, min_boxes), max_boxes)]
 
 
-def classwise_max_conf(boxes: torch.Tensor, scores: torch.Tensor, iou: float = CLASS_NMS_IOU) -> tuple[torch.Tensor, int]:
+def classwise_max_conf(boxes: torch.Tensor, scores: torch.Tensor,
+                       iou: float = CLASS_NMS_IOU) -> tuple[torch.Tensor, int]:
     """BUTD's per-image loop: for every object class (softmax column 1…1600) NMS over all proposals with that
-    class's scores; ``max_conf[i]`` = the best score proposal i keeps in any class. Returns (max_conf, classes run)."""
+    class's scores; ``max_conf[i]`` = the best score proposal i keeps in any class. Returns (max_conf,
+    classes run)."""
     max_conf = torch.zeros(boxes.shape[0], dtype=torch.float32, device=boxes.device)
     boxes, scores = boxes.float(), scores.float()
     classes = 0
@@ -117,8 +123,9 @@ class RegionPipeline(nn.Module):
         self.c4 = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3)  # /16, 1024
         anchors = AnchorGenerator(sizes=((64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),))  # 12
         self.rpn = RegionProposalNetwork(
-            anchors, RPNHead(1024, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7, bg_iou_thresh=0.3,
-            batch_size_per_image=256, positive_fraction=0.5, pre_nms_top_n={"training": 12000, "testing": 6000},
+            anchors, RPNHead(1024, anchors.num_anchors_per_location()[0]), fg_iou_thresh=0.7,
+            bg_iou_thresh=0.3, batch_size_per_image=256, positive_fraction=0.5,
+            pre_nms_top_n={"training": 12000, "testing": 6000},
             post_nms_top_n={"training": 2000, "testing": NUM_PROPOSALS}, nms_thresh=0.7,
         )  # fmt: skip
         self.roi_pool = RoIPool((14, 14), spatial_scale=1 / 16)
@@ -139,8 +146,9 @@ class RegionPipeline(nn.Module):
         return feats / rms.to(feats.dtype)
 
     def proposals(self, images: torch.Tensor, feats: torch.Tensor) -> list[torch.Tensor]:
-        """torchvision's RPN forward (eval), with the head in the model dtype and the anchors, box decoding and
-        NMS in fp32 (torchvision's NMS has no bf16 kernel; bf16 box coordinates would be off by pixels)."""
+        """torchvision's RPN forward (eval), with the head in the model dtype and the anchors, box decoding
+        and NMS in fp32 (torchvision's NMS has no bf16 kernel; bf16 box coordinates would be off by
+        pixels)."""
         b, _, h, w = images.shape
         sizes = [(h, w)] * b
         objectness, deltas = self.rpn.head([feats])
@@ -158,13 +166,17 @@ class RegionPipeline(nn.Module):
         maps = self.res5(self.roi_pool(feats.float(), [x.float() for x in boxes]).to(feats.dtype))
         return maps.mean(dim=(2, 3)), maps
 
-    def heads(self, pool5: torch.Tensor, boxes: list[torch.Tensor], n_keep: list[int]) -> dict[int, list[torch.Tensor]]:
-        """Box and attribute heads on all proposals, class-wise NMS, BUTD's selection for each N in ``n_keep``.
+    def heads(self, pool5: torch.Tensor, boxes: list[torch.Tensor],
+              n_keep: list[int]) -> dict[int, list[torch.Tensor]]:
+        """Box and attribute heads on all proposals, class-wise NMS, BUTD's selection for each N in
+        ``n_keep``.
         Returns {N: [kept proposal indices per image]}."""
         cls_prob = torch.softmax(self.cls_score(pool5).float(), dim=1)  # (ΣP, 1601)
-        self.bbox_pred(pool5)  # (ΣP, 6404): computed as in BUTD's net (generate_tsv keeps the RoIs themselves)
+        # (ΣP, 6404): computed as in BUTD's net (generate_tsv keeps the RoIs themselves)
+        self.bbox_pred(pool5)
         emb = self.cls_embedding(cls_prob.argmax(dim=1))
-        attr_prob = torch.softmax(self.attr_score(torch.relu(self.fc_attr(torch.cat([pool5, emb], dim=1)))), dim=1)
+        attr_hidden = torch.relu(self.fc_attr(torch.cat([pool5, emb], dim=1)))
+        attr_prob = torch.softmax(self.attr_score(attr_hidden), dim=1)
         assert attr_prob.shape == (pool5.shape[0], NUM_ATTRIBUTES + 1)
         kept: dict[int, list[torch.Tensor]] = {n: [] for n in n_keep}
         for img_boxes, prob in zip(boxes, cls_prob.split([len(x) for x in boxes]), strict=True):
@@ -175,7 +187,8 @@ class RegionPipeline(nn.Module):
                 kept[n].append(select_boxes(max_conf, n, n))
         return kept
 
-    def transformer(self, region: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def transformer(self, region: torch.Tensor, input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor) -> torch.Tensor:
         b, n, _ = region.shape
         tokens = self.to_width(region)  # (B, n, C)
         mask = torch.ones(b, n, dtype=torch.bool, device=region.device)
@@ -250,11 +263,13 @@ STAGES = ("trunk", "vd", "proposals/heads", "res5", "transformer")
 
 def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="base", help="SOHO preset for the grid path and the shared transformer")
+    p.add_argument("--preset", default="base",
+                   help="SOHO preset for the grid path and the shared transformer")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--batches", default="1,8")
-    p.add_argument("--boxes", default="36,100", help="fixed region counts N (BUTD's MIN_BOXES = MAX_BOXES = N)")
+    p.add_argument("--boxes", default="36,100",
+                   help="fixed region counts N (BUTD's MIN_BOXES = MAX_BOXES = N)")
     p.add_argument("--repeats", type=int, default=1, help="timed passes per batch size (median)")
     p.add_argument("--height", type=int, default=600)
     p.add_argument("--width", type=int, default=1000)
@@ -266,7 +281,8 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
     batches = [int(x) for x in args.batches.split(",")]
     torch.manual_seed(0)
     cfg = get_preset(args.preset)
-    cfg.transformer.name_or_path = None  # random weights: speed does not depend on them, and nothing downloads
+    # random weights: speed does not depend on them, and nothing downloads
+    cfg.transformer.name_or_path = None
     dev = torch.device(args.device)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     grid = SohoForPretraining(cfg, load_pretrained=False).to(dev, dtype).eval()
@@ -308,7 +324,8 @@ def main(argv: list[str] | None = None) -> dict[int, dict[str, dict[str, float]]
             for name, m in med.items():
                 stages = "  ".join(f"{s} {m[s]:7.2f}" for s in STAGES if s in m)
                 ratio = "" if name == "SOHO grid" else f"  {m['total'] / t_grid:5.2f}x SOHO's time"
-                print(f"  {name:10s} total {m['total']:7.2f} s  {b / m['total']:7.2f} img/s | {stages}{ratio}")
+                print(f"  {name:10s} total {m['total']:7.2f} s  {b / m['total']:7.2f} img/s | "
+                      f"{stages}{ratio}")
             for n in n_boxes:
                 print(f"batch {b} ratio: BUTD region ({n} boxes) / SOHO grid = "
                       f"{med[f'BUTD-{n}']['total'] / t_grid:.2f}x  (light {n}-box front end: "
