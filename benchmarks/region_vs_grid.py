@@ -16,11 +16,11 @@ torchvision parts, random weights):
   transformer  the kept boxes' pool5 features → linear to the transformer width → the same cross-modal
              transformer and ITM head as SOHO's (regions get a 1×n "grid" of position codes)
 
-Box selection (BUTD's rule). ``max_conf[i]`` = the highest class score proposal i keeps in any class's
-NMS (0 where every class suppressed it). BUTD keeps the proposals with ``max_conf ≥ 0.2``, at least
-MIN_BOXES and at most MAX_BOXES of them, topping up / cutting by ``max_conf`` order. With random weights
-the number that passes 0.2 is arbitrary, so this benchmark fixes MIN_BOXES = MAX_BOXES = N (BUTD's common
-N = 36, and N = 100): the kept set is the N proposals of highest ``max_conf`` (ties: lower proposal index first, i.e. higher RPN
+Box selection (BUTD's rule). ``max_conf[i]`` = the highest class score proposal i keeps in any class's NMS (0
+where every class suppressed it). BUTD keeps the proposals with ``max_conf ≥ 0.2``, at least MIN_BOXES and at
+most MAX_BOXES of them, topping up / cutting by ``max_conf`` order. With random weights the number that passes
+0.2 is arbitrary, so this benchmark fixes MIN_BOXES = MAX_BOXES = N (BUTD's common N = 36, and N = 100): the
+kept set is the N proposals of highest ``max_conf`` (ties: lower proposal index first, i.e. higher RPN
 objectness) — every proposal above 0.2 first, then, when fewer than N pass, the highest-scoring remaining ones
 fill up deterministically to N; when more pass, the top N. Every image then has exactly N boxes (asserted).
 
@@ -35,11 +35,11 @@ class-wise NMS run over exactly 1600 classes × 300 proposals per image, exactly
 region features (B, N, 2048), SOHO's visual tokens (B, L, C).
 
 Timing: each stage is synchronised and timed on its own; the region variants share the trunk and proposal
-stages of one pass (they are the same computation), and their totals are the sums of their stages.
-Medians over ``--repeats`` passes. The random-weight 101-layer trunk outputs C4 values of RMS ~5e4, which
-make the random RPN's boxes degenerate, so the C4 map is scaled to unit RMS per image (a cheap op, counted
-in ``trunk``) — without it torchvision's RPN kept 0 boxes per image at 600×1000, and the earlier "region" figure timed a
-detector that detected nothing.
+stages of one pass (they are the same computation), and their totals are the sums of their stages. Medians
+over ``--repeats`` passes. The random-weight 101-layer trunk outputs C4 values of RMS ~5e4, which make the
+random RPN's boxes degenerate, so the C4 map is scaled to unit RMS per image (a cheap op, counted in
+``trunk``) — without it torchvision's RPN kept 0 boxes per image at 600×1000, and the earlier "region" figure
+timed a detector that detected nothing.
 
     python benchmarks/region_vs_grid.py [--preset base] [--batches 1,8] [--repeats 1] [--boxes 36,100]
     python benchmarks/region_vs_grid.py --device cuda --dtype bf16 --repeats 5     # on a GPU
