@@ -250,9 +250,9 @@ class VisualDictionary(nn.Module):
 
 def _column_argmax(scores_t: torch.Tensor) -> torch.Tensor:
     """``scores_t.argmax(dim=0)`` for a 2-D (k, N) tensor, exactly (same first-maximum tie rule, NaN wins as
-    in argmax). On CPU in two passes: the maximum of each block of rows (a vectorised max along the contiguous N
-    axis; torch's argmax over dim 0 is a slow strided value+index reduction), the first block holding each
-    column's maximum, then argmax inside that one block only."""
+    in argmax). On CPU in two passes: the maximum of each block of rows (a vectorised max along the
+    contiguous N axis; torch's argmax over dim 0 is a slow strided value+index reduction), the first block
+    holding each column's maximum, then argmax inside that one block only."""
     k, n = scores_t.shape
     block = next((b for b in (64, 32, 16, 8) if k % b == 0 and k > b), 0)
     if scores_t.device.type != "cpu" or not block:
