@@ -1,0 +1,179 @@
+"""Training-step options (issue 18): --grad-checkpointing, --channels-last, --compile.
+
+Checkpointing must not change a step: with a fixed seed the losses, every gradient and every buffer (BatchNorm
+running statistics, the visual dictionary's codebook) equal the plain path, while the trunk's blocks and the
+BERT layers really are recomputed. channels_last changes only the convolution kernels' summation order.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestration.pretrain.config import RunConfig, parse_run_config
+from orchestration.runtime.checkpoint import read_history
+from orchestration.runtime.config import OptimConfig, ScaleConfig
+from orchestration.runtime.engine import apply_step_options, build_engine
+from soho import SohoForPretraining, soho_tiny
+from soho.encoder import trunk_segments
+from tests.orchestration.conftest import FAST_FLAGS, last_json, run_cli
+
+
+def _batch() -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(5)
+    pv = torch.randn(2, 3, 96, 128, generator=g)
+    pm = torch.ones(2, 96, 128, dtype=torch.bool)
+    pm[1, 64:, :] = False  # a padded image
+    ids = torch.randint(999, 30000, (2, 12), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    am = torch.ones_like(ids)
+    am[1, 9:] = 0
+    return pv, pm, ids, am
+
+
+def _step(model: SohoForPretraining) -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward/backward in training mode (dropout on) with fixed seeds: losses, grads, buffers after."""
+    pv, pm, ids, am = _batch()
+    model.train()
+    torch.manual_seed(11)
+    out = model(pv, pm, ids, am, generator=torch.Generator().manual_seed(12))
+    out.loss.backward()
+    losses = [t.item() for t in (out.loss, out.mlm_loss, out.mvm_loss, out.itm_loss)]
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return losses, grads, {n: b.clone() for n, b in model.named_buffers()}
+
+
+@pytest.fixture(scope="module")
+def plain() -> tuple[SohoForPretraining, tuple]:
+    torch.manual_seed(0)
+    model = SohoForPretraining(soho_tiny())  # dropout 0.1, BatchNorm trunk, VD with EMA update
+    fresh = copy.deepcopy(model)
+    return fresh, _step(model)
+
+
+def test_grad_checkpointing_equals_plain_step_and_recomputes(plain: tuple) -> None:
+    fresh, (losses, grads, buffers) = plain
+    model = copy.deepcopy(fresh)
+    applied = apply_step_options(model, ScaleConfig(grad_checkpointing=True))
+    assert applied == ["grad_checkpointing"]
+    enc, fuser = model.soho.encoder, model.soho.transformer
+    assert enc.grad_checkpointing and fuser.grad_checkpointing
+    calls: dict[str, int] = {}
+
+    def count(name: str) -> object:
+        return lambda module, args: calls.__setitem__(name, calls.get(name, 0) + 1)
+
+    # pre-hooks: a replay stops as soon as the tensors backward needs exist, before a module's forward hooks
+    units = {"block": enc.segments[-1], "bert_layer": fuser.bert.encoder.layer[0].attention,
+             "vd": model.soho.visual_dictionary}
+    hooks = [m.register_forward_pre_hook(count(name)) for name, m in units.items()]
+    ck_losses, ck_grads, ck_buffers = _step(model)
+    for h in hooks:
+        h.remove()
+    # recomputed in backward: each checkpointed unit ran twice; the VD (outside every region) once
+    assert calls == {"block": 2, "bert_layer": 2, "vd": 1}
+    assert ck_losses == losses
+    assert ck_grads.keys() == grads.keys() and len(grads) > 50
+    for name in grads:
+        assert torch.equal(ck_grads[name], grads[name]), name
+    # BN running stats / num_batches_tracked updated once, VD codebook updated once: bit-equal buffers
+    assert ck_buffers.keys() == buffers.keys()
+    for name in buffers:
+        assert torch.equal(ck_buffers[name], buffers[name]), name
+    assert int(buffers["soho.encoder.trunk.1.num_batches_tracked"]) == 1
+
+
+def test_checkpointing_without_bn_guard_would_double_the_bn_update(plain: tuple) -> None:
+    """The guard is load-bearing: a plain recompute applies BatchNorm's momentum a second time."""
+    fresh, (_, _, buffers) = plain
+    model = copy.deepcopy(fresh)
+    model.soho.encoder.set_grad_checkpointing(True)
+    stem = model.soho.encoder.segments[0]
+    unguarded = torch.utils.checkpoint.checkpoint(stem, _batch()[0], use_reentrant=False)
+    unguarded.sum().backward()
+    assert int(stem[1].num_batches_tracked) == 2  # forward + replay
+    assert int(buffers["soho.encoder.trunk.1.num_batches_tracked"]) == 1  # the plain step
+
+
+def test_channels_last_matches_plain_step(plain: tuple) -> None:
+    fresh, (losses, grads, buffers) = plain
+    model = copy.deepcopy(fresh)
+    apply_step_options(model, ScaleConfig(channels_last=True))
+    conv = model.soho.encoder.trunk[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    cl_losses, cl_grads, cl_buffers = _step(model)
+    # the same maths, other kernels (NHWC summation order): equal to float32 rounding
+    assert cl_losses == pytest.approx(losses, rel=1e-5, abs=1e-5)
+    for name in grads:
+        assert torch.allclose(cl_grads[name], grads[name], rtol=1e-3, atol=1e-4), name
+    for name in buffers:
+        assert torch.allclose(cl_buffers[name].float(), buffers[name].float(), rtol=1e-4, atol=1e-5), name
+    # state-dict keys unchanged (segments are not registered), and an export saves (contiguous copies)
+    assert list(model.state_dict()) == list(fresh.state_dict())
+
+
+def test_trunk_segments_of_a_resnet_are_stem_and_blocks() -> None:
+    from torchvision.models import resnet18
+
+    net = resnet18(weights=None)
+    trunk = torch.nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3,
+                                net.layer4)
+    segs = trunk_segments(trunk)
+    assert len(segs) == 1 + 8  # stem + 2 BasicBlocks in each of 4 stages
+    assert [type(m).__name__ for m in segs[0]] == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"]
+    assert segs[1] is net.layer1[0] and segs[-1] is net.layer4[1]
+    with pytest.raises(ValueError, match="Linear after the residual blocks"):
+        trunk_segments(torch.nn.Sequential(*trunk, torch.nn.Linear(2, 2)))
+
+
+def test_flags_reach_the_scale_section_and_the_engine(tmp_path: Path) -> None:
+    cfg = parse_run_config(["--grad-checkpointing", "--channels-last"])
+    assert (cfg.scale.grad_checkpointing, cfg.scale.channels_last, cfg.scale.compile) == (True, True, False)
+    assert RunConfig.of().scale.grad_checkpointing is False  # defaults: off (docs/RESULTS.md)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("compile: true\ngrad_checkpointing: true\n")
+    cfg = parse_run_config(["--config", str(yaml_file), "--no-grad-checkpointing"])
+    assert (cfg.scale.grad_checkpointing, cfg.scale.compile) == (False, True)
+    assert cfg.to_dict()["compile"] is True and cfg.to_dict()["channels_last"] is False
+    torch.manual_seed(0)
+    built = build_engine(SohoForPretraining(soho_tiny()), OptimConfig(),
+                         ScaleConfig(grad_checkpointing=True, channels_last=True), 1, kind="torch")
+    assert built.module.soho.encoder.grad_checkpointing and built.module.soho.encoder.channels_last
+    assert built.module.soho.transformer.bert.encoder.layer[1].gradient_checkpointing is True
+
+
+def test_options_on_a_model_without_soho_parts_fail_clearly() -> None:
+    with pytest.raises(ValueError, match="Linear holds no SOHO GridEncoder or CrossModalEncoder"):
+        apply_step_options(torch.nn.Linear(2, 2), ScaleConfig(channels_last=True))
+    assert apply_step_options(torch.nn.Linear(2, 2), ScaleConfig()) == []
+
+
+def test_compile_without_a_cxx_compiler_fails_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    fix = "--compile on CPU needs a C\\+\\+ compiler.*apt-get install g\\+\\+"
+    with pytest.raises(RuntimeError, match=fix):
+        apply_step_options(SohoForPretraining(soho_tiny()), ScaleConfig(compile=True))
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_deepspeed_zero2_run_with_checkpointing_equals_plain_run(tmp_path: Path, synth_manifest: str) -> None:
+    """The real CLI, DeepSpeed ZeRO-2 on CPU, 3 steps: with --grad-checkpointing --channels-last the step
+    history matches the plain run (checkpointing exactly, channels_last to float rounding)."""
+    histories = {}
+    for name, extra in (("plain", []), ("opts", ["--grad-checkpointing", "--channels-last"])):
+        proc = run_cli([*FAST_FLAGS, "--launcher", "local", "--data", synth_manifest, "--storage-path",
+                        str(tmp_path), "--run-name", name, "--zero-stage", "2", "--max-steps", "3",
+                        "--checkpoint-every", "3", "--metrics-port", "-1", "--no-final-eval",
+                        "--freeze-backbone-steps", "0", *extra])
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert last_json(proc.stdout)["steps"] == 3
+        histories[name] = read_history(str(tmp_path), name, upto=3)
+    assert len(histories["plain"]) == len(histories["opts"]) == 3
+    for a, b in zip(histories["plain"], histories["opts"], strict=True):
+        for key in ("loss", "mlm", "mvm", "itm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (key, a, b)
