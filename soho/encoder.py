@@ -324,7 +324,7 @@ class GridEncoder(nn.Module):
 
     @property
     def segments(self) -> list[nn.Module]:
-        """The trunk's checkpointing units (:func:`trunk_segments`): the same module objects as the trunk's."""
+        """The trunk's checkpointing units (:func:`trunk_segments`), the trunk's own module objects."""
         return list(self._segments)
 
     def _trunk_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
