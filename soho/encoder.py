@@ -270,11 +270,14 @@ class GridEncoder(nn.Module):
         ≈ its block boundaries); same losses, gradients and BN statistics as without."""
         self.grad_checkpointing = bool(flag)
 
-    def set_channels_last(self, flag: bool = True) -> None:
-        """Trunk weights and input in ``torch.channels_last`` (NHWC), the layout oneDNN/cuDNN convolutions
-        prefer; ``False`` converts back to the default layout."""
+    def set_channels_last(self, flag: bool = True, weights: bool = True) -> None:
+        """Trunk input (and with ``weights`` its weights) in ``torch.channels_last`` (NHWC), the layout
+        oneDNN/cuDNN convolutions prefer; an NHWC input alone already makes them run NHWC. ``weights=False``
+        for DeepSpeed, which views every parameter as bytes to broadcast it (NHWC strides cannot be) and
+        re-flattens parameters into its own buffers anyway. ``False`` converts back to the default layout."""
         self.channels_last = bool(flag)
-        self.trunk.to(memory_format=torch.channels_last if flag else torch.contiguous_format)
+        if weights or not flag:
+            self.trunk.to(memory_format=torch.channels_last if flag else torch.contiguous_format)
 
     @property
     def total_stride(self) -> int:

@@ -87,7 +87,7 @@ def cpu_compiler() -> str | None:
     return None
 
 
-def apply_step_options(model: torch.nn.Module, scale: ScaleConfig) -> list[str]:
+def apply_step_options(model: torch.nn.Module, scale: ScaleConfig, kind: str = "torch") -> list[str]:
     """Switch on the scale section's training-step options in every SOHO visual encoder and cross-modal
     transformer inside ``model`` (any pre-training or task model); returns what was applied, for the log.
 
@@ -95,8 +95,10 @@ def apply_step_options(model: torch.nn.Module, scale: ScaleConfig) -> list[str]:
       activations in backward (:meth:`GridEncoder.set_grad_checkpointing`,
       :meth:`CrossModalEncoder.set_grad_checkpointing`); the visual dictionary sits after the trunk, outside
       every recomputed region, so its EMA update runs once per step.
-    - ``channels_last``: the trunk's weights and input in NHWC. (ZeRO re-flattens the weights into its
-      buffers; the NHWC input keeps the convolutions in channels_last either way.)
+    - ``channels_last``: the trunk's input in NHWC, and its weights too except under DeepSpeed (``kind``),
+      whose ``initialize`` views each parameter as bytes to broadcast it (an NHWC tensor cannot be:
+      "stride(-1) must be 1") and re-flattens them into its buffers anyway; the NHWC input keeps the
+      convolutions NHWC.
     - ``compile``: ``nn.Module.compile()`` of each encoder and transformer, in place, before DeepSpeed wraps
       the model: parameter names, state dicts and checkpoints stay exactly those of the eager model (a
       ``torch.compile(model)`` wrapper would prefix every key with ``_orig_mod.``), the masking, the visual
@@ -119,7 +121,7 @@ def apply_step_options(model: torch.nn.Module, scale: ScaleConfig) -> list[str]:
         applied.append("grad_checkpointing")
     if scale.channels_last:
         for e in encoders:
-            e.set_channels_last(True)
+            e.set_channels_last(True, weights=kind != "deepspeed")
         applied.append("channels_last")
     if scale.compile:
         if not scale.use_gpu and COMPILE_BACKEND == "inductor" and cpu_compiler() is None:
@@ -149,7 +151,7 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, scale: ScaleConfig,
         # params, leaving BatchNorm running stats fp32 (a dtype mismatch in the trunk). Casting up front gives
         # every stage the same model; the visual dictionary keeps its buffers fp32 by design.
         model = model.to(dtype)
-    apply_step_options(model, scale)
+    apply_step_options(model, scale, kind)
     optimizer, specs = build_optimizer(model, optim)
     if kind == "torch":
         model = model.to(device)
