@@ -149,6 +149,16 @@ def test_flags_reach_the_scale_section_and_the_engine(tmp_path: Path) -> None:
     assert built.module.soho.transformer.bert.encoder.layer[1].gradient_checkpointing is True
 
 
+def test_channels_last_under_deepspeed_keeps_weights_contiguous() -> None:
+    """deepspeed.initialize views each parameter as bytes to broadcast it: NHWC weights cannot be."""
+    torch.manual_seed(0)
+    model = SohoForPretraining(soho_tiny())
+    apply_step_options(model, ScaleConfig(channels_last=True), kind="deepspeed")
+    assert model.soho.encoder.channels_last
+    assert all(p.is_contiguous() for p in model.parameters())
+    model.soho.encoder.trunk[0].weight.data.view(torch.uint8)  # what DeepSpeed's broadcast does
+
+
 def test_options_on_a_model_without_soho_parts_fail_clearly() -> None:
     with pytest.raises(ValueError, match="Linear holds no SOHO GridEncoder or CrossModalEncoder"):
         apply_step_options(torch.nn.Linear(2, 2), ScaleConfig(channels_last=True))
