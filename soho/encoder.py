@@ -14,6 +14,7 @@ are also kept in eval mode, so running statistics do not drift while the weights
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -23,6 +24,7 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 from torchvision.models import resnet as tv_resnet
 
@@ -214,6 +216,77 @@ def _resnet_trunk(cfg: GridEncoderConfig) -> tuple[nn.Sequential, int]:
     return trunk, _TRUNK_CHANNELS[cfg.backbone]
 
 
+# --- training-step options: gradient checkpointing and channels_last of the trunk ---------------------------
+
+
+def trunk_segments(trunk: nn.Sequential) -> list[nn.Module]:
+    """The units that gradient checkpointing recomputes: the stem (every module before the first residual
+    block: conv, BN, ReLU, max-pool) as one unit, then each residual block (torchvision's BasicBlock /
+    Bottleneck; a ResNet stage ``layerN`` is split into its blocks). Only block boundaries stay in memory."""
+    stem: list[nn.Module] = []
+    blocks: list[nn.Module] = []
+    for m in trunk:
+        if isinstance(m, nn.Sequential):  # a torchvision stage
+            blocks.extend(m)
+        elif isinstance(m, (tv_resnet.BasicBlock, tv_resnet.Bottleneck)):
+            blocks.append(m)
+        elif blocks:
+            raise ValueError(f"trunk_segments: {type(m).__name__} after the residual blocks is not supported")
+        else:
+            stem.append(m)
+    return ([nn.Sequential(*stem)] if stem else []) + blocks
+
+
+class _KeepNormStats:
+    """Context of a checkpointed segment's *recomputation*: BatchNorm layers in training mode update their
+    running statistics (and ``num_batches_tracked``) on every forward, so the replay in backward would apply
+    the momentum twice. Their buffers are saved on entry and put back on exit; the replay's outputs are
+    unchanged (training-mode BN normalises with the batch statistics, not the running ones)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        bn = nn.modules.batchnorm._BatchNorm
+        self.norms = [m for m in module.modules()
+                      if isinstance(m, bn) and m.training and m.track_running_stats]
+        self.saved: list[tuple[torch.Tensor, ...]] = []
+
+    def __enter__(self) -> _KeepNormStats:
+        self.saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+                      for m in self.norms]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(self.norms, self.saved, strict=True):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+        self.saved = []
+
+
+def checkpointed(segment: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``segment(x)`` under non-reentrant activation checkpointing: RNG state preserved for the replay and
+    BatchNorm running statistics updated once (:class:`_KeepNormStats`), so values, gradients and buffers
+    equal the plain path."""
+    return torch.utils.checkpoint.checkpoint(
+        segment, x, use_reentrant=False, preserve_rng_state=True,
+        context_fn=lambda: (contextlib.nullcontext(), _KeepNormStats(segment)),
+    )
+
+
+def run_trunk(trunk: nn.Sequential, segments: list[nn.Module], x: torch.Tensor, grad_checkpointing: bool,
+              channels_last: bool) -> torch.Tensor:
+    """The trunk's forward with the step options: ``channels_last`` feeds the input in NHWC (the trunk's
+    weights were converted by :meth:`GridEncoder.set_channels_last`); ``grad_checkpointing`` recomputes each
+    of ``segments`` in backward instead of keeping its activations (only while training with gradients)."""
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if not (grad_checkpointing and trunk.training and torch.is_grad_enabled()):
+        return trunk(x)
+    for segment in segments:
+        x = checkpointed(segment, x)
+    return x
+
+
 class GridEncoder(nn.Module):
     """``forward(pixel_values (B,3,H,W), pixel_mask (B,H,W) | None) -> (features (B,L,C), mask (B,L), (h,w))``
     with L = h·w tokens in row-major order. uint8 ``pixel_values`` are normalised first
@@ -234,6 +307,24 @@ class GridEncoder(nn.Module):
         )
         self.proj = nn.Conv2d(channels, config.out_dim, kernel_size=1)
         self.backbone_trainable = True
+        self.grad_checkpointing = False
+        self.channels_last = False
+        # A plain list, not registered submodules: the state-dict keys stay those of ``trunk``.
+        self._segments: list[nn.Module] = trunk_segments(self.trunk)
+
+    def set_grad_checkpointing(self, flag: bool = True) -> None:
+        """Recompute the trunk's stem and each residual block in backward (activation memory of the trunk
+        ≈ its block boundaries); same losses, gradients and BN statistics as without."""
+        self.grad_checkpointing = bool(flag)
+
+    def set_channels_last(self, flag: bool = True, weights: bool = True) -> None:
+        """Trunk input (and with ``weights`` its weights) in ``torch.channels_last`` (NHWC), the layout
+        oneDNN/cuDNN convolutions prefer; an NHWC input alone already makes them run NHWC. ``weights=False``
+        for DeepSpeed, which views every parameter as bytes to broadcast it (NHWC strides cannot be) and
+        re-flattens parameters into its own buffers anyway. ``False`` converts back to the default layout."""
+        self.channels_last = bool(flag)
+        if weights or not flag:
+            self.trunk.to(memory_format=torch.channels_last if flag else torch.contiguous_format)
 
     @property
     def total_stride(self) -> int:
@@ -273,7 +364,7 @@ class GridEncoder(nn.Module):
         elif not pixel_values.is_floating_point():
             raise ValueError(f"pixel_values must be uint8 (0..255) or normalised float, "
                              f"got {pixel_values.dtype}")
-        x = self.proj(self.pool(self.trunk(pixel_values)))  # (B, C, h, w)
+        x = self.proj(self.pool(self._trunk_forward(pixel_values)))  # (B, C, h, w)
         h, w = x.shape[-2:]
         s = self.total_stride
         # A token is real if its s×s cell holds any real pixel; ceil_mode matches the trunk's ceil sizes.
@@ -285,3 +376,12 @@ class GridEncoder(nn.Module):
         mask = m[:, 0].flatten(1) > 0  # (B, h·w)
         features = x.flatten(2).transpose(1, 2)  # (B, C, h, w) → (B, h·w, C)
         return features, mask, (int(h), int(w))
+
+    @property
+    def segments(self) -> list[nn.Module]:
+        """The trunk's checkpointing units (:func:`trunk_segments`), the trunk's own module objects."""
+        return list(self._segments)
+
+    def _trunk_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return run_trunk(self.trunk, self._segments, pixel_values,
+                         self.grad_checkpointing, self.channels_last)

@@ -25,6 +25,27 @@ class CrossModalEncoder(nn.Module):
         self.visual_embeddings = VisualEmbeddings(
             config.hidden_size, config.layer_norm_eps, config.hidden_dropout
         )
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, flag: bool = True) -> None:
+        """Recompute each BERT layer in backward instead of keeping its activations: ``transformers``' own
+        per-layer checkpointing, which wraps every layer call of ``self.bert.encoder`` (the one ``forward``
+        below makes). Non-reentrant (``use_reentrant=False``: the additive mask goes by keyword and works
+        with inputs that need no grad) and with the RNG state preserved, so the replay draws the same dropout
+        masks: losses and gradients equal the plain path. ``activation_checkpointing_enable`` is the name
+        from transformers 5.2x on; ``gradient_checkpointing_enable`` before (a deprecated alias since)."""
+        self.grad_checkpointing = bool(flag)
+        bert = self.bert
+        if flag:
+            kwargs = {"use_reentrant": False, "preserve_rng_state": True}
+            if hasattr(bert, "activation_checkpointing_enable"):
+                bert.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                bert.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        elif hasattr(bert, "activation_checkpointing_disable"):
+            bert.activation_checkpointing_disable()
+        else:
+            bert.gradient_checkpointing_disable()
 
     @property
     def word_embeddings(self) -> nn.Embedding:

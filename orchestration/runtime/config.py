@@ -156,6 +156,21 @@ class ScaleConfig:
         metadata=opt("CPU only: let DeepSpeed JIT-compile its shared-memory all-reduce op (minutes on "
                       "first use, one file lock for every starting worker); off = plain gloo collectives"),
     )
+    grad_checkpointing: bool = field(
+        default=False,
+        metadata=opt("activation (gradient) checkpointing: recompute the ResNet trunk's stem and residual "
+                      "blocks and each transformer layer in backward instead of keeping their activations "
+                      "(less memory, more compute; same losses and gradients)"),
+    )
+    channels_last: bool = field(
+        default=False,
+        metadata=opt("ResNet trunk weights and input in channels_last (NHWC) memory format"),
+    )
+    compile: bool = field(
+        default=False,
+        metadata=opt("torch.compile the visual encoder and the transformer layers (in place, before "
+                      "DeepSpeed; the first steps compile; CPU needs a C++ compiler)"),
+    )
 
 
     def __post_init__(self) -> None:

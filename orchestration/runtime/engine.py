@@ -3,12 +3,15 @@
 One place decides the precision cast, the parameter groups (trunk / rest, decay / no decay), the optimiser
 (torch's AdamW, or :class:`~orchestration.runtime.optim.HybridSGDAdamW` for the paper's SGD trunk), the
 DeepSpeed config (:mod:`orchestration.runtime.ds_config`) and DeepSpeed's initialisation — or, with
-``kind="torch"``, plain torch (DDP when there is more than one rank) for machines without DeepSpeed.
-Pre-training and fine-tuning both build their engine here.
+``kind="torch"``, plain torch (DDP when there is more than one rank) for machines without DeepSpeed — and the
+training-step options of the scale section (``--grad-checkpointing``, ``--channels-last``, ``--compile``,
+:func:`apply_step_options`). Pre-training and fine-tuning both build their engine here.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +21,12 @@ from orchestration.runtime.config import OptimConfig, ScaleConfig
 from orchestration.runtime.ds_config import build_deepspeed_config
 from orchestration.runtime.optim import HybridSGDAdamW
 from orchestration.runtime.schedule import GroupSpec, param_groups
+from soho.encoder import GridEncoder
+from soho.transformer import CrossModalEncoder
 
 ENGINES = ("deepspeed", "torch")
+COMPILE_BACKEND = "inductor"
+"""torch.compile backend of ``--compile`` (tests set "aot_eager": the same tracing, no C++ build)."""
 
 
 @dataclass
@@ -72,6 +79,67 @@ def build_optimizer(model: torch.nn.Module,
     return optimizer, specs
 
 
+def cpu_compiler() -> str | None:
+    """The C++ compiler TorchInductor would use for CPU code: ``$CXX``, else g++/c++/clang++ on PATH."""
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def apply_step_options(model: torch.nn.Module, scale: ScaleConfig, kind: str = "torch") -> list[str]:
+    """Switch on the scale section's training-step options in every SOHO visual encoder and cross-modal
+    transformer inside ``model`` (any pre-training or task model); returns what was applied, for the log.
+
+    - ``grad_checkpointing``: the ResNet trunk's stem and residual blocks and each BERT layer recompute their
+      activations in backward (:meth:`GridEncoder.set_grad_checkpointing`,
+      :meth:`CrossModalEncoder.set_grad_checkpointing`); the visual dictionary sits after the trunk, outside
+      every recomputed region, so its EMA update runs once per step.
+    - ``channels_last``: the trunk's input in NHWC, and its weights too except under DeepSpeed (``kind``),
+      whose ``initialize`` views each parameter as bytes to broadcast it (an NHWC tensor cannot be:
+      "stride(-1) must be 1") and re-flattens them into its buffers anyway; the NHWC input keeps the
+      convolutions NHWC.
+    - ``compile``: ``nn.Module.compile()`` of each encoder and transformer, in place, before DeepSpeed wraps
+      the model: parameter names, state dicts and checkpoints stay exactly those of the eager model (a
+      ``torch.compile(model)`` wrapper would prefix every key with ``_orig_mod.``), the masking, the visual
+      dictionary's update and its all-reduce stay eager, and the same call serves DeepSpeed and plain-torch
+      engines. DeepSpeed 0.19.8's ``engine.compile()`` compiles the whole wrapped module after
+      ``initialize`` (all of the above traced too); it is not used.
+    """
+    if not (scale.grad_checkpointing or scale.channels_last or scale.compile):
+        return []
+    encoders = [m for m in model.modules() if isinstance(m, GridEncoder)]
+    fusers = [m for m in model.modules() if isinstance(m, CrossModalEncoder)]
+    if not encoders and not fusers:
+        raise ValueError(
+            f"--grad-checkpointing/--channels-last/--compile: {type(model).__name__} holds no SOHO "
+            "GridEncoder or CrossModalEncoder to apply them to")
+    applied = []
+    if scale.grad_checkpointing:
+        for m in encoders + fusers:
+            m.set_grad_checkpointing(True)
+        applied.append("grad_checkpointing")
+    if scale.channels_last:
+        for e in encoders:
+            e.set_channels_last(True, weights=kind != "deepspeed")
+        applied.append("channels_last")
+    if scale.compile:
+        if not scale.use_gpu and COMPILE_BACKEND == "inductor" and cpu_compiler() is None:
+            raise RuntimeError(
+                "--compile on CPU needs a C++ compiler: TorchInductor generates and builds C++ kernels, and "
+                "neither $CXX nor g++/c++/clang++ is on PATH. Install one (Debian: apt-get install g++) or "
+                "drop --compile")
+        for e in encoders:
+            # Dynamo cannot trace a checkpoint with a context_fn (the BN-statistics guard): under
+            # checkpointing each recomputed unit is compiled and the checkpoint around it stays eager.
+            for unit in e.segments if e.grad_checkpointing else [e]:
+                unit.compile(backend=COMPILE_BACKEND)
+        for t in fusers:
+            t.compile(backend=COMPILE_BACKEND)
+        applied.append("compile")
+    return applied
+
+
 def build_engine(model: torch.nn.Module, optim: OptimConfig, scale: ScaleConfig, world_size: int,
                  kind: str = "deepspeed", device: torch.device | str = "cpu") -> Engine:
     """The engine a job trains ``model`` with, on an initialised process group of ``world_size`` ranks."""
@@ -83,6 +151,7 @@ def build_engine(model: torch.nn.Module, optim: OptimConfig, scale: ScaleConfig,
         # params, leaving BatchNorm running stats fp32 (a dtype mismatch in the trunk). Casting up front gives
         # every stage the same model; the visual dictionary keeps its buffers fp32 by design.
         model = model.to(dtype)
+    apply_step_options(model, scale, kind)
     optimizer, specs = build_optimizer(model, optim)
     if kind == "torch":
         model = model.to(device)
