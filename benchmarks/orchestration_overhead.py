@@ -11,6 +11,13 @@ with variant r), and every figure is a median over rounds: per variant the media
 steady-state rates, the min–max spread of those, and the ratio to bare (median of the per-round ratios
 variant / bare of the same round, so a slow round slows both sides of its ratio).
 
+Each in-process variant (bare, zero0, zero2) runs in a fresh Python process of its own session: Linux's
+scheduler autogroups share the CPUs per session first, and Ray starts its workers in a session of its own,
+so a variant run inside this driver's session would get less CPU than the Ray worker on a busy machine
+(measured here: the same fixed-batch step 0.40-0.51 s wall in a Ray task, 0.64-1.46 s in the driver, the
+same CPU seconds). A fresh process per variant also keeps one variant's allocator and DeepSpeed state out
+of the next.
+
 Steady state = median per-step samples/s over the steps after the first ``--skip`` (allocator growth, the
 first shard opens, the cold start's switch). Each variant times the whole step, batch fetch included
 (the bare loop from before ``next(loader)``, the worker from before it asks the loader). Checkpointing is
@@ -109,6 +116,36 @@ def ray_loop(cfg: RunConfig, data_url: str) -> tuple[list[float], dict[str, Any]
                                                 "nonfinite_steps": summary["nonfinite_steps"]}
 
 
+def run_isolated(name: str, cfg: RunConfig, data_url: str,
+                 threads: int) -> tuple[list[float], dict[str, Any]]:
+    """Run one in-process variant in a fresh interpreter in a new session (see the module docstring)."""
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix="soho-overhead-variant-") as tmp:
+        out = Path(tmp) / "result.json"
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg.to_dict()))
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--variant", name, "--variant-config",
+               str(Path(tmp) / "config.json"), "--variant-data", data_url, "--variant-out", str(out),
+               "--threads", str(threads)]
+        proc = subprocess.run(cmd, start_new_session=True, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"variant {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        result = json.loads(out.read_text())
+    return result["rates"], result["work"]
+
+
+def variant_main(args: argparse.Namespace) -> None:
+    """Child side of :func:`run_isolated`: one variant, its rates and workload as JSON."""
+    cfg = RunConfig.from_dict(json.loads(Path(args.variant_config).read_text()), source=args.variant_config)
+    if args.variant != "bare":
+        from orchestration.runtime.distributed import ensure_process_group
+
+        ensure_process_group(use_gpu=False)
+    rates, work = (bare_loop if args.variant == "bare" else worker_loop)(cfg, args.variant_data)
+    work = {k: [list(x) for x in v] if k == "shapes" else v for k, v in work.items()}
+    Path(args.variant_out).write_text(json.dumps({"rates": rates, "work": work}))
+
+
 def steady(rates: list[float], skip: int) -> float:
     return statistics.median(rates[skip:])
 
@@ -122,7 +159,7 @@ def check_workload(name: str, work: dict[str, Any], cfg: RunConfig) -> None:
         raise AssertionError(f"{name}: saw {work['samples_seen']} samples, expected {steps} × {batch}")
     if work.get("nonfinite_steps", 0):
         raise AssertionError(f"{name}: {work['nonfinite_steps']} non-finite steps were skipped and redone")
-    if "shapes" in work and work["shapes"] != [(batch, batch, 3)]:
+    if "shapes" in work and [tuple(x) for x in work["shapes"]] != [(batch, batch, 3)]:
         raise AssertionError(f"{name}: batch shapes {work['shapes']}, expected only ({batch}, {batch}, 3)")
 
 
@@ -147,7 +184,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads in every variant (same budget)")
     ap.add_argument("--no-ray", action="store_true")
     ap.add_argument("--json", help="also write the figures to this file")
+    for internal in ("--variant", "--variant-config", "--variant-data", "--variant-out"):
+        ap.add_argument(internal, help=argparse.SUPPRESS)  # run_isolated's child process
     args = ap.parse_args()
+    if args.variant:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        variant_main(args)
+        return
     if args.rounds < 3:
         ap.error(f"--rounds {args.rounds}: at least 3 rounds are needed for a median and a spread")
     if not 0 <= args.skip < args.steps - 2:
@@ -165,12 +209,7 @@ def main() -> None:
                         cpus_per_worker=args.threads)
     configs = {"bare": base, "zero0": base.replace(zero_stage=0), "zero2": base.replace(zero_stage=2),
                "ray": base.replace(launcher="ray", zero_stage=2)}
-    runners = {"bare": bare_loop, "zero0": worker_loop, "zero2": worker_loop, "ray": ray_loop}
     variants = [v for v in VARIANTS if not (args.no_ray and v == "ray")]
-    # One process group for every in-process worker run: DeepSpeed's comm layer keeps the first group it saw.
-    from orchestration.runtime.distributed import ensure_process_group
-
-    ensure_process_group(use_gpu=False)
     if "ray" in variants:  # one local Ray for all rounds (launch_ray joins it and leaves it running)
         import ray
 
@@ -184,7 +223,10 @@ def main() -> None:
         order = variants[rnd % len(variants):] + variants[:rnd % len(variants)]
         for name in order:
             cfg = configs[name].replace(run_name=f"{name}-r{rnd}")
-            rates, work = runners[name](cfg, data_url)
+            if name == "ray":  # the driver only waits: the worker runs in Ray's own session
+                rates, work = ray_loop(cfg, data_url)
+            else:
+                rates, work = run_isolated(name, cfg, data_url, args.threads)
             check_workload(f"round {rnd} {name}", work, cfg)
             per_round[name].append(steady(rates, args.skip))
             print(f"round {rnd} {name:>5}: {per_round[name][-1]:7.2f} samples/s "
