@@ -372,6 +372,7 @@ class _Trainer:
         vd = visual_dictionary(self.engine)
         # The VD updates its codebook inside forward; keep a copy so a non-finite step can be undone.
         vd_backup = {k: v.clone() for k, v in vd.state_dict().items()}
+        self._vd_backup = vd_backup  # train_step keeps the one of its first micro-batch (no second copy)
         if "images" in batch:  # --gpu-decode: JPEG bytes, decoded, resized and padded on this device
             pv, pmask = images_to_batch(batch["images"], self.cfg.dataset.image_size,
                                         self.model_cfg.encoder.total_stride, self.device)
@@ -468,13 +469,16 @@ class _Trainer:
 
     def train_step(self) -> bool:
         """One optimizer step (grad_accum finite micro-batches). False when the data ran out."""
-        self._set_cold_start()
+        # The step's time starts before its first batch is asked for (the bare loop of
+        # benchmarks/orchestration_overhead.py times the same), and that fetch counts as data wait.
         t0 = time.perf_counter()
-        wait = 0.0
+        self._agree_on_batch()  # the step's first micro-batch (_set_cold_start needs its agreed epoch)
+        wait = time.perf_counter() - t0
+        self._set_cold_start()
         acc: torch.Tensor | None = None
         done = 0
         vd = visual_dictionary(self.engine)
-        step_vd = {k: v.clone() for k, v in vd.state_dict().items()}  # undone when the step is skipped
+        step_vd: dict[str, torch.Tensor] = {}  # the VD before the step: undone when the step is skipped
         while done < self.cfg.scale.grad_accum:
             tw = time.perf_counter()
             batch = self._next_batch()
@@ -486,6 +490,8 @@ class _Trainer:
             stats = self._micro_step(batch)
             if stats is None:
                 continue  # skipped: no backward, no DeepSpeed micro-step; the next batch takes its place
+            if done == 0:  # the copy _micro_step took before this step's first counted forward
+                step_vd = self._vd_backup
             if self._grads_skipped:  # the optimizer step did not happen: start the step over
                 vd.load_state_dict(step_vd)
                 acc, done = None, 0

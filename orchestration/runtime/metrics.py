@@ -218,11 +218,14 @@ class SohoMetrics:
 
         # Children that exist from the start, so that rate()/increase() see a 0 before the first
         # event (a counter born at 3 would hide its first 3 increments from increase()).
-        self._steps.labels(rank=self._rank_label)
-        self._samples.labels(rank=self._rank_label)
-        self._data_wait.labels(rank=self._rank_label)
-        self._nonfinite.labels(rank=self._rank_label)
-        self._step_duration.labels(rank=self._rank_label)
+        # The per-step ones are kept: .labels() validates and locks on every call, once per step is waste.
+        rank_label = self._rank_label
+        self._step_children = (self._steps.labels(rank=rank_label), self._samples.labels(rank=rank_label),
+                               self._step_duration.labels(rank=rank_label),
+                               self._data_wait.labels(rank=rank_label))
+        self._nonfinite.labels(rank=rank_label)
+        self._loss_children: dict[str, Any] = {}
+        self._vd_children: tuple[Any, ...] = ()  # made at the first set_vd_health (no 0 before it: alerts)
 
     # --- HTTP endpoint -------------------------------------------------------------------------
     def start_http_server(self, port: int, addr: str = "0.0.0.0") -> int:
@@ -282,11 +285,15 @@ class SohoMetrics:
         step_s = _check_non_negative("observe_step step_seconds", step_seconds)
         wait_s = _check_non_negative("observe_step data_wait_seconds", data_wait_seconds)
         for task, value in losses.items():
-            self._loss.labels(rank=self._rank_label, task=task).set(float(value))
-        self._steps.labels(rank=self._rank_label).inc()
-        self._samples.labels(rank=self._rank_label).inc(samples_f)
-        self._step_duration.labels(rank=self._rank_label).observe(step_s)
-        self._data_wait.labels(rank=self._rank_label).inc(wait_s)
+            child = self._loss_children.get(task)
+            if child is None:
+                child = self._loss_children[task] = self._loss.labels(rank=self._rank_label, task=task)
+            child.set(float(value))
+        steps, samples_total, step_duration, data_wait = self._step_children
+        steps.inc()
+        samples_total.inc(samples_f)
+        step_duration.observe(step_s)
+        data_wait.inc(wait_s)
 
     def inc_nonfinite(self) -> None:
         """Count one step skipped because its loss or gradients were not finite."""
@@ -302,10 +309,14 @@ class SohoMetrics:
         missing = [key for key in VD_HEALTH_KEYS if key not in health]
         if missing:
             raise ValueError(f"set_vd_health: missing key(s) {missing}; expected {VD_HEALTH_KEYS}")
-        self._vd_usage.labels(rank=self._rank_label).set(float(health["usage_ratio"]))
-        self._vd_perplexity.labels(rank=self._rank_label).set(float(health["perplexity"]))
-        self._vd_dead.labels(rank=self._rank_label).set(float(health["dead_codes"]))
-        self._vd_decay.labels(rank=self._rank_label).set(float(health["decay"]))
+        if not self._vd_children:
+            self._vd_children = tuple(g.labels(rank=self._rank_label) for g in (
+                self._vd_usage, self._vd_perplexity, self._vd_dead, self._vd_decay))
+        usage, perplexity, dead, decay = self._vd_children
+        usage.set(float(health["usage_ratio"]))
+        perplexity.set(float(health["perplexity"]))
+        dead.set(float(health["dead_codes"]))
+        decay.set(float(health["decay"]))
         if "num_codes" in health:
             self.set_vd_num_codes(int(health["num_codes"]))
 

@@ -79,6 +79,7 @@ SCRIPT = textwrap.dedent(
         except NonFiniteLossError as exc:
             r["aborted"] = str(exc)
         r["counted_end"] = t.nonfinite_total
+        r["backward_allreduce"] = t.engine.enable_backward_allreduce  # one rank: off at ZeRO-0 only
         if stage == 2:                                 # non-finite weights are never committed
             next(unwrap(t.engine).parameters()).data.view(-1)[0] = float("nan")
             try:
@@ -105,6 +106,7 @@ SCRIPT = textwrap.dedent(
     out["state_has_history"] = "history" in json.loads((ck / step_dir_name(15) / TRAIN_STATE).read_text())
     hist = read_history(str(root), "hist")
     out["history_steps"] = [h["step"] for h in hist]
+    out["waits"] = [(h["data_wait_s"], h["step_s"]) for h in hist]
     out["segments"] = sorted(p.name for p in (root / "hist" / "history").iterdir())
     state15 = json.loads((ck / step_dir_name(15) / TRAIN_STATE).read_text())
     summary = write_run_artifacts(state15, None, str(root), "hist", {}, 1.0)
@@ -170,6 +172,8 @@ def test_trusted_checkpoints_nonfinite_grads_history_and_staging(tmp_path: Path,
         assert r["aborted"] is not None and (
             "3 consecutive steps had a non-finite loss or non-finite gradients" in r["aborted"]), (stage, r)
         assert r["counted_end"] == 4, (stage, r)
+    # one rank has nothing to all-reduce: ZeRO-0 skips DeepSpeed's bucket copy; ZeRO-2 needs that path
+    assert (out["zero0"]["backward_allreduce"], out["zero2"]["backward_allreduce"]) == (False, True)
     assert "non-finite gradients (finite loss) at step 3" in log
     assert "not committing a checkpoint with non-finite weights" in out["zero2"]["refused"]
     assert out["zero2"]["dirs_after_refusal"] == []
@@ -183,6 +187,9 @@ def test_trusted_checkpoints_nonfinite_grads_history_and_staging(tmp_path: Path,
     assert abs(sizes["15"] - sizes["5"]) <= 8, sizes
     assert out["state_has_history"] is False
     assert out["history_steps"] == list(range(1, 16))
+    # a step's time starts before its first batch is fetched, and that fetch is its data wait
+    assert all(0 <= wait <= step for wait, step in out["waits"]), out["waits"]
+    assert sum(wait for wait, _ in out["waits"]) > 0, out["waits"]
     assert out["segments"] == ["steps-00000001-00000005.jsonl", "steps-00000006-00000010.jsonl",
                                "steps-00000011-00000015.jsonl"]
     assert out["summary_first"] == out["history_first5"] and out["png"] > 1000
