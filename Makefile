@@ -43,4 +43,4 @@ test: $(STAMP) test-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check soho orchestration data_pipeline tests benchmarks
+	$(VENV)/bin/ruff check soho orchestration data_pipeline configcli tests benchmarks scripts
