@@ -276,18 +276,26 @@ def fit_longest_side(w: int, h: int, side: int) -> tuple[int, int]:
     return max(1, round(w * s)), max(1, round(h * s))
 
 
+def sample_caption(raw: RawSample) -> tuple[str, str | None]:
+    """(the sample's caption, whitespace-normalised; None) or ("", the reason it has none:
+    ``MISSING_CAPTION`` / ``BAD_CAPTION``, not UTF-8)."""
+    txt = raw.members.get("txt")
+    if txt is None:
+        return "", MISSING_CAPTION
+    try:
+        return " ".join(txt.decode("utf-8").split()), None
+    except UnicodeDecodeError:
+        return "", BAD_CAPTION
+
+
 def decode_sample(raw: RawSample, max_side: int) -> DecodedSample | str:
     """Decode one raw sample, or return the reason it is unusable."""
     data = raw.image_bytes()
     if data is None:
         return MISSING_IMAGE
-    txt = raw.members.get("txt")
-    if txt is None:
-        return MISSING_CAPTION
-    try:
-        caption = " ".join(txt.decode("utf-8").split())
-    except UnicodeDecodeError:
-        return BAD_CAPTION
+    caption, reason = sample_caption(raw)
+    if reason is not None:
+        return reason
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -334,13 +342,9 @@ def undecoded_sample(raw: RawSample, max_side: int) -> DecodedSample | str:
     header = undecodable_header(data)
     if header == "other":
         return decode_sample(raw, max_side)
-    txt = raw.members.get("txt")
-    if txt is None:
-        return MISSING_CAPTION
-    try:
-        caption = " ".join(txt.decode("utf-8").split())
-    except UnicodeDecodeError:
-        return BAD_CAPTION
+    caption, reason = sample_caption(raw)
+    if reason is not None:
+        return reason
     if header is not None:
         return header
     return DecodedSample(raw.key, np.frombuffer(data, dtype=np.uint8), caption)
