@@ -122,3 +122,12 @@ def read_shards(root: Path) -> dict[str, dict]:
                 key, ext = m.name.split(".", 1)
                 out.setdefault(key, {})[ext] = tar.extractfile(m).read()
     return out
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar of exactly these (member name, bytes), in this order (hand-made WebDataset shards)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import jpeg_bytes
+from helpers import jpeg_bytes, write_tar
 from PIL import Image
 
 from data_pipeline.loader import LoaderConfig, PretrainLoader, resolve_shards
@@ -45,14 +45,6 @@ def test_batch_layout(synth_dir: Path) -> None:
     assert len(b["keys"]) == 4 and all(k.startswith("p") for k in b["keys"])
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_variable_sizes_padding_and_img2dataset_layout(tmp_path: Path) -> None:
     """img2dataset output (00000.tar with .jpg/.txt/.json) loads as is; sizes differ per sample."""
     sizes = [(64, 32), (32, 64), (48, 48), (20, 60)]
@@ -61,7 +53,7 @@ def test_variable_sizes_padding_and_img2dataset_layout(tmp_path: Path) -> None:
         key = f"{i:09d}"
         members += [(f"{key}.jpg", jpeg_bytes(i, s)), (f"{key}.txt", f"caption {i}".encode()),
                     (f"{key}.json", json.dumps({"url": "http://x", "key": key}).encode())]
-    _tar(tmp_path / "00000.tar", members)
+    write_tar(tmp_path / "00000.tar", members)
     loader = PretrainLoader(LoaderConfig(urls=str(tmp_path / "00000.tar"), batch_size=4, max_image_side=64,
                                          pad_multiple=32, shuffle_buffer=0, epochs=1))
     (b,) = list(loader)
@@ -150,13 +142,13 @@ def test_bad_shard_content_is_skipped_and_counted(tmp_path: Path) -> None:
     members += [("../evil.jpg", jpeg_bytes(50)), ("../evil.txt", b"x"), ("/abs.jpg", jpeg_bytes(51)),
                 ("bad.jpg", b"not an image at all"), ("bad.txt", b"undecodable"),
                 ("pick.pickle", b"\x80\x04K\x01."), ("pick.txt", b"no image")]
-    _tar(tmp_path / "a.tar", members)
+    write_tar(tmp_path / "a.tar", members)
     # b.tar: three good samples, then cut in the middle of the 4th member group.
     members_b = []
     for i, (_, data) in enumerate(good[3:]):
         members_b += [(f"h{i}.jpg", data), (f"h{i}.txt", b"good")]
     members_b += [("h9.jpg", jpeg_bytes(99, (200, 200)))]
-    _tar(tmp_path / "b.tar", members_b)
+    write_tar(tmp_path / "b.tar", members_b)
     raw = (tmp_path / "b.tar").read_bytes()
     (tmp_path / "b.tar").write_bytes(raw[: len(raw) - 1024 - 3000])
     loader = PretrainLoader(LoaderConfig(urls=[str(tmp_path / "a.tar"), str(tmp_path / "b.tar")],
@@ -173,7 +165,7 @@ def test_no_horizontal_flip(tmp_path: Path) -> None:
     arr[:, :16] = (255, 0, 0)
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
-    _tar(tmp_path / "s.tar",
+    write_tar(tmp_path / "s.tar",
          [(f"k{i}.png", buf.getvalue()) for i in range(1)] + [("k0.txt", b"red on the left")])
     for seed in range(5):
         (b,) = list(PretrainLoader(LoaderConfig(urls=str(tmp_path / "s.tar"), batch_size=1, max_image_side=32,

@@ -3,15 +3,13 @@ old float32 normalisation, bit for bit; the --gpu-decode path's CPU-side parts."
 
 from __future__ import annotations
 
-import io
 import math
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import jpeg_bytes, png_bytes
+from helpers import jpeg_bytes, png_bytes, write_tar
 
 from data_pipeline.loader import (
     UNDECODABLE_IMAGE,
@@ -108,14 +106,6 @@ def test_bad_pixel_dtypes_are_refused_by_name() -> None:
         normalize_pixels(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.ones(1, 8, 4, dtype=torch.bool))
 
 
-def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_gpu_decode_batches_carry_jpeg_bytes_and_decode_like_the_cpu_path(synth_dir: Path) -> None:
     """--gpu-decode's loader side: the same samples, keys and tokens, JPEG bytes instead of pixels; the
     decoding half (images_to_batch) run on the CPU gives the CPU loader's pixels (no resize needed here)."""
@@ -140,7 +130,7 @@ def test_gpu_decode_resizes_falls_back_and_counts_bad_headers(tmp_path: Path) ->
     members = [("a.jpg", big), ("a.txt", b"big"), ("b.png", png_bytes("alpha", (20, 30))), ("b.txt", b"png"),
                ("c.jpg", b"\xff\xd8 not a jpeg"), ("c.txt", b"bad"),
                ("d.jpg", jpeg_bytes(2, mode="CMYK")), ("d.txt", b"cmyk")]
-    _tar(tmp_path / "s.tar", members)
+    write_tar(tmp_path / "s.tar", members)
     cfg = LoaderConfig(urls=str(tmp_path / "s.tar"), batch_size=8, max_image_side=48, pad_multiple=16,
                        shuffle_buffer=1, epochs=1, gpu_decode=True)
     loader = PretrainLoader(cfg)
