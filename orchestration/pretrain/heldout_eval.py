@@ -10,6 +10,10 @@ as the run, so the excluded scenes are exactly the ones the run trained on). On 
 * **Zero-shot retrieval**: all N×N image-caption pairs ranked by ITM score (image→text and text→image
   recall@1/5/10 among N candidates, chance 1/N), through the downstream engineer's
   :func:`orchestration.runtime.evaluation.pretraining_retrieval_eval` (batched cross-modal passes).
+* **Language generalisation**: both figures again on the same held-out images described by
+  :mod:`data_pipeline.paraphrase` (sentence frames, word orders and function words the training generator
+  never produces; same concept words): keys ``para_*``. The gap to the generator's captions is what the model
+  learnt about the caption templates rather than the scenes.
 * **Codebook health** at the end of training, from the visual dictionary buffers saved in the export.
 
 ``python -m orchestration.pretrain.heldout_eval --model runs/x/final_model
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +37,7 @@ import torch.distributed as dist
 
 from configcli import load_yaml
 from data_pipeline.downstream import RetrievalImage, TaskCollator, TaskDataConfig
+from data_pipeline.paraphrase import paraphrase_caption, scene_from_dict
 from data_pipeline.storage import get_fs
 from data_pipeline.synth import make_synthetic
 from data_pipeline.tarstream import iter_tar
@@ -82,10 +88,17 @@ def heldout_data_dir(cfg: HeldoutConfig) -> Path:
     return synthetic_data_dir(cfg.synthetic_pairs, cfg.seed, heldout=cfg.num_candidates, root=cfg.cache_dir)
 
 
-def prepare_heldout(cfg: HeldoutConfig) -> tuple[list[RetrievalImage], str]:
+CAPTION_SETS = ("generator", "paraphrase")
+
+
+def prepare_heldout(cfg: HeldoutConfig, captions: str = "generator") -> tuple[list[RetrievalImage], str]:
     """Make (once) the synthetic data with a held-out split and unpack its first ``num_candidates`` pairs
     as image files. Returns (images with one caption each, the pre-training manifest URL of the same data,
-    which a run may train on directly)."""
+    which a run may train on directly). ``captions``: ``"generator"`` (the caption stored with the sample,
+    from the training generator's frames) or ``"paraphrase"`` (the sample's scene described by
+    :func:`data_pipeline.paraphrase.paraphrase_caption`, seeded by the sample key)."""
+    if captions not in CAPTION_SETS:
+        raise ValueError(f"captions={captions!r}: one of {CAPTION_SETS}")
     cfg.validate()
     out = heldout_data_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,10 +120,18 @@ def prepare_heldout(cfg: HeldoutConfig) -> tuple[list[RetrievalImage], str]:
                 if data is None or caption is None or not _SAFE_KEY.match(raw.key):
                     problems.append(f"unusable held-out sample {raw.key!r}")
                     continue
+                text = caption.decode("utf-8")
+                if captions == "paraphrase":
+                    try:
+                        scene = scene_from_dict(json.loads(raw.members["json"])["scene"])
+                    except (KeyError, ValueError) as exc:
+                        problems.append(f"held-out sample {raw.key!r} has no usable scene: {exc}")
+                        continue
+                    text = paraphrase_caption(scene, random.Random(f"{cfg.seed}/paraphrase/{raw.key}"))
                 path = image_dir / f"{raw.key}.jpg"
                 if not path.exists():
                     path.write_bytes(data)
-                images.append(RetrievalImage(len(images), str(path), "heldout", (caption.decode("utf-8"),)))
+                images.append(RetrievalImage(len(images), str(path), "heldout", (text,)))
     if problems:
         raise ValueError(f"held-out shards under {base} are damaged: {problems[:3]}")
     if len(images) < cfg.num_candidates:
@@ -153,10 +174,24 @@ def heldout_itm_accuracy(model: Any, collator: TaskCollator, images: list[Retrie
         model.train(was_training)
 
 
+def _score_set(model: Any, collator: TaskCollator, images: list[RetrievalImage], cfg: HeldoutConfig,
+               retrieval: bool, device: torch.device | str) -> dict[str, float]:
+    """ITM accuracy (and recall@K both ways, percent, when ``retrieval``) on one caption set."""
+    out: dict[str, float] = dict(heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed,
+                                                      device))
+    if retrieval:
+        result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size, device=device)
+        out.update({k: round(v, 2) for k, v in result.flat().items()})
+    return out
+
+
 def evaluate_heldout(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage] | None = None,
-                   retrieval: bool = True, device: torch.device | str = "cpu") -> dict[str, Any]:
+                     retrieval: bool = True, device: torch.device | str = "cpu",
+                     paraphrase_images: list[RetrievalImage] | None = None,
+                     paraphrase: bool = True) -> dict[str, Any]:
     """All held-out figures of a ``SohoForPretraining``: ITM accuracy, recall@K both ways (percent; skipped
-    when ``retrieval`` is False: N² passes), and the codebook health saved with the model."""
+    when ``retrieval`` is False: N² passes), the same on the paraphrased captions (``para_*``; skipped when
+    ``paraphrase`` is False), and the codebook health saved with the model."""
     cfg.validate()
     if images is None:
         images, _ = prepare_heldout(cfg)
@@ -164,15 +199,15 @@ def evaluate_heldout(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage
                                            pad_multiple=model.config.encoder.total_stride,
                                            max_text_len=cfg.max_text_len))
     t0 = time.perf_counter()
-    itm = heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed, device)
-    recalls = {}
-    if retrieval:
-        result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size, device=device)
-        recalls = {k: round(v, 2) for k, v in result.flat().items()}
+    figures = _score_set(model, collator, images, cfg, retrieval, device)
+    if paraphrase:
+        if paraphrase_images is None:
+            paraphrase_images, _ = prepare_heldout(cfg, captions="paraphrase")
+        para = _score_set(model, collator, paraphrase_images, cfg, retrieval, device)
+        figures.update({f"para_{k}": v for k, v in para.items()})
     health = model.soho.visual_dictionary.health()
     return {
-        **itm,
-        **recalls,
+        **figures,
         "num_candidates": len(images),
         "chance_r1": round(100.0 / len(images), 2),
         "vd_usage_ratio": health["usage_ratio"],
@@ -185,7 +220,7 @@ def evaluate_heldout(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage
     }
 
 
-_PERIODIC_IMAGES: dict[str, list[RetrievalImage]] = {}
+_PERIODIC_IMAGES: dict[tuple[str, str], list[RetrievalImage]] = {}
 
 
 def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any,
@@ -213,10 +248,13 @@ def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any,
     if rank == 0:
         t0 = time.perf_counter()
         cfg = HeldoutConfig.from_run_config(run, num_candidates=run.observability.eval_candidates)
-        key = str(heldout_data_dir(cfg))
-        if key not in _PERIODIC_IMAGES:
-            _PERIODIC_IMAGES[key], _ = prepare_heldout(cfg)
-        images = _PERIODIC_IMAGES[key]
+        sets: dict[str, list[RetrievalImage]] = {}
+        for captions in CAPTION_SETS:
+            key = (str(heldout_data_dir(cfg)), captions)
+            if key not in _PERIODIC_IMAGES:
+                _PERIODIC_IMAGES[key], _ = prepare_heldout(cfg, captions=captions)
+            sets[captions] = _PERIODIC_IMAGES[key]
+        images = sets["generator"]
         if live:
             model = module
         else:
@@ -232,14 +270,19 @@ def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any,
             itm = heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed, device)
             result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size,
                                                 device=device)
+            para = _score_set(model, collator, sets["paraphrase"], cfg, True, device)
         finally:
             model.train(was_training)
         export_recall(metrics, result)
         record = {f"eval_{d}_r{k}": v / 100.0 for d, rec in result.recalls.items() for k, v in rec.items()}
-        record.update({"eval_itm_acc": itm["itm_acc"], "eval_candidates": len(images),
-                       "eval_seconds": round(time.perf_counter() - t0, 3)})
-        logger.info("held-out eval (%d candidates): ITM acc %.3f, i2t R@1 %.3f, t2i R@1 %.3f (%.1f s)",
-                    len(images), record["eval_itm_acc"], record["eval_i2t_r1"], record["eval_t2i_r1"],
+        record.update({f"eval_para_{k}": v / 100.0 for k, v in para.items()
+                       if k.endswith(("_r1", "_r5", "_r10"))})
+        record.update({"eval_itm_acc": itm["itm_acc"], "eval_para_itm_acc": para["itm_acc"],
+                       "eval_candidates": len(images), "eval_seconds": round(time.perf_counter() - t0, 3)})
+        logger.info("held-out eval (%d candidates): ITM acc %.3f, i2t R@1 %.3f, t2i R@1 %.3f; paraphrased "
+                    "captions: ITM acc %.3f, i2t R@1 %.3f, t2i R@1 %.3f (%.1f s)", len(images),
+                    record["eval_itm_acc"], record["eval_i2t_r1"], record["eval_t2i_r1"],
+                    record["eval_para_itm_acc"], record["eval_para_i2t_r1"], record["eval_para_t2i_r1"],
                     record["eval_seconds"])
     if world > 1:
         box = [record]

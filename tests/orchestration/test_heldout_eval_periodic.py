@@ -109,6 +109,10 @@ def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: p
             assert 0.0 <= r1 <= r5 <= r10 <= 1.0
             assert r10 > 0.0  # 10 of 12 candidates: at least some positive lies in the top 10
         assert 0.0 <= rec["eval_itm_acc"] <= 1.0
+        # the same images with the paraphrased captions, scored beside them
+        assert 0.0 <= rec["eval_para_itm_acc"] <= 1.0
+        for d in ("i2t", "t2i"):
+            assert 0.0 <= rec[f"eval_para_{d}_r1"] <= rec[f"eval_para_{d}_r10"] <= 1.0
     # the run's history log (what summary.json and the docs' plots read) holds the same entries
     from orchestration.runtime.checkpoint import read_history
 
@@ -135,3 +139,6 @@ def test_periodic_heldout_eval_in_the_worker_loop(tmp_path: Path, monkeypatch: p
         assert offline["itm_acc"] == evals[step]["eval_itm_acc"], step
         for key in KEYS:
             assert offline[key[len("eval_"):]] == round(evals[step][key] * 100, 2), (step, key)
+            name = key[len("eval_"):]
+            assert offline["para_" + name] == round(evals[step]["eval_para_" + name] * 100, 2), (step, key)
+        assert offline["para_itm_acc"] == evals[step]["eval_para_itm_acc"], step

@@ -30,7 +30,8 @@ STEP_TAGS = {
     "throughput/data_wait_seconds": "data_wait_s",
 }
 EVAL_TAGS = {"eval/itm_acc": "eval_itm_acc", "eval/i2t_r1": "eval_i2t_r1", "eval/t2i_r1": "eval_t2i_r1",
-             "eval/i2t_r10": "eval_i2t_r10", "eval/t2i_r5": "eval_t2i_r5", "eval/seconds": "eval_seconds"}
+             "eval/i2t_r10": "eval_i2t_r10", "eval/t2i_r5": "eval_t2i_r5", "eval/seconds": "eval_seconds",
+             "eval/para_itm_acc": "eval_para_itm_acc", "eval/para_t2i_r1": "eval_para_t2i_r1"}
 
 
 def event_files(log_dir: Path) -> list[Path]:
