@@ -91,6 +91,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipeline.storage import expand_braces, get_fs
 from data_pipeline.tarstream import UNREADABLE_SHARD, HashingReader, RawSample, iter_tar
+from data_pipeline.text_augment import TextAugment, augment_caption, vocabulary_words
 from data_pipeline.tokenizer import load_tokenizer
 from data_pipeline.writer import FORMAT_NAME
 
@@ -136,6 +137,7 @@ class LoaderConfig:
     max_bad_shards_in_row: int = 8  # shards in a row giving nothing (per worker) before DataUnreadableError
     pin_memory: bool = False  # batches in page-locked memory (needs CUDA), for non_blocking host→GPU copies
     gpu_decode: bool = False  # keep JPEG bytes; the consumer decodes on the GPU (images_to_batch)
+    text_augment: TextAugment = field(default_factory=TextAugment)  # word-level caption noise (off)
 
 
 # ------------------------------------------------------------------------------------------ shard list
@@ -399,18 +401,29 @@ class Collator:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
         self.tokenize = BatchTokenizer(self.tokenizer, cfg.max_text_len)
+        self.words = vocabulary_words(self.tokenizer) if cfg.text_augment.enabled else []
 
-    def __call__(self, samples: list[DecodedSample]) -> dict[str, Any]:
+    def __call__(self, samples: list[DecodedSample], salt: str = "") -> dict[str, Any]:
+        """The batch of ``samples``; ``salt`` (the samples' place in the stream) seeds the caption
+        augmentation together with the run seed and each sample's key, so that it is resumable."""
         # Per-image tensors are small: torch's intra-op threads only add hand-off stalls (milliseconds when
         # the cores are busy), so run this part on one thread and restore the caller's setting after.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._collate(samples)
+            return self._collate(samples, salt)
         finally:
             torch.set_num_threads(threads)
 
-    def _collate(self, samples: list[DecodedSample]) -> dict[str, Any]:
+    def _captions(self, samples: list[DecodedSample], salt: str) -> list[str]:
+        aug = self.cfg.text_augment
+        if not aug.enabled:
+            return [s.caption for s in samples]
+        seed = self.cfg.seed
+        return [augment_caption(s.caption, random.Random(f"{seed}/text/{salt}/{s.key}"), aug, self.words)
+                for s in samples]
+
+    def _collate(self, samples: list[DecodedSample], salt: str = "") -> dict[str, Any]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # read-only numpy views: we only read them
             images = [torch.from_numpy(s.image) for s in samples]
@@ -419,7 +432,7 @@ class Collator:
         else:
             values, mask = pad_images(images, self.cfg.pad_multiple)
             pixels = {"pixel_values": values, "pixel_mask": mask}
-        input_ids, attention_mask = self.tokenize([s.caption for s in samples])
+        input_ids, attention_mask = self.tokenize(self._captions(samples, salt))
         return {**pixels, "input_ids": input_ids, "attention_mask": attention_mask,
                 "keys": [s.key for s in samples]}
 
@@ -641,7 +654,8 @@ class WorkerStream:
                     nxt = {"pos": pos, "item": idx + 1, "done": False}
                     if idx + 1 == len(order):
                         nxt = {"pos": next_pos, "item": 0, "done": False}
-                    yield "batch", collate(pending), nxt, *delta()
+                    salt = f"{self.epoch}/{self.rank}/{self.worker}/{pos}/{idx}"
+                    yield "batch", collate(pending, salt), nxt, *delta()
                     pending = []
             pos, skip = next_pos, 0
             if not items and mine is None:
@@ -649,7 +663,8 @@ class WorkerStream:
                     f"resampled shards yield no samples (rank {self.rank}, worker {self.worker})")
         end = {"pos": pos, "item": 0, "done": True}
         if pending and not cfg.drop_last:
-            yield "batch", collate(pending), end, *delta()
+            salt = f"{self.epoch}/{self.rank}/{self.worker}/{pos}/end"
+            yield "batch", collate(pending, salt), end, *delta()
         yield "end", None, end, *delta()
 
 

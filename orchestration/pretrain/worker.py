@@ -184,6 +184,7 @@ class _Trainer:
                 storage_options=cfg.storage_options(),
                 pin_memory=cfg.scale.use_gpu,
                 gpu_decode=data.gpu_decode,
+                text_augment=data.text_augment(),
             ),
             rank=self.rank,
             world_size=self.world_size,

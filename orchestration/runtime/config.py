@@ -16,6 +16,7 @@ from typing import Any
 
 from configcli import opt
 from data_pipeline.synth import cache_name
+from data_pipeline.text_augment import TextAugment
 from orchestration.runtime.loggers import WANDB_MISSING, wandb_available
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -88,10 +89,22 @@ class DatasetConfig:
         metadata=opt("resampled shard stream (endless, exactly resumable; multi-node friendly); default: "
                       "on unless --epochs is given, which needs epoch passes"),
     )
+    text_delete_prob: float = field(
+        default=0.0, metadata=opt("caption augmentation: drop each word with this probability (0: off)"))
+    text_insert_prob: float = field(
+        default=0.0, metadata=opt("caption augmentation: after each word, insert a random vocabulary word "
+                                  "with this probability (0: off)"))
+    text_swap_prob: float = field(
+        default=0.0,
+        metadata=opt("caption augmentation: swap neighbouring words with this probability (0: off)"))
 
+    def text_augment(self) -> TextAugment:
+        return TextAugment(self.text_delete_prob, self.text_insert_prob, self.text_swap_prob)
 
     def __post_init__(self) -> None:
         at_least(self, 1, ("image_size", "max_text_len", "synthetic_pairs"))
+        for name in ("text_delete_prob", "text_insert_prob", "text_swap_prob"):
+            need(0.0 <= getattr(self, name) < 1.0, f"{name}={getattr(self, name)!r} must be in [0, 1)")
         at_least(self, 0, ("loader_workers",))
         need(self.epochs is None or self.epochs >= 1, f"epochs={self.epochs!r} must be >= 1")
         need(not (self.epochs is not None and self.resampled),
