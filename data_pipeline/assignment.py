@@ -130,6 +130,18 @@ class WindowRead:
     skip: int  # items of ``order`` already delivered before this reading
 
 
+def stream_work(
+    plan: StreamPlan | None, rank: int, world_size: int, worker: int, num_workers: int, n_shards: int,
+    generation: int,
+) -> tuple[StreamPlan, str]:
+    """A stream's work for a pass and its seed key: its reshape ``plan`` (key of ``generation``), or (None)
+    the usual :func:`stream_sequence` (key of generation 0, the seeds of a loader that never reshaped)."""
+    if plan is not None:
+        return plan, stream_key(rank, worker, generation)
+    usual = StreamPlan((), stream_sequence(rank, world_size, worker, num_workers, n_shards))
+    return usual, stream_key(rank, worker)
+
+
 def iter_windows(
     windows: Sequence[Window], shard_at: Callable[[int], int | None],
     read: Callable[[int, bool], list[T]], pos: int, item: int, shuffle_buffer: int, seed: int, epoch: int,
@@ -285,17 +297,14 @@ def carry_plans(
     for r, state in enumerate(states):
         at_epoch = int(state["epoch"]) == epoch
         plans = state_plans(state, epoch) if at_epoch else None
-        gen = int(state.get("generation", 0)) if plans is not None else 0
         positions = state.get("positions", {}) if at_epoch else {}
         for w in range(old_workers):
-            plan = plans.get(w) if plans is not None else None
-            if plans is not None and plan is None:
+            if plans is not None and w not in plans:
                 raise ValueError(f"loader state of rank {r}: reshaped epoch {epoch} has no plan for "
                                  f"worker {w}")
-            if plan is None:
-                plan = StreamPlan((), stream_sequence(r, old_world, w, old_workers, n))
-            else:
-                started_any = True
+            plan, key = stream_work(None if plans is None else plans[w], r, old_world, w, old_workers, n,
+                                    int(state.get("generation", 0)))
+            started_any = started_any or plans is not None
             for win in plan.windows:
                 owner[list(win.shards)] += 1
             fresh = plan.fresh
@@ -322,7 +331,7 @@ def carry_plans(
                         "old world size and workers so that a version-2 state is saved, then change them")
                 end = int(position["end"])
                 shards = tuple(int(s) for s in fresh[pos - k:end - k])
-                carried.append(Window(shards, f"{stream_key(r, w, gen)}/{pos}", item))
+                carried.append(Window(shards, f"{key}/{pos}", item))
                 tail = end - k
             else:
                 tail = pos - k

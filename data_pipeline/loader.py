@@ -101,6 +101,7 @@ from data_pipeline.assignment import (
     state_plans,
     stream_key,
     stream_sequence,
+    stream_work,
 )
 from data_pipeline.storage import expand_braces, get_fs
 from data_pipeline.tarstream import UNREADABLE_SHARD, HashingReader, RawSample, iter_tar
@@ -613,11 +614,8 @@ class WorkerStream:
                                 lambda i, count: self._read(self.shards[i], count),
                                 pos, skip, cfg.shuffle_buffer, cfg.seed, self.epoch, key)
         order = pass_order(self.shards, cfg.seed, self.epoch)
-        plan = self.plan
-        if plan is None:
-            plan = StreamPlan((), stream_sequence(self.rank, self.world_size, self.worker, self.num_workers,
-                                                  len(self.shards)))
-        key = stream_key(self.rank, self.worker, self.generation if self.plan is not None else 0)
+        plan, key = stream_work(self.plan, self.rank, self.world_size, self.worker, self.num_workers,
+                                len(order), self.generation)
         fresh = plan.fresh
         return iter_windows(plan.windows, lambda i: int(fresh[i]) if i < len(fresh) else None,
                             lambda i, count: self._read(order[i], count),
