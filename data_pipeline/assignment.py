@@ -36,13 +36,16 @@ interrupted pass:
   seed of the new world repeats one of an old world). Plans hold only for the interrupted pass; later
   epochs use the new world's ``epoch_shards``.
 
-Guarantee: if the shards' bytes do not change, every sample of the interrupted pass that the old world had
-not delivered is delivered exactly once by the new world, and none it had delivered is delivered again —
-with no exception for windows (they are re-read, not dropped). The usual pass exceptions still hold:
-``drop_last`` drops each stream's short last batch (the new streams' too), and samples that cannot be
-decoded are counted, not delivered. Positions saved by ``STATE_VERSION`` 1 do not record a started window's
-``end``; a reshape from such a state refuses (unless that stream is between windows): resume once on the
-old shape, so that every stream saves a version-2 position, then change the shape.
+Guarantee: if the shards read the same as before (same bytes, no shard unreadable on one read and readable on
+the next — the condition an ordinary resume needs too), every sample of the interrupted pass that the old
+world had not delivered is delivered exactly once by the new world, and none it had delivered is delivered
+again — with no exception for windows (they are re-read, not dropped: the new world reads again at most one
+window per old stream, as a resume re-reads the window it resumes into). The usual pass exceptions still hold:
+``drop_last`` drops each stream's short last batch (the new streams' too), and samples that cannot be decoded
+are counted, not delivered. Positions saved by ``STATE_VERSION`` 1 do not record a started window's ``end``; a
+reshape from such a state refuses (unless that stream is between windows or done), naming the rank and worker:
+resume on the old shape up to the next checkpoint (a stream saves a version-2 position with each batch it
+delivers), then change the shape.
 
 Epochs: a rank's loader can be one epoch ahead of another's (it ran out of its share first). The training
 worker ends an epoch on every rank as soon as one rank delivers a batch of the next (the others skip the
@@ -327,8 +330,9 @@ def carry_plans(
                 if "end" not in position:
                     raise ValueError(
                         f"loader state of rank {r} (version {state.get('version', 1)}): worker {w} is inside "
-                        f"a window (pos {pos}, item {item}) whose extent was not saved; resume once with the "
-                        "old world size and workers so that a version-2 state is saved, then change them")
+                        f"a window (pos {pos}, item {item}) whose extent was not saved; resume with the old "
+                        "world size and workers up to the next checkpoint (it saves version-2 positions), "
+                        "then change them")
                 end = int(position["end"])
                 shards = tuple(int(s) for s in fresh[pos - k:end - k])
                 carried.append(Window(shards, f"{key}/{pos}", item))

@@ -34,6 +34,15 @@ With ``num_workers > 0`` batches are built inside torch DataLoader workers and r
 worker in this process, so the global batch order is the same whatever the processes' timing, and
 ``state_dict()`` (each worker's position + whose turn is next) restores it exactly.
 
+Changing the world size or the number of DataLoader workers (a run that lost a GPU goes on with fewer ranks,
+or grows back): build the loader for the new world and call ``load_states_from(states)`` with every old
+rank's ``state_dict()`` in old rank order. Epoch mode: the rest of the interrupted pass is split over the
+new streams — partly read windows are re-read and re-shuffled exactly as their old stream did and continue
+after the items it delivered; shards no old stream started are dealt round-robin in pass order — so every
+sample of the pass is delivered exactly once (``drop_last`` and undecodable samples aside); later epochs
+are the new world's own. Resampled mode: every stream is reseeded (the reshape generation is part of its
+seed key). Semantics, exceptions and cost: ``data_pipeline/assignment.py``.
+
 Verification (``LoaderConfig.verify``, on by default; nothing changed after sharding is trained on silently):
 
 * Per sample, before it enters a window: the sha256 of the ``jpg`` and of the ``txt`` bytes (already in

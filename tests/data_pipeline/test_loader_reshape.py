@@ -141,7 +141,7 @@ def test_load_states_from_refuses_what_it_cannot_carry(synth_dir: Path) -> None:
         PretrainLoader(_cfg(synth_dir, num_workers=0, seed=8)).load_states_from(states)
     v1 = [dict(s, version=1, positions={k: {kk: vv for kk, vv in p.items() if kk != "end"}
                                         for k, p in s["positions"].items()}) for s in states]
-    with pytest.raises(ValueError, match="extent was not saved; resume once with the old world size"):
+    with pytest.raises(ValueError, match="extent was not saved; resume with the old world size"):
         new.load_states_from(v1)
     with pytest.raises(ValueError, match="another world size or worker count: use load_states_from"):
         new.load_state_dict(states[0])
