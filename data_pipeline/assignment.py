@@ -296,6 +296,7 @@ def carry_plans(
     carried: list[Window] = []
     owner = np.zeros(n, dtype=np.int8)  # how many old streams claim each shard (must stay ≤ 1)
     unstarted = np.zeros(n, dtype=bool)
+    claims = 0  # shard claims counted one by one (a list claiming a shard twice shows here, not in owner)
     started_any = False
     for r, state in enumerate(states):
         at_epoch = int(state["epoch"]) == epoch
@@ -310,7 +311,9 @@ def carry_plans(
             started_any = started_any or plans is not None
             for win in plan.windows:
                 owner[list(win.shards)] += 1
+                claims += len(win.shards)
             fresh = plan.fresh
+            claims += len(fresh)
             if isinstance(fresh, range):
                 owner[fresh.start:fresh.stop:fresh.step] += 1
             else:
@@ -344,10 +347,11 @@ def carry_plans(
                 unstarted[sub.start:sub.stop:sub.step] = True
             else:
                 unstarted[np.asarray(fresh[tail:], dtype=np.int64)] = True
-    if owner.max(initial=0) > 1:
-        dup = int(np.flatnonzero(owner > 1)[0])
-        raise ValueError(f"load_states_from: pass-order shard {dup} belongs to two old streams: the states "
-                         "are not one pass of one run")
+    if owner.max(initial=0) > 1 or int(owner.sum(dtype=np.int64)) != claims:
+        dup = np.flatnonzero(owner > 1)
+        which = f"pass-order shard {int(dup[0])} belongs to two old streams" if dup.size else \
+            "an old stream's plan names a shard twice"
+        raise ValueError(f"load_states_from: {which}: the states are not one pass of one run")
     free = np.flatnonzero(unstarted)
     n_new = new_world * new_workers
     plans_out: dict[tuple[int, int], StreamPlan] | None = None

@@ -26,10 +26,8 @@ from data_pipeline.assignment import (
     resample_index,
     state_plans,
     stream_key,
-    stream_sequence,
     stream_work,
 )
-from data_pipeline.loader import epoch_shards
 
 SEED, BUFFER = 11, 80  # windows of ~3 shards of 10–50 samples
 
@@ -62,13 +60,13 @@ def _state(p: Pass, rank: int, world: int, workers: int, positions: dict[int, di
     return json.loads(json.dumps(state))  # as a checkpoint stores it
 
 
-def consume(p: Pass, state: dict[str, Any], worker: int, k: int | None, out: list[int]) -> dict[str, Any]:
-    """Stream ``worker`` of ``state``'s rank delivers ``k`` more items (None: all) into ``out``, as the
-    loader's WorkerStream does; returns its position afterwards."""
+def consume(p: Pass, state: dict[str, Any], plans: dict[int, Any] | None, worker: int, k: int | None,
+            out: list[int]) -> dict[str, Any]:
+    """Stream ``worker`` of ``state``'s rank (``plans``: its ``state_plans``) delivers ``k`` more items
+    (None: all) into ``out``, as the loader's WorkerStream does; returns its position afterwards."""
     start = state["positions"].get(str(worker), {"pos": 0, "item": 0, "done": False})
     if start.get("done") or k == 0:
         return start
-    plans = state_plans(state, p.epoch)
     plan, key = stream_work(None if plans is None else plans[worker], state["rank"], state["world_size"],
                             worker, state["num_workers"], p.n, state["generation"])
     fresh = plan.fresh
@@ -97,9 +95,9 @@ def run_world(p: Pass, states: list[dict], rng: random.Random | None, out: list[
     new = []
     for state in states:
         positions = {int(w): dict(v) for w, v in state["positions"].items()}
-        for w in range(state["num_workers"]):
-            positions[w] = consume(p, state, w, None if rng is None else _random_take(rng), out)
         plans = state_plans(state, p.epoch)
+        for w in range(state["num_workers"]):
+            positions[w] = consume(p, state, plans, w, None if rng is None else _random_take(rng), out)
         new.append(_state(p, state["rank"], state["world_size"], state["num_workers"], positions,
                           state["generation"], plans))
     return new
@@ -156,14 +154,6 @@ def test_loader_workers_8_to_4_same_world() -> None:
     states = run_world(p, fresh_world(p, 8, 8), rng, out)
     run_world(p, reshape(p, states, 8, 4), None, out)
     assert sorted(out) == list(range(p.total))
-
-
-def test_unreshaped_sequence_is_the_loaders_epoch_split() -> None:
-    shards = [f"s{i}" for i in range(103)]
-    for rank, world, worker, workers in ((0, 4, 0, 3), (3, 4, 2, 3), (1, 2, 1, 1)):
-        order = pass_order(shards, SEED, 2)
-        assert ([order[i] for i in stream_sequence(rank, world, worker, workers, 103)]
-                == epoch_shards(shards, SEED, 2, rank, world, worker, workers))
 
 
 def test_reshape_before_anything_is_read_is_the_new_worlds_own_pass() -> None:

@@ -4,13 +4,15 @@ synthetic shards, epoch mode; every sample of the interrupted pass exactly once.
 from __future__ import annotations
 
 import json
+import random
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from data_pipeline.loader import LoaderConfig, PretrainLoader
+from data_pipeline.assignment import pass_order, stream_sequence
+from data_pipeline.loader import LoaderConfig, PretrainLoader, epoch_shards
 
 
 def _cfg(synth_dir: Path, **kw) -> LoaderConfig:
@@ -162,3 +164,16 @@ def test_resampled_streams_are_reseeded(synth_dir: Path) -> None:
     fresh = [_read(ld, 2) for ld in _world(synth_dir, 3, 0, resampled=True, epochs=None)]
     assert runs[0] != fresh  # not the never-reshaped world's streams: a new seed key
     assert all(keys not in before for keys in runs[0])
+
+
+def test_unreshaped_split_is_the_one_saved_states_were_made_with() -> None:
+    """epoch_shards (now built on assignment's pieces) splits exactly as before state version 2, so saved
+    states resume onto the same shards."""
+    shards = [f"s{i}" for i in range(103)]
+    for rank, world, worker, workers in ((0, 4, 0, 3), (3, 4, 2, 3), (1, 2, 1, 1)):
+        order = list(shards)
+        random.Random("7/shards/2").shuffle(order)
+        before = order[rank::world][worker::workers]
+        assert epoch_shards(shards, 7, 2, rank, world, worker, workers) == before
+        order = pass_order(shards, 7, 2)
+        assert [order[i] for i in stream_sequence(rank, world, worker, workers, 103)] == before
