@@ -47,6 +47,10 @@ reshape from such a state refuses (unless that stream is between windows or done
 resume on the old shape up to the next checkpoint (a stream saves a version-2 position with each batch it
 delivers), then change the shape.
 
+That is the loaders' guarantee. The training worker ends an epoch on every rank as soon as one rank runs
+dry, which cuts the tail of a carried pass as it cuts any epoch's: the dealing keeps every rank within one
+carried window and one shard (in count) of the others, so each rank loses at most about that much.
+
 Epochs: a rank's loader can be one epoch ahead of another's (it ran out of its share first). The training
 worker ends an epoch on every rank as soon as one rank delivers a batch of the next (the others skip the
 rest of their share), so the run is in the *highest* saved epoch ``E``; a reshape continues ``E``, and a
