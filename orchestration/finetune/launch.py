@@ -29,8 +29,8 @@ from orchestration.runtime.ray_launch import (
     worker_process_setup,
 )
 
-_PATH_FIELDS = ("init", "checkpoint", "data", "train_file", "eval_file", "train_annotations",
-                "eval_annotations", "image_dir", "output", "tensorboard_dir")
+_PATH_FIELDS = ("init", "checkpoint", "data", "train_file", "eval_file", "train_annotations", "predict_file",
+                "eval_annotations", "image_dir", "output", "tensorboard_dir", "storage_path")
 
 
 def synthetic_downstream_root(seed: int = 0) -> str:
