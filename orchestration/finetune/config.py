@@ -81,6 +81,9 @@ class FinetuneConfig:
         default=500, metadata=opt("commit a checkpoint every N optimizer steps and at the end (0: never, "
                                   "no resume)"))
     keep_checkpoints: int = field(default=2, metadata=opt("committed checkpoints kept in storage"))
+    max_failures: int = field(
+        default=3, metadata=opt("--launcher ray: worker-group restarts, each resuming from the newest "
+                                "committed checkpoint, before giving up"))
     s3_endpoint_url: str | None = field(
         default=None, metadata=opt("S3 endpoint of an s3:// --storage-path (MinIO, moto); credentials from "
                                    "the AWS environment"))
@@ -117,7 +120,7 @@ class FinetuneConfig:
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)!r} must be >= 1")
         need(self.eval_limit is None or self.eval_limit >= 1,
              f"--eval-limit {self.eval_limit!r} must be >= 1")
-        for name in ("loader_workers", "checkpoint_every"):
+        for name in ("loader_workers", "checkpoint_every", "max_failures"):
             need(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r} must be >= 0")
         need(self.epochs is None or self.epochs >= 1, f"--epochs {self.epochs!r} must be >= 1")
         need(self.predict_split is None or self.task == "vqa",

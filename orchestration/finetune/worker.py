@@ -154,7 +154,7 @@ RESUMABLE_CHANGES = frozenset({
     "eval_batch_size", "eval_limit", "retrieval_k", "retrieval_exhaustive", "skip_eval", "predict_split",
     "predict_file", "tensorboard_dir", "output", "storage_path", "run_name", "s3_endpoint_url", "data",
     "train_file", "eval_file", "train_annotations", "eval_annotations", "image_dir", "checkpoint",
-    "eval_split", "launcher", "ray_address", "cpus_per_worker", "use_gpu", "num_workers",
+    "eval_split", "launcher", "ray_address", "cpus_per_worker", "use_gpu", "num_workers", "max_failures",
 })
 
 

@@ -23,6 +23,7 @@ from orchestration.runtime.checkpoint import (
     step_dir_name,
     verify_local,
 )
+from orchestration.runtime.engine_checkpoint import TORCH_ENGINE_FILE
 from soho.downstream.modeling import load_task_model
 
 TRAIN_QUESTIONS = 24  # micro batch 8 → 3 batches per epoch
@@ -182,3 +183,25 @@ def test_vqa_predict_split_result_file_and_official_accuracy(synthetic: dict, tm
     assert set(ev["perAnswerType"]) <= {"yes/no", "number", "other"}
     # synthetic answers are unanimous and already normalised: the server's figure equals ours (in %)
     assert ev["overall"] == pytest.approx(100 * ev["vqa_accuracy"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_torch_engine_resumes_to_the_same_weights(synthetic: dict, tmp_path: Path) -> None:
+    """--engine torch keeps its model and optimiser in ds/torch_engine.pt (weights-only, verified like
+    DeepSpeed's files): one epoch straight vs stopped after step 1 and relaunched; tolerance 1e-6."""
+    kw = dict(engine="torch", epochs=1, checkpoint_every=5)
+    a = finetune_worker(_cfg(synthetic, tmp_path, "a", **kw))
+    finetune_worker(_cfg(synthetic, tmp_path, "b", max_steps=1, **kw))
+    b = finetune_worker(_cfg(synthetic, tmp_path, "b", **kw))
+    assert a["steps"] == b["steps"] == 3 and b["resumed_from"] == 1
+    assert [h["loss"] for h in b["history"]] == pytest.approx([h["loss"] for h in a["history"]], abs=1e-6)
+    states = []
+    for run in ("a", "b"):
+        d = tmp_path / run / "ft" / "checkpoints" / step_dir_name(3)
+        verify_local(d)  # the torch state file is in rank 0's record and loads weights-only
+        states.append(torch.load(d / DS_TAG / TORCH_ENGINE_FILE, map_location="cpu", weights_only=True))
+    moments = [[s["optimizer"]["state"][i][k] for i in sorted(s["optimizer"]["state"])
+                for k in ("exp_avg", "exp_avg_sq")] for s in states]  # fmt: skip
+    weights = [[s["module"][k] for k in sorted(s["module"])] for s in states]
+    assert _close(*moments) <= 1e-6 and _close(*weights) <= 1e-6
