@@ -161,6 +161,11 @@ RESUMABLE_CHANGES = frozenset({
 def check_resumable(cfg: FinetuneConfig, state: dict[str, Any], world: int, per_epoch: int,
                     source: str) -> None:
     """Refuse, naming the difference, a checkpoint this run cannot continue exactly."""
+    if state.get("task") != cfg.task or "batches_per_epoch" not in state:
+        what = f"a {state['task']!r} fine-tuning" if state.get("task") else "not a fine-tuning"
+        raise RuntimeError(
+            f"{source}: {what} checkpoint, this is --task {cfg.task} (run {cfg.name!r} under "
+            f"{cfg.checkpoint_root}): give another --run-name or --storage-path")
     if int(state["world_size"]) != world:
         raise RuntimeError(
             f"{source}: written by {state['world_size']} workers, this run has {world}; fine-tuning resumes "

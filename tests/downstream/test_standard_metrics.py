@@ -115,7 +115,7 @@ def test_epochs_set_the_step_count_and_max_steps_cuts_it() -> None:
 def test_resume_refuses_what_it_cannot_continue_exactly() -> None:
     cfg = FinetuneConfig.of(task="vqa", epochs=2, lr=1e-3)
     started = FinetuneConfig.of(task="vqa", epochs=1, lr=1e-3, loader_workers=0)
-    state = {"world_size": 1, "batches_per_epoch": 4, "config": configcli.to_flat(started)}
+    state = {"world_size": 1, "batches_per_epoch": 4, "task": "vqa", "config": configcli.to_flat(started)}
     check_resumable(cfg, state, 1, 4, "ckpt")  # --epochs / --loader-workers may change
     with pytest.raises(RuntimeError, match="written by 1 workers, this run has 2"):
         check_resumable(cfg, state, 2, 4, "ckpt")
@@ -123,3 +123,7 @@ def test_resume_refuses_what_it_cannot_continue_exactly() -> None:
         check_resumable(cfg.replace(lr=5e-4), state, 1, 4, "ckpt")
     with pytest.raises(RuntimeError, match="gave 4 batches per epoch, now it gives 5"):
         check_resumable(cfg, state, 1, 5, "ckpt")
+    with pytest.raises(RuntimeError, match="ckpt: not a fine-tuning checkpoint, this is --task vqa"):
+        check_resumable(cfg, {"world_size": 1, "step": 7, "samples_seen": 9}, 1, 4, "ckpt")  # pre-training's
+    with pytest.raises(RuntimeError, match="a 'nlvr2' fine-tuning checkpoint, this is --task vqa"):
+        check_resumable(cfg, {**state, "task": "nlvr2"}, 1, 4, "ckpt")
