@@ -17,7 +17,7 @@ from orchestration.finetune.standard_metrics import (
     vqa_official_score,
     vqa_punctuation,
 )
-from orchestration.finetune.tasks import vqa_result_file
+from orchestration.finetune.tasks import vqa_result_file, with_retrieval_summary
 from orchestration.finetune.worker import check_resumable
 
 
@@ -88,6 +88,12 @@ def test_retrieval_r_mean_and_rsum() -> None:
     recalls = {"i2t_r1": 40.0, "i2t_r5": 70.0, "i2t_r10": 80.0, "t2i_r1": 30.0, "t2i_r5": 60.0,
                "t2i_r10": 75.5, "pairs_scored": 12345}  # fmt: skip
     assert retrieval_summary(recalls) == {"r_mean": pytest.approx(355.5 / 6), "rsum": pytest.approx(355.5)}
+    # in an evaluation's output: beside each ranking's recalls, and the headline (exhaustive when it ran)
+    fast = {**recalls, "i2t_r1": 46.0}
+    out = with_retrieval_summary({"fast": dict(fast), "exhaustive": dict(recalls), "k": 16})
+    assert out["fast"]["rsum"] == pytest.approx(361.5) and out["exhaustive"]["rsum"] == pytest.approx(355.5)
+    assert (out["r_mean"], out["rsum"]) == (pytest.approx(355.5 / 6), pytest.approx(355.5))
+    assert with_retrieval_summary({"fast": dict(fast)})["rsum"] == pytest.approx(361.5)
     with pytest.raises(ValueError, match=r"missing \['t2i_r10'\]"):
         retrieval_summary({k: v for k, v in recalls.items() if k != "t2i_r10"})
 
