@@ -67,6 +67,7 @@ class VQAExample:
     question: str
     answers: tuple[str, ...]  # the human answers (10 in VQA v2); empty for test splits without annotations
     multiple_choice_answer: str | None
+    answer_type: str | None = None  # "yes/no" | "number" | "other" (annotations), for per-type accuracy
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def read_vqa(
         raise DownstreamFormatError(
             f"{questions_url}: missing 'data_subtype' (e.g. 'train2014') for image names"
         )
-    answers: dict[int, tuple[tuple[str, ...], str | None]] = {}
+    answers: dict[int, tuple[tuple[str, ...], str | None, str | None]] = {}
     if annotations_url is not None:
         ann = _read_json(annotations_url, storage_options)
         if not isinstance(ann, dict) or "annotations" not in ann:
@@ -159,14 +160,15 @@ def read_vqa(
         for i, a in enumerate(ann["annotations"]):
             where = f"{annotations_url}: annotations[{i}]"
             human = tuple(str(_field(x, "answer", where)) for x in _field(a, "answers", where))
-            answers[int(_field(a, "question_id", where))] = (human, a.get("multiple_choice_answer"))
+            answers[int(_field(a, "question_id", where))] = (human, a.get("multiple_choice_answer"),
+                                                             a.get("answer_type"))
     out = []
     for i, q in enumerate(questions["questions"]):
         where = f"{questions_url}: questions[{i}]"
         qid, image_id = int(_field(q, "question_id", where)), int(_field(q, "image_id", where))
         if annotations_url is not None and qid not in answers:
             raise DownstreamFormatError(f"{where}: question_id {qid} has no entry in {annotations_url}")
-        human, mc = answers.get(qid, ((), None))
+        human, mc, answer_type = answers.get(qid, ((), None, None))
         out.append(
             VQAExample(
                 question_id=qid,
@@ -175,6 +177,7 @@ def read_vqa(
                 question=str(_field(q, "question", where)),
                 answers=human,
                 multiple_choice_answer=mc,
+                answer_type=answer_type,
             )
         )
     logger.info("read %d VQA questions from %s", len(out), questions_url)

@@ -9,6 +9,7 @@ worker); the rest is fine-tuning's own. Flags and YAML keys are the flat leaf na
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,35 @@ class FinetuneConfig:
     vqa_min_answer_count: int = field(default=1, metadata=opt("answer vocabulary: min human count"))
     vqa_max_answers: int = field(default=3129, metadata=opt("answer vocabulary size cap"))
     skip_eval: bool = field(default=False, metadata=opt("train only"))
+    predict_split: str | None = field(
+        default=None, metadata=opt("VQA: also answer this unlabelled split (e.g. test-dev) and write "
+                                   "{output}/vqa_<split>_results.json in the submission format"))
+    predict_file: str | None = field(
+        default=None, metadata=opt("VQA questions JSON of --predict-split (default "
+                                   "{data}/vqa/<split>_questions.json; images from --image-dir)"))
+    epochs: int | None = field(
+        default=None, metadata=opt("train this many epochs: steps = epochs x batches per epoch, the lr "
+                                   "schedule spans them, and --max-steps (when given; 0: no cap) stops "
+                                   "earlier"))
+    loader_workers: int = field(
+        default=2, metadata=opt("DataLoader worker processes decoding images (0: in the training process; "
+                                "batches are the same whatever the number)"))
+    storage_path: str | None = field(
+        default=None, metadata=opt("where committed checkpoints go: local path or s3://bucket/prefix "
+                                   "(default: --output)"))
+    run_name: str | None = field(
+        default=None, metadata=opt("run name under --storage-path; relaunching with the same name resumes "
+                                   "(default finetune-<task>)"))
+    checkpoint_every: int = field(
+        default=500, metadata=opt("commit a checkpoint every N optimizer steps and at the end (0: never, "
+                                  "no resume)"))
+    keep_checkpoints: int = field(default=2, metadata=opt("committed checkpoints kept in storage"))
+    max_failures: int = field(
+        default=3, metadata=opt("--launcher ray: worker-group restarts, each resuming from the newest "
+                                "committed checkpoint, before giving up"))
+    s3_endpoint_url: str | None = field(
+        default=None, metadata=opt("S3 endpoint of an s3:// --storage-path (MinIO, moto); credentials from "
+                                   "the AWS environment"))
     progress: bool = field(default=True, metadata=opt("progress bars (rank 0)"))
     log_every: int = field(default=10, metadata=opt("log every N steps"))
     tensorboard_dir: str | None = field(
@@ -71,7 +101,7 @@ class FinetuneConfig:
     @classmethod
     def of(cls, **options: Any) -> FinetuneConfig:
         """``FinetuneConfig.of(task="vqa", lr=1e-3)``: the defaults with these flat options."""
-        return configcli.from_flat(cls, options, source="FinetuneConfig.of")
+        return configcli.from_flat(cls, _epochs_without_cap(dict(options)), source="FinetuneConfig.of")
 
     def replace(self, **options: Any) -> FinetuneConfig:
         """A copy with these flat options changed (validated again)."""
@@ -86,8 +116,55 @@ class FinetuneConfig:
              "retrieval fine-tuning needs --micro-batch-size ≥ 2 (in-batch negatives)")
         need(self.scale.grad_accum == 1,
              "fine-tuning takes one micro-batch per optimizer step: --grad-accum 1")
-        for name in ("image_size", "max_text_len", "eval_batch_size", "log_every"):
+        for name in ("image_size", "max_text_len", "eval_batch_size", "log_every", "keep_checkpoints"):
             need(getattr(self, name) >= 1, f"{name}={getattr(self, name)!r} must be >= 1")
+        need(self.eval_limit is None or self.eval_limit >= 1,
+             f"--eval-limit {self.eval_limit!r} must be >= 1")
+        for name in ("loader_workers", "checkpoint_every", "max_failures"):
+            need(getattr(self, name) >= 0, f"{name}={getattr(self, name)!r} must be >= 0")
+        need(self.epochs is None or self.epochs >= 1, f"--epochs {self.epochs!r} must be >= 1")
+        need(self.predict_split is None or self.task == "vqa",
+             f"--predict-split {self.predict_split!r}: only VQA has an unlabelled split to answer "
+             f"(--task {self.task})")
+        need(self.predict_split is None or bool(re.fullmatch(r"[A-Za-z0-9_.-]+", self.predict_split)),
+             f"--predict-split {self.predict_split!r}: letters, digits, '-', '_' and '.' only "
+             "(it names a file)")
+        need(self.predict_file is None or self.predict_split is not None,
+             "--predict-file needs --predict-split (the name of the split it holds, e.g. test-dev)")
+        need(self.storage_path is None or bool(self.storage_path), "--storage-path must not be empty")
+
+    @property
+    def name(self) -> str:
+        """The run's name under its storage path (``--run-name``, default ``finetune-<task>``)."""
+        return self.run_name or f"finetune-{self.task}"
+
+    @property
+    def checkpoint_root(self) -> str:
+        """Where the run's checkpoints live: ``--storage-path``, default ``--output``."""
+        return self.storage_path or self.output
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec options of an s3:// storage path (endpoint from the flag, credentials from the env)."""
+        return {"client_kwargs": {"endpoint_url": self.s3_endpoint_url}} if self.s3_endpoint_url else {}
+
+    def planned_steps(self, batches_per_epoch: int) -> tuple[int, int]:
+        """(the lr schedule's horizon, the step the run stops at). With ``--epochs`` the horizon is epochs x
+        batches per epoch and ``--max-steps`` (0: not given) may stop earlier; without, both are
+        ``--max-steps``. A run cut short by ``--max-steps`` and relaunched without it continues on the same
+        schedule."""
+        if self.epochs is None:
+            return self.optim.max_steps, self.optim.max_steps
+        horizon = self.epochs * batches_per_epoch
+        stop = min(horizon, self.optim.max_steps) if self.optim.max_steps > 0 else horizon
+        return horizon, stop
+
+
+def _epochs_without_cap(flat: dict[str, Any]) -> dict[str, Any]:
+    """``--epochs`` without ``--max-steps``: the run is the epochs, not fine-tuning's default 100 steps, so
+    ``max_steps`` becomes 0 ("no cap" with ``--epochs``)."""
+    if flat.get("epochs") is not None and "max_steps" not in flat and "max-steps" not in flat:
+        flat["max_steps"] = 0
+    return flat
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -100,5 +177,6 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str] | None, prog: str, description: str = "") -> FinetuneConfig:
     """Defaults < ``--config`` YAML < flags."""
-    cfg, _ = configcli.parse(FinetuneConfig, build_parser(prog, description), argv)
+    cfg, _ = configcli.parse(FinetuneConfig, build_parser(prog, description), argv,
+                             adjust=_epochs_without_cap)
     return cfg

@@ -29,8 +29,8 @@ from orchestration.runtime.ray_launch import (
     worker_process_setup,
 )
 
-_PATH_FIELDS = ("init", "checkpoint", "data", "train_file", "eval_file", "train_annotations",
-                "eval_annotations", "image_dir", "output", "tensorboard_dir")
+_PATH_FIELDS = ("init", "checkpoint", "data", "train_file", "eval_file", "train_annotations", "predict_file",
+                "eval_annotations", "image_dir", "output", "tensorboard_dir", "storage_path")
 
 
 def synthetic_downstream_root(seed: int = 0) -> str:
@@ -60,8 +60,11 @@ def launch_ray(cfg: FinetuneConfig) -> dict[str, Any]:
     started, _ = connect_ray(scale.ray_address, scale.num_workers * scale.cpus_per_worker,
                              ray_runtime_env(scale.use_gpu))
     cfg = dataclasses.replace(_absolute_paths(cfg), progress=False)
+    # Checkpoints go through the StorageStore (--storage-path, default --output: every worker must reach
+    # it); Ray's own storage only holds its run records. A restarted worker group resumes by itself.
     trainer = build_torch_trainer(_ray_entry, {"finetune_config": configcli.to_flat(cfg)}, scale,
-                                  name=f"finetune-{cfg.task}", storage_path=os.path.join(cfg.output, "ray"))
+                                  name=f"finetune-{cfg.task}", storage_path=os.path.join(cfg.output, "ray"),
+                                  max_failures=cfg.max_failures if cfg.checkpoint_every else 0)
     try:
         trainer.fit()
         return json.loads((Path(cfg.output) / RESULTS_NAME).read_text())

@@ -28,6 +28,7 @@ from data_pipeline.downstream import (
     read_vqa,
 )
 from orchestration.finetune.config import FinetuneConfig
+from orchestration.finetune.standard_metrics import retrieval_summary, vqa_official_accuracy
 from orchestration.runtime.evaluation import batch_to, chunks, evaluate_retrieval, progress_bar
 from soho import get_preset
 from soho.downstream.metrics import accuracy, vqa_soft_accuracy
@@ -39,7 +40,8 @@ Stats = dict[str, float]
 
 @dataclass(frozen=True)
 class Task:
-    """One downstream task. ``read(cfg, split)``: its examples ("train" | "eval"); ``collate(collator,
+    """One downstream task. ``read(cfg, split)``: its examples ("train" | "eval"; VQA also "predict", the
+    unlabelled ``--predict-split``); ``collate(collator,
     examples, seed, epoch)``: a training batch; ``loss(model, batch, vocab, generator)``: (loss, stats);
     ``evaluate(cfg, model, collator, examples, vocab, device, dtype)``: its figures; ``model_args(vocab)``:
     keyword arguments of its model (``soho.downstream.modeling.new_task_model(name, ...)``)."""
@@ -72,6 +74,10 @@ def _explicit(cfg: FinetuneConfig, split: str) -> str | None:
 
 
 def _read_vqa(cfg: FinetuneConfig, split: str) -> list[VQAExample]:
+    if split == "predict":  # the unlabelled --predict-split: questions only
+        questions = cfg.predict_file or (
+            f"{cfg.data}/vqa/{cfg.predict_split}_questions.json" if cfg.data else None)
+        return read_vqa(_need(questions, "--predict-file"), _images(cfg))
     explicit, root = _explicit(cfg, split), cfg.data
     name = "train" if split == "train" else "val"
     annotations = (cfg.train_annotations if split == "train" else cfg.eval_annotations) or (
@@ -138,6 +144,26 @@ def _retrieval_loss(model: Any, batch: dict[str, Any], vocab: AnswerVocab | None
 
 # --- evaluation ---------------------------------------------------------------------------------------
 @torch.no_grad()
+def predict_vqa(
+    model: torch.nn.Module,
+    collator: TaskCollator,
+    examples: list[VQAExample],
+    vocab: AnswerVocab,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = False,
+) -> list[str]:
+    """The argmax answer of every question (its answers are not needed: test splits have none)."""
+    model.eval()
+    preds: list[str] = []
+    for chunk in progress_bar(list(chunks(examples, batch_size)), "predict vqa", progress):
+        b = batch_to(collate_vqa(collator, list(chunk)), torch.device(device), dtype)
+        logits = model(b["pixel_values"], b["pixel_mask"], b["input_ids"], b["attention_mask"]).logits
+        preds.extend(vocab.decode(logits.argmax(dim=-1).cpu()))
+    return preds
+
+
 def evaluate_vqa(
     model: torch.nn.Module,
     collator: TaskCollator,
@@ -147,20 +173,32 @@ def evaluate_vqa(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
-) -> dict[str, float]:
-    """VQA soft accuracy (0..1) of the argmax answer against each question's human answers."""
+) -> dict[str, Any]:
+    """VQA soft accuracy (ours, 0..1: both sides normalised alike) of the argmax answer against each
+    question's human answers, and the evaluation server's figure next to it: ``overall`` (percent) and
+    ``perAnswerType`` (:func:`orchestration.finetune.standard_metrics.vqa_official_accuracy`)."""
     if any(not e.answers for e in examples):
-        raise ValueError("evaluate_vqa needs annotated questions (the test split has no answers)")
-    model.eval()
-    preds: list[str] = []
-    for chunk in progress_bar(list(chunks(examples, batch_size)), "eval vqa", progress):
-        b = batch_to(collate_vqa(collator, list(chunk)), torch.device(device), dtype)
-        logits = model(b["pixel_values"], b["pixel_mask"], b["input_ids"], b["attention_mask"]).logits
-        preds.extend(vocab.decode(logits.argmax(dim=-1).cpu()))
-    return {
-        "vqa_accuracy": vqa_soft_accuracy(preds, [e.answers for e in examples]),
-        "num_examples": len(examples),
-    }
+        raise ValueError("evaluate_vqa needs annotated questions (the test split has no answers: "
+                         "use --predict-split to write its result file)")
+    preds = predict_vqa(model, collator, examples, vocab, batch_size, device, dtype, progress)
+    humans = [e.answers for e in examples]
+    official = vqa_official_accuracy(preds, humans, [e.answer_type for e in examples])
+    return {"vqa_accuracy": vqa_soft_accuracy(preds, humans), **official, "num_examples": len(examples)}
+
+
+def vqa_result_file(examples: list[VQAExample], answers: list[str]) -> list[dict[str, Any]]:
+    """The evaluation server's submission format: ``[{"question_id": int, "answer": str}, ...]``, one entry
+    per question, in the questions file's order."""
+    if len(examples) != len(answers):
+        raise ValueError(f"{len(answers)} answers for {len(examples)} questions")
+    seen: set[int] = set()
+    out = []
+    for e, a in zip(examples, answers, strict=True):
+        if e.question_id in seen:
+            raise ValueError(f"question_id {e.question_id} appears twice in the questions file")
+        seen.add(e.question_id)
+        out.append({"question_id": int(e.question_id), "answer": str(a)})
+    return out
 
 
 @torch.no_grad()
@@ -210,8 +248,20 @@ def _evaluate_classification(cfg: FinetuneConfig, model: Any, collator: TaskColl
 def _evaluate_retrieval(cfg: FinetuneConfig, model: Any, collator: TaskCollator, examples: list[Any],
                         vocab: AnswerVocab | None, device: torch.device,
                         dtype: torch.dtype) -> dict[str, Any]:
-    return evaluate_retrieval(model, collator, examples, k=cfg.retrieval_k,
-                              exhaustive=cfg.retrieval_exhaustive, **_eval_kwargs(cfg, device, dtype))
+    out = evaluate_retrieval(model, collator, examples, k=cfg.retrieval_k,
+                             exhaustive=cfg.retrieval_exhaustive, **_eval_kwargs(cfg, device, dtype))
+    return with_retrieval_summary(out)
+
+
+def with_retrieval_summary(out: dict[str, Any]) -> dict[str, Any]:
+    """The papers' r_mean / RSUM beside each ranking's six recalls, and at the top level for the headline
+    ranking (exhaustive ITM when it ran, else the fast path)."""
+    for name in ("fast", "exhaustive"):
+        if name in out:
+            out[name].update(retrieval_summary(out[name]))
+    headline = out.get("exhaustive", out["fast"])
+    out.update({"r_mean": headline["r_mean"], "rsum": headline["rsum"]})
+    return out
 
 
 # --- the registry -------------------------------------------------------------------------------------
