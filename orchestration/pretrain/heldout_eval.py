@@ -239,7 +239,9 @@ def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any,
             model = module
         else:
             model = SohoForPretraining(module.config, load_pretrained=False)
-            model.load_state_dict(state_dict, strict=True)
+            # the consolidation also holds the non-persistent buffers (BERT's position_ids), which a state
+            # dict does not: load exactly the model's keys, strictly
+            model.load_state_dict({k: state_dict[k] for k in model.state_dict()}, strict=True)
             model.to(device)
         if run.observability.eval_data is not None:
             record, result, what = periodic_eval(run, model, device)
