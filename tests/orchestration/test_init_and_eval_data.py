@@ -40,11 +40,12 @@ def eval_flags(manifest: str) -> list[str]:
 
 
 def optimizer_steps(ckpt: Path) -> set[int]:
-    """AdamW's step count of every parameter group in a ZeRO-2 checkpoint (read weights-only)."""
-    (path,) = sorted((ckpt / "ds").glob("*_optim_states.pt"))
+    """AdamW's step count of every parameter group in rank 0's ZeRO-2/3 optimizer file (read weights-only)."""
+    (path,) = sorted((ckpt / "ds").glob("zero_pp_rank_0_*optim_states.pt"))
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return {int(s["step"]) for s in state["optimizer_state_dict"]["base_optimizer_state"]["state"].values()}
+        opt = torch.load(path, map_location="cpu", weights_only=True)["optimizer_state_dict"]
+    base = opt["base_optimizer_state"] if "base_optimizer_state" in opt else opt["optimizer_state_dict"]
+    return {int(s["step"]) for s in base["state"].values()}
 
 
 # --- config and pure functions --------------------------------------------------------------------------
@@ -247,20 +248,30 @@ def test_init_from_export_starts_a_fresh_run_and_a_relaunch_resumes(source_run: 
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_init_from_a_zero2_checkpoint_without_export(source_run: dict[str, Any], tmp_path: Path) -> None:
+def test_init_from_a_zero2_checkpoint_into_two_zero3_ranks(source_run: dict[str, Any],
+                                                           tmp_path: Path) -> None:
+    """A checkpoint without export (1 rank, ZeRO-2) warm-starts a run of another shape (2 torchrun ranks,
+    ZeRO-3), whose --eval-data evaluation needs the fp32 weights gathered from both ranks."""
     ck = source_run["ckroot"] / "checkpoint_step_00000002"
     assert not (ck / "export").exists()
-    out = run_cli([*FAST_FLAGS, "--launcher", "local", "--data", source_run["manifest"], "--max-steps", "1",
-                   "--init-from", str(ck), "--metrics-port", "-1", "--storage-path", str(tmp_path),
-                   "--run-name", "from-ckpt"])
+    manifest = source_run["manifest"]
+    out = run_cli([*FAST_FLAGS, "--launcher", "local", "--data", manifest, "--max-steps", "1",
+                   "--zero-stage", "3", "--init-from", str(ck), "--eval-every", "1", *eval_flags(manifest),
+                   "--metrics-port", "-1", "--storage-path", str(tmp_path), "--run-name", "from-ckpt"],
+                  torchrun_procs=2)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = last_json(out.stdout)
     rec = summary["init_from"]
-    assert (rec["kind"], rec["source_step"], summary["steps"]) == ("checkpoint-zero", 2, 1)
-    # An fp32 ZeRO-2 run's module weights are its fp32 masters: read them here without zero_to_fp32.
+    assert (rec["kind"], rec["source_step"], summary["steps"], summary["world_size"]) == (
+        "checkpoint-zero", 2, 1, 2)
+    # An fp32 ZeRO-2 run's module weights are its fp32 masters: read them here without zero_to_fp32. What
+    # the 2-rank ZeRO-3 engine holds at step 0 (gathered) is exactly that.
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         module = torch.load(ck / "ds" / "mp_rank_00_model_states.pt", map_location="cpu",
                             weights_only=True)["module"]
     assert rec["weights_sha256"] == rec["source_sha256"] == state_sha256(module)
     assert rec["codebook_sha256"] == json.loads((ck / "rank-00000.json").read_text())["vd_codebook_sha256"]
     assert optimizer_steps(tmp_path / "from-ckpt" / "checkpoints" / "checkpoint_step_00000001") == {1}
+    (evaluated,) = summary["evals"]
+    assert evaluated["step"] == 1 and evaluated["eval_candidates"] == 12
+    assert all(0.0 <= evaluated[k] <= 1.0 for k in KEYS)
