@@ -214,9 +214,12 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     data_url = data_url or ensure_data(cfg)
     if not cfg.dataset.data and not os.path.isabs(data_url) and "://" not in data_url:
         data_url = os.path.abspath(data_url)
-    tb = cfg.observability.tensorboard_dir
-    if tb and "://" not in tb:  # Ray workers run in a directory of their own
-        cfg = cfg.replace(tensorboard_dir=os.path.abspath(os.path.expanduser(tb)))
+    paths = cfg.to_dict()
+    local = {name: os.path.abspath(os.path.expanduser(paths[name]))
+             for name in ("tensorboard_dir", "init_from", "eval_data", "eval_images")
+             if paths[name] and "://" not in paths[name]}
+    if local:  # Ray workers run in a directory of their own
+        cfg = cfg.replace(**local)
     scale = cfg.scale
     started_ray, joined = connect_ray(scale.ray_address, scale.num_workers * scale.cpus_per_worker,
                                       ray_runtime_env(scale.use_gpu))
