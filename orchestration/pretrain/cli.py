@@ -11,6 +11,7 @@ import logging
 import sys
 
 from orchestration.pretrain.config import RunConfig, parse_cli, resolved_config
+from orchestration.pretrain.init_from import check_model_config, source_model_config
 from orchestration.pretrain.launch import launch_local, launch_ray
 from soho.encoder import ensure_trunk_weights
 
@@ -20,7 +21,13 @@ logger = logging.getLogger(__name__)
 def preflight(cfg: RunConfig) -> None:
     """Fail here, before any worker starts, when the trunk's initial weights cannot be had (an offline
     machine without torchvision's cache): Ray would otherwise restart the failing workers max_failures
-    times and bury the message. Downloads them into this machine's cache when it is online."""
+    times and bury the message. Downloads them into this machine's cache when it is online. With
+    ``--init-from`` no initial weights are needed; the source's model config is checked instead (from its
+    JSON; the worker verifies and loads the tensors)."""
+    if cfg.init_from:
+        check_model_config(source_model_config(cfg.init_from, cfg.storage_options()), cfg.model_config(),
+                           cfg.init_from)
+        return
     ensure_trunk_weights(cfg.model_config().encoder)
 
 
@@ -40,7 +47,17 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
         held = summary.get("heldout")
-        if held:
+        if held and "source" in held:  # --eval-data
+            src = held["source"]
+            print(
+                f"evaluation on {src['eval_data']} {src['split']} ({held['num_candidates']} images, "
+                f"{held['num_texts']} captions, {held['mode']}): ITM accuracy {held['itm_acc']:.3f} "
+                f"(chance 0.5), zero-shot R@1 text->image {held['t2i_r1']:.1f} % / image->text "
+                f"{held['i2t_r1']:.1f} %, R@10 {held['t2i_r10']:.1f} % / {held['i2t_r10']:.1f} % (chance R@1 "
+                f"{held['chance_r1']:g} %)",
+                flush=True,
+            )
+        elif held:
             print(
                 f"held-out ({held['num_candidates']} scenes never trained on): ITM accuracy "
                 f"{held['itm_acc']:.3f} (chance 0.5), zero-shot R@1 text->image {held['t2i_r1']:.0f} % / "

@@ -79,6 +79,17 @@ class RunConfig:
                       "the demo's tiny-scale recipe (ITC term, ITM interaction head, dead-code restart, no "
                       "dropout); '' = the preset as is"),
     )
+    init_from: str | None = field(
+        default=None,
+        metadata=opt("warm start: begin a NEW run (step 0, fresh optimiser and schedule) with the model and "
+                      "visual dictionary (codebook and EMA buffers) of an export directory "
+                      "(SohoForPretraining.save_pretrained, e.g. runs/x/final_model) or a committed "
+                      "checkpoint_step_N directory (its export/, else its DeepSpeed ZeRO files consolidated "
+                      "to fp32); local path or fsspec URL (s3://: --s3-endpoint-url and the AWS env). The "
+                      "model config must match (keys that change no tensor may differ: dropout, VD decay "
+                      "and restarts, masking probabilities, ...). A relaunch of a run that has its own "
+                      "committed checkpoint resumes it and ignores this"),
+    )
     seed: int = field(default=0, metadata=opt("seed of model init, masking and data order"))
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -97,9 +108,15 @@ class RunConfig:
 
     @property
     def run_final_eval(self) -> bool:
-        """--final-eval as resolved: unset means on exactly when the data is the embedded synthetic set."""
+        """--final-eval as resolved: unset means on exactly when there is held-out data, i.e. --eval-data is
+        given or the data is the embedded synthetic set (its held-out split)."""
         final = self.observability.final_eval
-        return self.dataset.data is None if final is None else final
+        return self.has_heldout_data if final is None else final
+
+    @property
+    def has_heldout_data(self) -> bool:
+        """An evaluation set exists: --eval-data, or the embedded synthetic data's held-out split."""
+        return self.observability.eval_data is not None or self.dataset.data is None
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec options for s3:// URLs (endpoint from the flag, credentials from the AWS env)."""
@@ -140,12 +157,20 @@ class RunConfig:
              "training worker's CUDA device (nvjpeg); without a GPU the loader decodes them "
              "(drop --gpu-decode)")
         obs = self.observability
-        need(not (obs.final_eval and data.data is not None),
-             f"final_eval needs the embedded synthetic data, the only data with a held-out split; --data "
-             f"{data.data!r} has none: drop --data or --final-eval")
-        need(obs.eval_every == 0 or data.data is None,
-             f"eval_every={obs.eval_every} needs the embedded synthetic data, the only data with a held-out "
-             f"split; --data {data.data!r} has none: drop --data or set --eval-every 0")
+        no_heldout = (f"--data {data.data!r} has no held-out split (only the embedded synthetic data has "
+                      "one): give a Karpathy-format retrieval split with --eval-data JSON --eval-images DIR, "
+                      "or drop --data")
+        need(not (obs.final_eval and not self.has_heldout_data),
+             f"final_eval needs evaluation data; {no_heldout}")
+        need(obs.eval_every == 0 or self.has_heldout_data,
+             f"eval_every={obs.eval_every} needs evaluation data; {no_heldout}, or set --eval-every 0")
+        if obs.eval_data is not None and not obs.eval_exhaustive:
+            need(self.model_config().pretrain.itc_weight > 0,
+                 "--eval-data's fast path ranks by the ITC embeddings (prefilter, then ITM re-rank), and "
+                 "this model has no ITC projection (pretrain.itc_weight=0): add --eval-exhaustive (ITM on "
+                 "every pair) or train with the ITC term (--model-overrides pretrain.itc_weight=1.0)")
+        need(self.init_from is None or bool(self.init_from.strip()),
+             "init_from must not be empty (omit --init-from)")
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -238,6 +263,7 @@ def resolved_config(cfg: RunConfig) -> dict[str, Any]:
                            "freeze_backbone_epochs": cfg.optim.freeze_backbone_epochs,
                            "epochs": ("real loader epochs, agreed across ranks"
                                       if cfg.optim.freeze_backbone_epochs else None)},
-            "trunk": trunk,
+            "trunk": trunk if cfg.init_from is None else {"init": f"warm start from {cfg.init_from}"},
+            "init_from": cfg.init_from,
         },
     }

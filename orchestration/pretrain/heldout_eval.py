@@ -42,10 +42,12 @@ from data_pipeline.storage import get_fs
 from data_pipeline.synth import make_synthetic
 from data_pipeline.tarstream import iter_tar
 from orchestration.pretrain.config import RunConfig
+from orchestration.pretrain.data_eval import periodic_eval
 from orchestration.runtime.config import synthetic_data_dir
 from orchestration.runtime.distributed import consolidated_fp32_state_dict
-from orchestration.runtime.evaluation import export_recall, pretraining_retrieval_eval
+from orchestration.runtime.evaluation import derangement, export_recall, pretraining_retrieval_eval
 from soho import SohoConfig, SohoForPretraining
+from soho.downstream.retrieval import RetrievalResult
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +141,6 @@ def prepare_heldout(cfg: HeldoutConfig, captions: str = "generator") -> tuple[li
     return images[: cfg.num_candidates], result["pretrain_manifest"]
 
 
-def _derangement(n: int, seed: int) -> torch.Tensor:
-    """Partner j ≠ i for every i (a fixed, seeded choice of another held-out caption)."""
-    g = torch.Generator().manual_seed(seed)
-    return (torch.arange(n) + torch.randint(1, n, (n,), generator=g)) % n
-
-
 @torch.no_grad()
 def heldout_itm_accuracy(model: Any, collator: TaskCollator, images: list[RetrievalImage], batch_size: int,
                          seed: int = 0, device: torch.device | str = "cpu") -> dict[str, float]:
@@ -153,7 +149,7 @@ def heldout_itm_accuracy(model: Any, collator: TaskCollator, images: list[Retrie
     model.eval()
     try:
         n = len(images)
-        partner = _derangement(n, seed).tolist()
+        partner = derangement(n, seed).tolist()
         rows = [(i, i, 1) for i in range(n)] + [(i, partner[i], 0) for i in range(n)]
         preds, labels = [], []
         for start in range(0, len(rows), batch_size):
@@ -223,21 +219,60 @@ def evaluate_heldout(model: Any, cfg: HeldoutConfig, images: list[RetrievalImage
 _PERIODIC_IMAGES: dict[tuple[str, str], list[RetrievalImage]] = {}
 
 
+def _synthetic_periodic(run: RunConfig, model: Any, device: torch.device | str
+                        ) -> tuple[dict[str, float], RetrievalResult, str]:
+    """The synthetic held-out split's figures (history fields, retrieval result, a description)."""
+    cfg = HeldoutConfig.from_run_config(run, num_candidates=run.observability.eval_candidates)
+    sets: dict[str, list[RetrievalImage]] = {}
+    for captions in CAPTION_SETS:
+        key = (str(heldout_data_dir(cfg)), captions)
+        if key not in _PERIODIC_IMAGES:
+            _PERIODIC_IMAGES[key], _ = prepare_heldout(cfg, captions=captions)
+        sets[captions] = _PERIODIC_IMAGES[key]
+    images = sets["generator"]
+    collator = TaskCollator(TaskDataConfig(max_image_side=cfg.image_size,
+                                           pad_multiple=model.config.encoder.total_stride,
+                                           max_text_len=cfg.max_text_len))
+    was_training = model.training
+    model.eval()
+    try:
+        itm = heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed, device)
+        result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size, device=device)
+        para = _score_set(model, collator, sets["paraphrase"], cfg, True, device)
+    finally:
+        model.train(was_training)
+    record = {f"eval_{d}_r{k}": v / 100.0 for d, rec in result.recalls.items() for k, v in rec.items()}
+    # the same images with the paraphrased captions (data_pipeline.paraphrase): not exported, history only
+    record.update({f"eval_para_{k}": v / 100.0 for k, v in para.items()
+                   if k.endswith(("_r1", "_r5", "_r10"))})
+    record.update({"eval_itm_acc": itm["itm_acc"], "eval_para_itm_acc": para["itm_acc"],
+                   "eval_candidates": len(images)})
+    what = (f"synthetic held-out split ({len(images)} candidates, exhaustive ITM; paraphrased captions: ITM "
+            f"acc {para['itm_acc']:.3f}, i2t R@1 {para['i2t_r1']:.0f} %, t2i R@1 {para['t2i_r1']:.0f} %)")
+    return record, result, what
+
+
 def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any,
                           device: torch.device | str = "cpu") -> dict[str, float]:
     """The ``--eval-every`` evaluation inside the pre-training loop; every rank calls it at the same step.
 
-    Rank 0 evaluates the model being trained on the first ``run.observability.eval_candidates`` held-out pairs
-    of the run's synthetic data (made once, see :func:`prepare_heldout`): ITM accuracy and exhaustive ITM
-    retrieval (recall@1/5/10 both ways), in eval mode, then back to the previous mode. Where the engine holds
-    full fp32 weights (ZeRO 0-2, fp32) the live module is used; otherwise (ZeRO-3 partitions, bf16 weights)
-    the fp32 master weights are consolidated on every rank (a collective) and rank 0 evaluates an fp32 copy.
-    Rank 0 exports the recalls as ``soho_eval_recall{direction,k}`` (0..1); the figures go to every rank
-    (one broadcast, which also keeps the ranks in step). Returns the history fields:
-    ``eval_{i2t,t2i}_r{1,5,10}`` (0..1, the exported values), ``eval_itm_acc``, ``eval_candidates``,
-    ``eval_seconds``."""
+    Rank 0 evaluates the model being trained, in eval mode, then back to the previous mode: on
+    ``--eval-data`` when given (:func:`orchestration.pretrain.data_eval.periodic_eval`: ITM accuracy and
+    prefilter + re-rank or exhaustive retrieval on a Karpathy split), otherwise on the first
+    ``run.observability.eval_candidates`` held-out pairs of the run's synthetic data (made once, see
+    :func:`prepare_heldout`; ITM accuracy and exhaustive ITM retrieval). Where the engine holds full fp32
+    weights (ZeRO 0-2, fp32) the live module is used; otherwise (ZeRO-3 partitions, bf16 weights) the fp32
+    master weights are consolidated on every rank (a collective) and rank 0 evaluates an fp32 copy. Rank 0
+    exports the recalls as ``soho_eval_recall{direction,k}`` (0..1), the ITM accuracy as
+    ``soho_eval_itm_accuracy`` and the time the evaluation took (consolidation included: the steps stall for
+    it) as ``soho_eval_seconds``; the figures go to every rank (one broadcast, which also keeps the ranks in
+    step). Returns the history fields: ``eval_{i2t,t2i}_r{1,5,10}`` (0..1, the exported values),
+    ``eval_itm_acc``, ``eval_candidates`` (images in the pool), ``eval_seconds`` (+ ``eval_texts`` and
+    ``eval_pairs_scored`` with ``--eval-data``; + ``eval_para_itm_acc`` and ``eval_para_{i2t,t2i}_r{1,5,10}``,
+    the paraphrased captions, on the synthetic split)."""
     distributed = dist.is_available() and dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    t0 = time.perf_counter()
     module = getattr(engine, "module", engine)
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else 0
     live = stage < 3 and next(module.parameters()).dtype == torch.float32
@@ -246,44 +281,24 @@ def periodic_heldout_eval(run: RunConfig, engine: Any, metrics: Any,
         state_dict = consolidated_fp32_state_dict(engine)  # collective: every rank takes part
     record: dict[str, float] | None = None
     if rank == 0:
-        t0 = time.perf_counter()
-        cfg = HeldoutConfig.from_run_config(run, num_candidates=run.observability.eval_candidates)
-        sets: dict[str, list[RetrievalImage]] = {}
-        for captions in CAPTION_SETS:
-            key = (str(heldout_data_dir(cfg)), captions)
-            if key not in _PERIODIC_IMAGES:
-                _PERIODIC_IMAGES[key], _ = prepare_heldout(cfg, captions=captions)
-            sets[captions] = _PERIODIC_IMAGES[key]
-        images = sets["generator"]
         if live:
             model = module
         else:
             model = SohoForPretraining(module.config, load_pretrained=False)
-            model.load_state_dict(state_dict, strict=True)
+            # the consolidation also holds the non-persistent buffers (BERT's position_ids), which a state
+            # dict does not: load exactly the model's keys, strictly
+            model.load_state_dict({k: state_dict[k] for k in model.state_dict()}, strict=True)
             model.to(device)
-        collator = TaskCollator(TaskDataConfig(max_image_side=cfg.image_size,
-                                               pad_multiple=model.config.encoder.total_stride,
-                                               max_text_len=cfg.max_text_len))
-        was_training = model.training
-        model.eval()
-        try:
-            itm = heldout_itm_accuracy(model, collator, images, cfg.batch_size, cfg.seed, device)
-            result = pretraining_retrieval_eval(model, collator, images, batch_size=cfg.batch_size,
-                                                device=device)
-            para = _score_set(model, collator, sets["paraphrase"], cfg, True, device)
-        finally:
-            model.train(was_training)
+        if run.observability.eval_data is not None:
+            record, result, what = periodic_eval(run, model, device)
+        else:
+            record, result, what = _synthetic_periodic(run, model, device)
+        seconds = time.perf_counter() - t0
+        record["eval_seconds"] = round(seconds, 3)
         export_recall(metrics, result)
-        record = {f"eval_{d}_r{k}": v / 100.0 for d, rec in result.recalls.items() for k, v in rec.items()}
-        record.update({f"eval_para_{k}": v / 100.0 for k, v in para.items()
-                       if k.endswith(("_r1", "_r5", "_r10"))})
-        record.update({"eval_itm_acc": itm["itm_acc"], "eval_para_itm_acc": para["itm_acc"],
-                       "eval_candidates": len(images), "eval_seconds": round(time.perf_counter() - t0, 3)})
-        logger.info("held-out eval (%d candidates): ITM acc %.3f, i2t R@1 %.3f, t2i R@1 %.3f; paraphrased "
-                    "captions: ITM acc %.3f, i2t R@1 %.3f, t2i R@1 %.3f (%.1f s)", len(images),
-                    record["eval_itm_acc"], record["eval_i2t_r1"], record["eval_t2i_r1"],
-                    record["eval_para_itm_acc"], record["eval_para_i2t_r1"], record["eval_para_t2i_r1"],
-                    record["eval_seconds"])
+        metrics.set_eval_figures(record["eval_itm_acc"], seconds)
+        logger.info("eval on %s: ITM acc %.3f, i2t R@1 %.3f, t2i R@1 %.3f (%.1f s)", what,
+                    record["eval_itm_acc"], record["eval_i2t_r1"], record["eval_t2i_r1"], seconds)
     if world > 1:
         box = [record]
         dist.broadcast_object_list(box, src=0)

@@ -25,6 +25,7 @@ from typing import Any
 import torch.distributed as dist
 
 from data_pipeline.synth import make_synthetic
+from orchestration.pretrain import data_eval
 from orchestration.pretrain.config import RunConfig
 from orchestration.pretrain.heldout_eval import HeldoutConfig, evaluate_export, prepare_heldout
 from orchestration.pretrain.summary import write_run_artifacts
@@ -40,6 +41,7 @@ from orchestration.runtime.ray_launch import (
     shutdown_ray,
     worker_process_setup,
 )
+from soho import SohoForPretraining
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +53,8 @@ def ensure_data(cfg: RunConfig) -> str:
     into the local cache (a file lock keeps concurrent first runs from writing it twice)."""
     if cfg.dataset.data:
         return cfg.dataset.data
-    # The same pre-training pairs plus the held-out split: made once.
-    if cfg.run_final_eval or cfg.observability.eval_every:
+    # The same pre-training pairs plus the held-out split (unless --eval-data replaces it): made once.
+    if cfg.observability.eval_data is None and (cfg.run_final_eval or cfg.observability.eval_every):
         t0 = time.perf_counter()
         _, manifest = prepare_heldout(
             HeldoutConfig.from_run_config(cfg, num_candidates=cfg.observability.eval_candidates))
@@ -71,11 +73,19 @@ def ensure_data(cfg: RunConfig) -> str:
 
 
 def final_heldout_eval(cfg: RunConfig, export: Path) -> dict[str, Any] | None:
-    """``--final-eval``: the held-out figures of the exported final model (None when off)."""
+    """``--final-eval``: the held-out figures of the exported final model (None when off), on --eval-data
+    when given, else on the synthetic held-out split."""
     if not cfg.run_final_eval:
         return None
     if not export.is_dir():
         raise RuntimeError(f"--final-eval: the final checkpoint has no exported model at {export}")
+    if cfg.observability.eval_data is not None:
+        figures = data_eval.evaluate_model(SohoForPretraining.from_pretrained(str(export)), cfg)
+        logger.info("evaluation of the final model on %s %s: ITM acc %.3f, R@1 t2i %.1f %% / i2t %.1f %% "
+                    "among %d images (%s, %.1f s)", cfg.observability.eval_data, cfg.observability.eval_split,
+                    figures["itm_acc"], figures["t2i_r1"], figures["i2t_r1"], figures["num_candidates"],
+                    figures["mode"], figures["eval_seconds"])
+        return figures
     result = evaluate_export(
         export, HeldoutConfig.from_run_config(cfg, num_candidates=cfg.observability.eval_candidates))
     logger.info("held-out evaluation of the final model: ITM acc %.3f, R@1 t2i %.0f %% / i2t %.0f %% among "
@@ -204,9 +214,12 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
     data_url = data_url or ensure_data(cfg)
     if not cfg.dataset.data and not os.path.isabs(data_url) and "://" not in data_url:
         data_url = os.path.abspath(data_url)
-    tb = cfg.observability.tensorboard_dir
-    if tb and "://" not in tb:  # Ray workers run in a directory of their own
-        cfg = cfg.replace(tensorboard_dir=os.path.abspath(os.path.expanduser(tb)))
+    paths = cfg.to_dict()
+    local = {name: os.path.abspath(os.path.expanduser(paths[name]))
+             for name in ("tensorboard_dir", "init_from", "eval_data", "eval_images")
+             if paths[name] and "://" not in paths[name]}
+    if local:  # Ray workers run in a directory of their own
+        cfg = cfg.replace(**local)
     scale = cfg.scale
     started_ray, joined = connect_ray(scale.ray_address, scale.num_workers * scale.cpus_per_worker,
                                       ray_runtime_env(scale.use_gpu))

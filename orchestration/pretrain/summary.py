@@ -21,7 +21,9 @@ TASKS = ("loss", "mlm", "mvm", "itm")
 # What summary.json keeps of a held-out evaluation (recalls in percent, accuracies and usage 0..1).
 HELDOUT_KEYS = ("num_candidates", "itm_acc", "itm_acc_pos", "itm_acc_neg", "t2i_r1", "t2i_r5", "t2i_r10",
                 "i2t_r1", "i2t_r5", "i2t_r10", "chance_r1", "vd_usage_ratio", "vd_perplexity",
-                "vd_dead_codes", "vd_num_codes", "eval_seconds")
+                "vd_dead_codes", "vd_num_codes", "eval_seconds",
+                # --eval-data: which split and how it was ranked
+                "source", "mode", "num_texts", "prefilter_k", "pairs_scored")
 
 
 def _window_mean(history: list[dict[str, float]], key: str, first: bool, n: int) -> float | None:
@@ -34,7 +36,9 @@ def build_summary(state: dict[str, Any], *, wall_seconds: float, storage: dict[s
                   heldout: dict[str, Any] | None = None) -> dict[str, Any]:
     """Key figures of a finished run. Loss 'first'/'last' are means over the first/last 10 % of steps
     (at least 5), so one noisy batch cannot fake a fall. ``heldout``: the final model's held-out evaluation
-    (kept as ``heldout``: ITM accuracy, recall@K in percent among ``num_candidates``, codebook health)."""
+    (kept as ``heldout``: ITM accuracy, recall@K in percent among ``num_candidates``, codebook health).
+    ``evals``: every periodic evaluation of the history (``--eval-every``), its step and ``eval_*`` figures;
+    ``init_from``: the warm start's source and checksums (``--init-from``), or None."""
     history: list[dict[str, float]] = state.get("history", [])
     n = max(5, len(history) // 10)
     losses = {}
@@ -60,6 +64,9 @@ def build_summary(state: dict[str, Any], *, wall_seconds: float, storage: dict[s
         "samples_per_s_median": round(statistics.median(sps), 2) if sps else None,
         "nonfinite_steps": state["nonfinite_steps"],
         "resumes": state["resumes"],
+        "init_from": state.get("init_from"),
+        "evals": [{k: v for k, v in r.items() if k == "step" or k.startswith("eval_")}
+                  for r in history if "eval_itm_acc" in r],
         **({"heldout": {k: heldout[k] for k in HELDOUT_KEYS if k in heldout}} if heldout else {}),
         "wall_seconds": round(wall_seconds, 1),
         **storage,

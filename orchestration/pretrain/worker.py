@@ -26,6 +26,7 @@ from fsspec.utils import get_protocol
 from data_pipeline.loader import LoaderConfig, PretrainLoader, images_to_batch
 from orchestration.pretrain.config import RunConfig
 from orchestration.pretrain.heldout_eval import periodic_heldout_eval
+from orchestration.pretrain.init_from import engine_checksums, warm_start, write_record
 from orchestration.runtime import faults
 from orchestration.runtime.checkpoint import (
     DS_TAG,
@@ -162,12 +163,20 @@ class _Trainer:
         self.model_cfg = model_cfg
         # Same seed on every rank: identical initial weights and codebook before DeepSpeed's broadcast.
         torch.manual_seed(cfg.seed)
-        model = SohoForPretraining(model_cfg)
+        # --init-from: no trunk/BERT download, every tensor comes from the source (unless the run resumes)
+        model = SohoForPretraining(model_cfg, load_pretrained=cfg.init_from is None)
+        self.init_from: dict[str, Any] | None = None  # train_state / summary "init_from"
+        self._init_from_skipped = False
+        if cfg.init_from:  # before the engine: DeepSpeed makes its fp32 masters / ZeRO-3 partitions of them
+            self.init_from, self._init_from_skipped = warm_start(model, cfg, self.store, self.staging,
+                                                                 self.rank)
         if self.world_size > 1:
             model.soho.visual_dictionary.reduce_fn = sum_over_ranks
         built = build_engine(model, cfg.optim, cfg.scale, self.world_size)
         self.engine, self.group_specs, self.ds_config = built.engine, built.group_specs, built.ds_config
         self.model_dtype = built.dtype
+        if self.init_from is not None and not self._init_from_skipped:
+            self._check_warm_start()
         data = cfg.dataset
         self.loader = PretrainLoader(
             LoaderConfig(
@@ -196,6 +205,18 @@ class _Trainer:
         port = cfg.observability.metrics_port
         if port >= 0:
             self.metrics_port = self.metrics.start_http_server(port + self.local_rank if port > 0 else 0)
+
+    def _check_warm_start(self) -> None:
+        """Record what the engine holds at step 0 (collective); in fp32 it must be the source exactly."""
+        assert self.init_from is not None
+        cfg = self.cfg
+        self.init_from.update(engine_checksums(self.engine))
+        same = self.init_from["weights_sha256"] == self.init_from["source_sha256"]
+        if cfg.scale.precision == "fp32" and not same:
+            raise RuntimeError(f"--init-from {cfg.init_from}: the engine's fp32 weights at step 0 differ "
+                               "from the source's after loading (checksums)")
+        if self.rank == 0:
+            write_record(cfg.checkpoint.storage_path, cfg.name, cfg.storage_options(), self.init_from)
 
     def _all_agree(self, ok: bool) -> bool:
         return all_agree(ok, self.device)
@@ -627,6 +648,7 @@ class _Trainer:
             "history_log": f"{HISTORY_DIR}/ beside the checkpoints "
                            "(orchestration.runtime.checkpoint.read_history)",
             "vd_codebook_sha256": codebook_sha,
+            "init_from": self.init_from,
             "time": time.time(),
         }
 
@@ -655,6 +677,11 @@ class _Trainer:
         self.staging.remove_stale()  # what a killed attempt of this rank of this run left in the temp dir
         self.build()
         self.resume()
+        if self._init_from_skipped and self.step == 0:  # the checkpoints that made build() skip it all failed
+            raise RuntimeError(
+                f"--init-from {self.cfg.init_from} was skipped because run {self.cfg.name} has committed "
+                "checkpoints, but none of them could be verified (see the log): not starting from random "
+                "weights; remove them or use another --run-name")
         self.start_step = self.step
         # rank 0 only; a resumed attempt purges what an earlier one logged after the checkpoint
         self.run_logger = open_run_logger(self.cfg, self.rank, self.start_step)

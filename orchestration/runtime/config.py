@@ -326,20 +326,53 @@ class ObservabilityConfig:
         default=0,
         metadata=opt("held-out ITM accuracy and zero-shot retrieval every N steps on rank 0 (other ranks "
                       "wait), recorded in the step history as eval_* and exported as "
-                      "soho_eval_recall{direction,k}; needs the embedded synthetic data (its held-out split; "
-                      "--data unset); 0 = off"),
+                      "soho_eval_recall{direction,k}, soho_eval_itm_accuracy and soho_eval_seconds; on "
+                      "--eval-data when given, else on the embedded synthetic data's held-out split (--data "
+                      "unset); 0 = off"),
     )
     eval_candidates: int = field(
         default=100,
-        metadata=opt("--eval-every / --final-eval: held-out images (and captions) in the retrieval pool; the "
-                      "eval scores N² pairs"),
+        metadata=opt("--eval-every / --final-eval on the synthetic held-out split: held-out images (and "
+                      "captions) in the retrieval pool; the eval scores N² pairs"),
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata=opt("Karpathy-format retrieval split JSON (local path or fsspec URL, e.g. dataset_coco.json "
+                      "or dataset_flickr30k.json) evaluated by --eval-every / --final-eval instead of the "
+                      "synthetic held-out split: ITM accuracy and zero-shot recall@1/5/10 both ways (ITC "
+                      "prefilter + ITM re-rank of the top --eval-k; --eval-exhaustive ranks every pair); "
+                      "needs --eval-images"),
+    )
+    eval_images: str | None = field(
+        default=None,
+        metadata=opt("--eval-data: the image root the Karpathy entries' filepath/filename are relative to "
+                      "(local path or fsspec URL)"),
+    )
+    eval_split: str = field(default="test",
+                            metadata=opt("--eval-data: the Karpathy split evaluated (test, val, ...)"))
+    eval_max_images: int | None = field(
+        default=None,
+        metadata=opt("--eval-data: evaluate a fixed, seeded subset of at most N images of the split (the "
+                      "same subset at every evaluation and in every run; logged), so a 5k-image split does "
+                      "not stall training; default: the whole split"),
+    )
+    eval_k: int = field(
+        default=16,
+        metadata=opt("--eval-data fast path: candidates per query kept by the ITC prefilter and re-ranked "
+                      "by ITM (2·k·N ITM passes instead of N²)"),
+    )
+    eval_exhaustive: bool = field(
+        default=False,
+        metadata=opt("--eval-data: rank every image-caption pair with ITM (N_img x N_txt passes) instead of "
+                      "the prefilter + re-rank fast path"),
     )
     final_eval: bool | None = field(
         default=None,
-        metadata=opt("after the run, evaluate the final model on --eval-candidates held-out scenes (ITM "
-                      "accuracy, zero-shot recall@1/5/10 both ways, codebook usage and perplexity) into "
-                      "summary.json and the printed summary; needs the embedded synthetic data (its held-out "
-                      "split); default: on when --data is unset"),
+        metadata=opt("after the run, evaluate the final model (ITM accuracy, zero-shot recall@1/5/10 both "
+                      "ways, codebook usage and perplexity) into summary.json and the printed summary: on "
+                      "--eval-data when given, else on --eval-candidates held-out synthetic scenes (needs "
+                      "the embedded synthetic data); default: on when --eval-data is given or --data is "
+                      "unset"),
     )
     tensorboard_dir: str | None = field(
         default=None,
@@ -359,6 +392,19 @@ class ObservabilityConfig:
         at_least(self, 1, ("log_every",))
         at_least(self, 0, ("eval_every",))
         need(self.eval_candidates >= 2, f"eval_candidates={self.eval_candidates!r} must be >= 2")
+        need(self.eval_k >= 1, f"eval_k={self.eval_k!r} must be >= 1")
+        need(self.eval_max_images is None or self.eval_max_images >= 2,
+             f"eval_max_images={self.eval_max_images!r} must be >= 2 (an ITM negative needs another image)")
+        need(bool(self.eval_split.strip()), "eval_split must not be empty (e.g. test)")
+        if self.eval_data is not None:
+            need(bool(self.eval_data.strip()), "eval_data must not be empty (omit --eval-data)")
+            need(bool(self.eval_images and self.eval_images.strip()),
+                 f"eval_data={self.eval_data!r} needs --eval-images DIR: the folder its entries' "
+                 "filepath/filename are relative to (for COCO the folder holding train2014/ and val2014/)")
+        else:
+            for name in ("eval_images", "eval_max_images"):
+                need(getattr(self, name) is None,
+                     f"{name}={getattr(self, name)!r} only applies to --eval-data (give the Karpathy JSON)")
         need(self.tensorboard_dir is None or bool(self.tensorboard_dir.strip()),
              "tensorboard_dir must not be empty (omit --tensorboard-dir to turn TensorBoard logging off)")
         need(-1 <= self.metrics_port <= 65535, f"metrics_port={self.metrics_port!r} must be in -1..65535")

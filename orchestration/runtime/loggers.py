@@ -49,7 +49,7 @@ PRETRAIN_TAGS: dict[str, str] = {
 }
 OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory"}  # no directories to make first
 ITC_KEYS = ("itc", "itc_acc")  # logged only when the contrastive term is on (pretrain.itc_weight > 0)
-EVAL_SKIP = ("eval_candidates",)  # a constant of the run, not a curve
+EVAL_SKIP = ("eval_candidates", "eval_texts")  # constants of the run, not curves
 
 WANDB_MISSING = ("wandb_project={project!r} needs the `wandb` package, which is not installed in this Python "
                  "environment: `pip install wandb` (and `wandb login`, or WANDB_API_KEY / "

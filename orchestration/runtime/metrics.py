@@ -50,6 +50,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "soho_checkpoint_last_timestamp_seconds",
     "soho_data_bad_samples_total",
     "soho_eval_recall",
+    "soho_eval_itm_accuracy",
+    "soho_eval_seconds",
     "soho_run_info",
 )
 
@@ -214,6 +216,18 @@ class SohoMetrics:
             ["rank", "direction", "k"],
             registry=r,
         )
+        self._eval_itm = Gauge(
+            "soho_eval_itm_accuracy",
+            "Held-out ITM accuracy of the last evaluation (0..1, chance 0.5).",
+            ["rank"],
+            registry=r,
+        )
+        self._eval_seconds = Gauge(
+            "soho_eval_seconds",
+            "Wall time of the last evaluation during training (the steps stall for it).",
+            ["rank"],
+            registry=r,
+        )
         self._info = Info("soho_run", "Low-cardinality description of the run.", ["rank"], registry=r)
 
         # Children that exist from the start, so that rate()/increase() see a 0 before the first
@@ -376,6 +390,14 @@ class SohoMetrics:
             self._eval_recall.labels(rank=self._rank_label, direction=direction, k=str(int(k))).set(
                 float(value)
             )
+
+    def set_eval_figures(self, itm_accuracy: float, seconds: float) -> None:
+        """Export the last evaluation's ITM accuracy (0..1) and how long it took."""
+        value = float(itm_accuracy)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"set_eval_figures: itm_accuracy must be in [0, 1], got {itm_accuracy!r}")
+        self._eval_itm.labels(rank=self._rank_label).set(value)
+        self._eval_seconds.labels(rank=self._rank_label).set(_check_non_negative("seconds", seconds))
 
     def set_info(self, config: Mapping[str, Any]) -> None:
         """Describe the run in ``soho_run_info`` using only low-cardinality config keys.

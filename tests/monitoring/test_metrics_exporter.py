@@ -26,6 +26,7 @@ def _fill(m: SohoMetrics) -> None:
     m.observe_checkpoint(step=100, seconds=4.0, timestamp=1_700_000_000.0)
     m.set_bad_samples({"decode_error": 3})
     m.set_eval({("t2i", 1): 0.25, ("i2t", 5): 0.6})
+    m.set_eval_figures(itm_accuracy=0.75, seconds=12.5)
     m.set_info({"preset": "tiny", "storage_path": "s3://bucket/x"})
 
 
@@ -113,6 +114,7 @@ def test_vd_health_checkpoint_nonfinite_eval_info() -> None:
     assert m.value("soho_checkpoint_save_duration_seconds_sum") == 4.0
     assert m.value("soho_eval_recall", direction="t2i", k="1") == 0.25
     assert m.value("soho_eval_recall", direction="i2t", k="5") == 0.6
+    assert (m.value("soho_eval_itm_accuracy"), m.value("soho_eval_seconds")) == (0.75, 12.5)
     # Only low-cardinality keys become labels: the storage URL must not.
     assert m.value("soho_run_info", preset="tiny") == 1.0
     info = [s for f in m.registry.collect() if f.name == "soho_run" for s in f.samples]

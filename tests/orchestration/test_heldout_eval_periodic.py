@@ -15,7 +15,8 @@ KEYS = [f"eval_{d}_r{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]
 
 
 def test_eval_every_needs_the_synthetic_heldout_split() -> None:
-    with pytest.raises(ValueError, match="eval_every=5 needs the embedded synthetic data"):
+    with pytest.raises(ValueError, match="eval_every=5 needs evaluation data; --data 's3://bucket/shards/"
+                                         "manifest.json' has no held-out split.*--eval-data"):
         RunConfig.of(eval_every=5, data="s3://bucket/shards/manifest.json")
     with pytest.raises(ValueError, match="eval_candidates=1 must be >= 2"):
         RunConfig.of(eval_every=5, eval_candidates=1)
@@ -33,7 +34,7 @@ def test_final_eval_is_on_exactly_for_the_embedded_synthetic_data() -> None:
     assert parse_run_config([]).run_final_eval is True
     assert parse_run_config(["--data", "x/manifest.json"]).run_final_eval is False
     assert parse_run_config(["--no-final-eval"]).run_final_eval is False
-    with pytest.raises(ValueError, match="final_eval needs the embedded synthetic data.*'x/manifest.json'"):
+    with pytest.raises(ValueError, match="final_eval needs evaluation data; --data 'x/manifest.json'"):
         parse_run_config(["--final-eval", "--data", "x/manifest.json"])
 
 
