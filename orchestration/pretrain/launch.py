@@ -89,8 +89,10 @@ def final_heldout_eval(cfg: RunConfig, export: Path) -> dict[str, Any] | None:
     result = evaluate_export(
         export, HeldoutConfig.from_run_config(cfg, num_candidates=cfg.observability.eval_candidates))
     logger.info("held-out evaluation of the final model: ITM acc %.3f, R@1 t2i %.0f %% / i2t %.0f %% among "
-                "%d, VD usage %.2f perplexity %.1f (%.1f s)", result["itm_acc"], result["t2i_r1"],
-                result["i2t_r1"], result["num_candidates"], result["vd_usage_ratio"], result["vd_perplexity"],
+                "%d (paraphrased captions: ITM acc %.3f, R@1 t2i %.0f %% / i2t %.0f %%), VD usage %.2f "
+                "perplexity %.1f (%.1f s)", result["itm_acc"], result["t2i_r1"], result["i2t_r1"],
+                result["num_candidates"], result["para_itm_acc"], result["para_t2i_r1"],
+                result["para_i2t_r1"], result["vd_usage_ratio"], result["vd_perplexity"],
                 result["eval_seconds"])
     return result
 

@@ -22,6 +22,9 @@ TASKS = ("loss", "mlm", "mvm", "itm")
 HELDOUT_KEYS = ("num_candidates", "itm_acc", "itm_acc_pos", "itm_acc_neg", "t2i_r1", "t2i_r5", "t2i_r10",
                 "i2t_r1", "i2t_r5", "i2t_r10", "chance_r1", "vd_usage_ratio", "vd_perplexity",
                 "vd_dead_codes", "vd_num_codes", "eval_seconds",
+                # the synthetic split's paraphrased captions (data_pipeline.paraphrase)
+                "para_itm_acc", "para_itm_acc_pos", "para_itm_acc_neg", "para_t2i_r1", "para_t2i_r5",
+                "para_t2i_r10", "para_i2t_r1", "para_i2t_r5", "para_i2t_r10",
                 # --eval-data: which split and how it was ranked
                 "source", "mode", "num_texts", "prefilter_k", "pairs_scored")
 
