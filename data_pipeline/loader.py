@@ -34,6 +34,15 @@ With ``num_workers > 0`` batches are built inside torch DataLoader workers and r
 worker in this process, so the global batch order is the same whatever the processes' timing, and
 ``state_dict()`` (each worker's position + whose turn is next) restores it exactly.
 
+Changing the world size or the number of DataLoader workers (a run that lost a GPU goes on with fewer ranks,
+or grows back): build the loader for the new world and call ``load_states_from(states)`` with every old
+rank's ``state_dict()`` in old rank order. Epoch mode: the rest of the interrupted pass is split over the
+new streams — partly read windows are re-read and re-shuffled exactly as their old stream did and continue
+after the items it delivered; shards no old stream started are dealt round-robin in pass order — so every
+sample of the pass is delivered exactly once (``drop_last`` and undecodable samples aside); later epochs
+are the new world's own. Resampled mode: every stream is reseeded (the reshape generation is part of its
+seed key). Semantics, exceptions and cost: ``data_pipeline/assignment.py``.
+
 Verification (``LoaderConfig.verify``, on by default; nothing changed after sharding is trained on silently):
 
 * Per sample, before it enters a window: the sha256 of the ``jpg`` and of the ``txt`` bytes (already in
@@ -77,7 +86,6 @@ import json
 import logging
 import math
 import os
-import random
 import warnings
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -89,6 +97,21 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_pipeline.assignment import (
+    StreamPlan,
+    WindowRead,
+    carry_plans,
+    check_old_states,
+    iter_windows,
+    pass_order,
+    plan_to_json,
+    position_after,
+    resample_index,
+    state_plans,
+    stream_key,
+    stream_sequence,
+    stream_work,
+)
 from data_pipeline.storage import expand_braces, get_fs
 from data_pipeline.tarstream import UNREADABLE_SHARD, HashingReader, RawSample, iter_tar
 from data_pipeline.tokenizer import load_tokenizer
@@ -97,7 +120,7 @@ from data_pipeline.writer import FORMAT_NAME
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork; no nested thread pools
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: positions record a started window's "end"; "generation" and "plans" (reshapes)
 
 # Reasons counted while loading (beside tarstream's truncated_tar / unsafe_member_name / unreadable_shard).
 UNDECODABLE_IMAGE = "undecodable_image"
@@ -196,10 +219,10 @@ def resolve_shard_records(
 def epoch_shards(
     shards: list[str], seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int
 ) -> list[str]:
-    """This worker's shards for one epoch: shuffled by (seed, epoch), split by node, then by worker."""
-    order = list(shards)
-    random.Random(f"{seed}/shards/{epoch}").shuffle(order)
-    return order[rank::world_size][worker::num_workers]
+    """This worker's shards for one epoch: shuffled by (seed, epoch), split by node, then by worker
+    (``order[rank::world_size][worker::num_workers]``; ``assignment.stream_sequence`` names the indices)."""
+    order = pass_order(shards, seed, epoch)
+    return [order[i] for i in stream_sequence(rank, world_size, worker, num_workers, len(order))]
 
 
 def check_enough_shards(n_shards: int, world_size: int, num_workers: int, what: str) -> None:
@@ -492,7 +515,11 @@ class WorkerStream:
     """The batches of one (rank, worker) for one epoch, starting from a saved position.
 
     Position = ``{"pos": index of the window's first shard in this worker's sequence (resampled: number of
-    shards drawn before the window), "item": items of that window already consumed, "done": bool}``.
+    shards drawn before the window), "item": items of that window already consumed, "end": the next
+    window's pos (only while item > 0), "done": bool}``. ``plan``: this stream's work for a reshaped pass
+    (``assignment.StreamPlan``: carried windows, then fresh shards; sequence positions count the carried
+    windows first), None for the usual ``epoch_shards``; ``generation``: reshapes so far (names the seeds of
+    planned and resampled streams, see ``assignment.stream_key``).
     Yields ``(kind, batch | None, position after it, bad-count delta, findings delta)`` with kind "batch" or
     "end"; findings = ``{"rejected": {shard: cause}, "failed": [(shard, cause), ...]}`` (shards rejected by
     verification; shards that gave nothing).
@@ -501,9 +528,10 @@ class WorkerStream:
     def __init__(
         self, cfg: LoaderConfig, shards: list[str], rank: int, world_size: int, worker: int, num_workers: int,
         epoch: int, start: dict[str, Any] | None, records: dict[str, ShardRecord] | None = None,
-        rejected: dict[str, str] | None = None,
+        rejected: dict[str, str] | None = None, plan: StreamPlan | None = None, generation: int = 0,
     ) -> None:
         self.cfg, self.shards, self.rank, self.world_size = cfg, shards, rank, world_size
+        self.plan, self.generation = plan, generation
         self.worker, self.num_workers, self.epoch = worker, num_workers, epoch
         self.start = dict(start or {"pos": 0, "item": 0, "done": False})
         self.records = records or {}
@@ -512,12 +540,6 @@ class WorkerStream:
         self._new_rejected: dict[str, str] = {}
         self._new_failed: list[tuple[str, str]] = []
         self._streak: list[tuple[str, str]] = []
-
-    def _shard_at(self, i: int, mine: list[str] | None) -> str | None:
-        if mine is not None:
-            return mine[i] if i < len(mine) else None
-        rng = random.Random(f"{self.cfg.seed}/resample/{self.rank}/{self.worker}/{i}")
-        return self.shards[rng.randrange(len(self.shards))]
 
     def _read_shard(self, url: str, count_bad: bool) -> tuple[list[RawSample], str]:
         """The shard's samples that pass the checks, and (if there are none) why it gave nothing."""
@@ -576,39 +598,44 @@ class WorkerStream:
         more = f"; and {len(problems) - 3} more problems" if len(problems) > 3 else ""
         return [], "; ".join(problems[:3]) + more
 
-    def _read_window(self, pos: int, mine: list[str] | None, count_bad: bool) -> tuple[list[RawSample], int]:
-        """Raw samples of the window starting at shard ``pos``; returns them and the next window's pos."""
-        items: list[RawSample] = []
-        target = max(1, self.cfg.shuffle_buffer)
-        while len(items) < target:
-            url = self._shard_at(pos, mine)
-            if url is None:
-                break
-            pos += 1
-            got, cause = self._read_shard(url, count_bad)
-            if got:
-                items.extend(got)
-                self._streak = []
-                continue
-            self._new_failed.append((url, cause))
-            self._streak.append((url, cause))
-            if len(self._streak) >= self.cfg.max_bad_shards_in_row:
-                raise DataUnreadableError(
-                    f"{len(self._streak)} shards in a row gave no usable sample (rank {self.rank}, worker "
-                    f"{self.worker}, epoch {self.epoch}; "
-                    f"max_bad_shards_in_row={self.cfg.max_bad_shards_in_row}): "
-                    f"{_name_shards(self._streak)}")
-        return items, pos
+    def _read(self, url: str, count_bad: bool) -> list[RawSample]:
+        """``_read_shard`` plus the streak of shards giving nothing (``max_bad_shards_in_row``)."""
+        got, cause = self._read_shard(url, count_bad)
+        if got:
+            self._streak = []
+            return got
+        self._new_failed.append((url, cause))
+        self._streak.append((url, cause))
+        if len(self._streak) >= self.cfg.max_bad_shards_in_row:
+            raise DataUnreadableError(
+                f"{len(self._streak)} shards in a row gave no usable sample (rank {self.rank}, worker "
+                f"{self.worker}, epoch {self.epoch}; "
+                f"max_bad_shards_in_row={self.cfg.max_bad_shards_in_row}): "
+                f"{_name_shards(self._streak)}")
+        return []
+
+    def _windows(self, pos: int, skip: int) -> Iterator[WindowRead]:
+        """This stream's windows (``assignment.iter_windows``) from position (pos, skip)."""
+        cfg = self.cfg
+        if cfg.resampled:
+            key, n = stream_key(self.rank, self.worker, self.generation), len(self.shards)
+            return iter_windows((), lambda i: resample_index(cfg.seed, key, i, n),
+                                lambda i, count: self._read(self.shards[i], count),
+                                pos, skip, cfg.shuffle_buffer, cfg.seed, self.epoch, key)
+        order = pass_order(self.shards, cfg.seed, self.epoch)
+        plan, key = stream_work(self.plan, self.rank, self.world_size, self.worker, self.num_workers,
+                                len(order), self.generation)
+        fresh = plan.fresh
+        return iter_windows(plan.windows, lambda i: int(fresh[i]) if i < len(fresh) else None,
+                            lambda i, count: self._read(order[i], count),
+                            pos, skip, cfg.shuffle_buffer, cfg.seed, self.epoch, key)
 
     def __iter__(
         self,
     ) -> Iterator[tuple[str, dict[str, Any] | None, dict[str, Any], dict[str, int], dict[str, Any]]]:
         cfg = self.cfg
-        mine = None if cfg.resampled else epoch_shards(
-            self.shards, cfg.seed, self.epoch, self.rank, self.world_size, self.worker, self.num_workers)
         collate = Collator(cfg)
         decode = undecoded_sample if cfg.gpu_decode else decode_sample
-        pos, skip = int(self.start["pos"]), int(self.start["item"])
         if self.start.get("done"):
             return
         pending: list[DecodedSample] = []
@@ -621,30 +648,19 @@ class WorkerStream:
             self._new_rejected, self._new_failed = {}, []
             return d, found
 
-        first = True
-        while True:
-            # Re-reading the window we resume into must not count its shard-level problems twice.
-            items, next_pos = self._read_window(pos, mine, count_bad=not (first and skip > 0))
-            first = False
-            if not items and next_pos == pos:
-                break  # no shards left (non-resampled end of epoch)
-            order = list(range(len(items)))
-            if cfg.shuffle_buffer > 1:
-                random.Random(f"{cfg.seed}/window/{self.epoch}/{self.rank}/{self.worker}/{pos}").shuffle(order)
-            for idx in range(skip, len(order)):
-                out = decode(items[order[idx]], cfg.max_image_side)
+        pos = int(self.start["pos"])
+        for win in self._windows(pos, int(self.start["item"])):
+            for idx in range(win.skip, len(win.order)):
+                out = decode(win.items[win.order[idx]], cfg.max_image_side)
                 if isinstance(out, str):
                     self.bad[out] += 1
                 else:
                     pending.append(out)
                 if len(pending) == cfg.batch_size:
-                    nxt = {"pos": pos, "item": idx + 1, "done": False}
-                    if idx + 1 == len(order):
-                        nxt = {"pos": next_pos, "item": 0, "done": False}
-                    yield "batch", collate(pending), nxt, *delta()
+                    yield "batch", collate(pending), position_after(win, idx), *delta()
                     pending = []
-            pos, skip = next_pos, 0
-            if not items and mine is None:
+            pos = win.end
+            if not win.items and cfg.resampled:
                 raise RuntimeError(
                     f"resampled shards yield no samples (rank {self.rank}, worker {self.worker})")
         end = {"pos": pos, "item": 0, "done": True}
@@ -662,12 +678,14 @@ class _EpochDataset(IterableDataset):
         self.rank, self.world_size = loader.rank, loader.world_size
         self.epoch, self.starts = epoch, starts
         self.rejected = dict(loader.rejected_shards())
+        self.plans, self.generation = loader.epoch_plans(), loader.generation
 
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         wid, nw = (0, 1) if info is None else (info.id, info.num_workers)
         stream = WorkerStream(self.cfg, self.shards, self.rank, self.world_size, wid, nw, self.epoch,
-                              self.starts.get(wid), self.records, self.rejected)
+                              self.starts.get(wid), self.records, self.rejected,
+                              None if self.plans is None else self.plans[wid], self.generation)
         for item in stream:
             yield (wid, *item)
 
@@ -701,6 +719,9 @@ class PretrainLoader:
         self._rejected: dict[str, str] = {}  # shard → why verification rejected it (skipped from then on)
         self._pass_failed: dict[str, str] = {}  # shard → cause: shards that gave nothing in this pass
         self.batches_yielded = 0
+        self.generation = 0  # reshapes (world size / workers changed) so far: names reseeded streams
+        self._plans: dict[str, Any] | None = None  # {"epoch", "streams": {worker: plan}}: a reshaped pass
+        self._plans_cache: tuple[int, dict[int, StreamPlan] | None] | None = None
 
     # -- resumable state
     def state_dict(self) -> dict[str, Any]:
@@ -710,23 +731,120 @@ class PretrainLoader:
             "num_shards": len(self.shards), "next_worker": self._next_worker,
             "positions": {str(k): dict(v) for k, v in self._positions.items()},
             "bad_counts": dict(self._bad), "batches_yielded": self.batches_yielded,
-            "rejected_shards": dict(self._rejected),
+            "rejected_shards": dict(self._rejected), "generation": self.generation,
+            "plans": self._live_plans(),
         }
 
+    def _layout(self) -> dict[str, Any]:
+        return {"seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
+                "num_workers": self.num_streams, "resampled": self.cfg.resampled,
+                "num_shards": len(self.shards)}
+
+    def _live_plans(self) -> dict[str, Any] | None:
+        return self._plans if self._plans is not None and self._plans["epoch"] == self.epoch else None
+
+    def epoch_plans(self) -> dict[int, StreamPlan] | None:
+        """{worker: plan} when the current epoch is a pass carried over from another world shape, else
+        None."""
+        if self._plans_cache is None or self._plans_cache[0] != self.epoch:
+            live = self._live_plans()
+            self._plans_cache = (self.epoch, state_plans({"plans": live}, self.epoch))
+        return self._plans_cache[1]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expect = {"seed": self.cfg.seed, "rank": self.rank, "world_size": self.world_size,
-                  "num_workers": self.num_streams, "resampled": self.cfg.resampled,
-                  "num_shards": len(self.shards)}
-        for k, v in expect.items():
+        """Continue exactly where ``state`` (this rank's ``state_dict()``, same world size and workers) left
+        off. Another world shape: :meth:`load_states_from`."""
+        version = state.get("version", 1)
+        if version not in (1, STATE_VERSION):
+            raise ValueError(f"loader state has version {version!r}; this loader reads versions 1 and "
+                             f"{STATE_VERSION}")
+        for k, v in self._layout().items():
             if state.get(k) != v:
+                hint = " (another world size or worker count: use load_states_from with every rank's state)" \
+                    if k in ("world_size", "num_workers") else ""
                 raise ValueError(f"loader state was saved with {k}={state.get(k)!r} but this loader has "
-                                 f"{k}={v!r}; an exact resume needs the same value")
+                                 f"{k}={v!r}; an exact resume needs the same value{hint}")
+        plans = state.get("plans")
+        if plans is not None:
+            streams = plans.get("streams", {}) if isinstance(plans, dict) else {}
+            if sorted(int(w) for w in streams) != list(range(self.num_streams)):
+                raise ValueError(f"loader state: plans for workers {sorted(streams)} but this loader has "
+                                 f"{self.num_streams} worker stream(s)")
         self.epoch = int(state["epoch"])
         self._positions = {int(k): dict(v) for k, v in state["positions"].items()}
         self._next_worker = int(state["next_worker"])
         self._bad = Counter(state.get("bad_counts", {}))
         self.batches_yielded = int(state.get("batches_yielded", 0))
         self._rejected = dict(state.get("rejected_shards", {}))
+        self.generation = int(state.get("generation", 0))
+        self._plans = dict(plans) if plans is not None else None
+        self._plans_cache = None
+        self.epoch_plans()  # a malformed plan fails here, not in a DataLoader worker
+
+    def load_states_from(self, states: list[dict[str, Any]]) -> None:
+        """Continue a run saved by another world: ``states`` = every OLD rank's ``state_dict()``, in old rank
+        order; this loader is built for the new world (rank, world_size, num_workers).
+
+        Same world size and workers: exactly ``load_state_dict(states[rank])``. Otherwise (epoch mode) the
+        rest of the interrupted pass is split over the new streams so that each of its samples not yet
+        delivered is delivered exactly once (``assignment.carry_plans``; semantics and exceptions in
+        ``data_pipeline/assignment.py``'s docstring); later epochs use the new world's ``epoch_shards``.
+        Resampled: every stream is reseeded (``generation`` + 1 in its seed key, deterministic) and starts
+        afresh. Counters: ``bad_sample_counts`` and ``batches_yielded`` take this rank's share (the sum of old
+        ranks ``o`` with ``o % world_size == rank``, so the sums over ranks carry on); rejected shards: the
+        union of every old rank's.
+        """
+        check_old_states(states)
+        old = states[0]
+        if old.get("world_size") == self.world_size and old.get("num_workers") == self.num_streams:
+            self.load_state_dict(states[self.rank])
+            return
+        for k, v in self._layout().items():
+            if k not in ("rank", "world_size", "num_workers") and old.get(k) != v:
+                raise ValueError(f"load_states_from: the old loader states were saved with "
+                                 f"{k}={old.get(k)!r} but this loader has {k}={v!r}; a carried position "
+                                 "needs the same value")
+        for i, s in enumerate(states):
+            if s.get("version", 1) not in (1, STATE_VERSION):
+                raise ValueError(f"load_states_from: states[{i}] has version {s.get('version')!r}; this "
+                                 f"loader reads versions 1 and {STATE_VERSION}")
+        bad: Counter[str] = Counter()
+        batches = 0
+        rejected: dict[str, str] = {}
+        for o, s in enumerate(states):
+            if o % self.world_size == self.rank:
+                bad.update(s.get("bad_counts", {}))
+                batches += int(s.get("batches_yielded", 0))
+            for url, cause in sorted(s.get("rejected_shards", {}).items()):
+                rejected.setdefault(url, cause)
+        self._bad, self.batches_yielded, self._rejected = bad, batches, rejected
+        self._next_worker = 0
+        self._positions = {}
+        self._plans, self._plans_cache = None, None
+        generation = max(int(s.get("generation", 0)) for s in states) + 1
+        where = (f"{len(states)} rank(s) × {old.get('num_workers')} worker(s) → {self.world_size} × "
+                 f"{self.num_streams}")
+        if self.cfg.resampled:
+            self.epoch, self.generation = 0, generation
+            logger.info("loader rank %d: resampled streams reseeded after a reshape (%s), generation %d",
+                        self.rank, where, generation)
+            return
+        carry = carry_plans(states, self.world_size, self.num_streams, ranks=[self.rank])
+        self.epoch, self.generation = carry.epoch, carry.generation
+        if carry.lagging_ranks:
+            logger.warning("loader rank %d: old rank(s) %s were saved before epoch %d, which the run is in; "
+                           "the rest of their earlier epoch is left out (as on a resume without a reshape)",
+                           self.rank, carry.lagging_ranks, carry.epoch)
+        if carry.plans is not None:
+            streams = {w: carry.plans[(self.rank, w)] for w in range(self.num_streams)}
+            self._plans = {"epoch": carry.epoch,
+                           "streams": {str(w): plan_to_json(p) for w, p in streams.items()}}
+            for w, p in streams.items():
+                if not p.windows and len(p.fresh) == 0:
+                    self._positions[w] = {"pos": 0, "item": 0, "done": True}  # nothing left for this stream
+        logger.info("loader rank %d: epoch %d carried over a reshape (%s): %d partly read window(s) and %d "
+                    "unstarted shard(s) split over the new streams", self.rank, carry.epoch, where,
+                    carry.carried_windows, carry.unstarted_shards)
 
     def bad_sample_counts(self) -> dict[str, int]:
         """{reason: count} of samples skipped while loading (cumulative, survives resume)."""
@@ -744,6 +862,7 @@ class PretrainLoader:
                 return
             self.epoch += 1
             self._positions, self._next_worker = {}, 0
+            self._plans = self._plans_cache = None  # a reshape plan covers only the pass it interrupted
 
     def _source(self, starts: dict[int, dict[str, Any]]) -> Iterator[tuple]:
         ds = _EpochDataset(self, self.epoch, starts)
@@ -761,7 +880,7 @@ class PretrainLoader:
         if not active:
             return
         queues: dict[int, deque] = {w: deque() for w in range(n)}
-        from_start = not self._positions
+        from_start = not self._positions and self.epoch_plans() is None
         batches = 0
         self._pass_failed.clear()
         source = self._source({w: self._positions[w] for w in self._positions})
