@@ -46,8 +46,8 @@ DUMP_SCRIPT = textwrap.dedent("""
     from orchestration.runtime.distributed import destroy_process_group, ensure_process_group
 
     storage, name, data, out = sys.argv[1:5]
-    ckpts = sorted((p for p in os.scandir(f"{storage}/{name}/checkpoints") if p.is_dir()), key=lambda p: p.name)
-    state = json.load(open(f"{ckpts[-1].path}/train_state.json"))
+    ckpts = sorted(p.path for p in os.scandir(f"{storage}/{name}/checkpoints") if p.is_dir())
+    state = json.load(open(f"{ckpts[-1]}/train_state.json"))
     cfg = RunConfig.from_dict(state["config"])
     ensure_process_group(False)
     store = StorageStore(storage, name, 3, rank=dist.get_rank(), world_size=dist.get_world_size(),
@@ -99,7 +99,7 @@ def test_consolidation_arithmetic_zero12_and_zero3() -> None:
         parts, mappings = _zero12_layout(shapes, world, align=4)
         pieces = zero12_pieces([[m] for m in mappings])  # one param group
         for i, n in enumerate(shapes):
-            full = assemble(pieces[f"p{i}"], lambda r, g: parts[r], (n,))
+            full = assemble(pieces[f"p{i}"], lambda r, g, parts=parts: parts[r], (n,))
             assert torch.equal(full, torch.arange(n, dtype=torch.float32) + 1000 * i), (world, i)
         # ZeRO-3: each param cut into `world` parts of ceil(n / world), padded, back to back per rank
         z3 = zero3_pieces([{f"p{i}": (n,) for i, n in enumerate(shapes)}], world)
@@ -116,9 +116,12 @@ def test_consolidation_arithmetic_zero12_and_zero3() -> None:
             flats.append(torch.cat(chunks))
         for i, n in enumerate(shapes):
             want = torch.arange(n, dtype=torch.float32) + 1000 * i
-            assert torch.equal(assemble(z3[f"p{i}"], lambda r, g: flats[r], (n,)), want), (world, i)
+            def flat(r: int, g: int, flats: list[torch.Tensor] = flats) -> torch.Tensor:
+                return flats[r]
+
+            assert torch.equal(assemble(z3[f"p{i}"], flat, (n,)), want), (world, i)
             for start, length in ((0, n), (n // 3, n - n // 3), (n - 1, 1), (n // 2, 0)):
-                assert torch.equal(assemble_range(z3[f"p{i}"], lambda r, g: flats[r], start, length),
+                assert torch.equal(assemble_range(z3[f"p{i}"], flat, start, length),
                                    want[start:start + length])
     # a 2-D parameter keeps its shape; pieces that do not add up are refused
     assert assemble([Piece(0, 0, 0, 6)], lambda r, g: torch.arange(6.0), (2, 3)).shape == (2, 3)
@@ -210,4 +213,5 @@ def test_two_workers_to_one_zero2_bf16_hybrid_optimizer(tmp_path: Path, synth_ma
 @pytest.mark.integration
 def test_one_worker_to_two_zero3_fp32_epoch_mode(tmp_path: Path, synth_manifest: str) -> None:
     """ZeRO-3 fp32 in epoch mode: 1 worker for 5 steps, then 2 workers to 10 (the pass carried over)."""
-    _switch(tmp_path, synth_manifest, "w12", 1, 2, ["--zero-stage", "3", "--precision", "fp32", "--epochs", "3"])
+    _switch(tmp_path, synth_manifest, "w12", 1, 2,
+            ["--zero-stage", "3", "--precision", "fp32", "--epochs", "3"])
