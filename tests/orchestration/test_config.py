@@ -22,8 +22,9 @@ from orchestration.runtime.schedule import (
 def test_every_field_is_a_flag() -> None:
     flags = {a.option_strings[0] for a in build_parser()._actions if a.option_strings}
     leaves = configcli.leaves(RunConfig)
-    # the 60 options of the flat config before the split into sections, + gpu_decode and 3 step options
-    assert len(leaves) == 64
+    # the 60 options of the flat config before the split into sections, + gpu_decode, 3 step options and
+    # min_workers
+    assert len(leaves) == 65
     for leaf in leaves:
         assert leaf.flag in flags, leaf.name
     # the names the k8s manifests use

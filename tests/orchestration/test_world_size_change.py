@@ -215,3 +215,26 @@ def test_one_worker_to_two_zero3_fp32_epoch_mode(tmp_path: Path, synth_manifest:
     """ZeRO-3 fp32 in epoch mode: 1 worker for 5 steps, then 2 workers to 10 (the pass carried over)."""
     _switch(tmp_path, synth_manifest, "w12", 1, 2,
             ["--zero-stage", "3", "--precision", "fp32", "--epochs", "3"])
+
+
+def test_min_workers_is_ray_train_elastic_range(tmp_path: Path) -> None:
+    """--min-workers N becomes Ray Train V2's elastic ScalingConfig(num_workers=(N, --num-workers)) for
+    pre-training (whose checkpoints resume on any count); a job that cannot re-partition refuses it, and the
+    config refuses a range without Ray or outside 0..num_workers."""
+    from orchestration.runtime.config import ScaleConfig
+    from orchestration.runtime.ray_launch import build_torch_trainer
+
+    def trainer(scale: ScaleConfig, elastic: bool):  # noqa: ANN202 - a Ray TorchTrainer
+        return build_torch_trainer(lambda c: None, {}, scale, name="x", storage_path=str(tmp_path),
+                                   elastic=elastic)
+
+    sc = trainer(ScaleConfig(num_workers=3, min_workers=1), elastic=True).scaling_config
+    assert sc.num_workers == (1, 3) and sc.elasticity_enabled and (sc.min_workers, sc.max_workers) == (1, 3)
+    fixed = trainer(ScaleConfig(num_workers=3), elastic=True).scaling_config
+    assert fixed.num_workers == 3 and not fixed.elasticity_enabled
+    with pytest.raises(ValueError, match="drop --min-workers"):
+        trainer(ScaleConfig(num_workers=3, min_workers=2), elastic=False)  # e.g. fine-tuning
+    with pytest.raises(ValueError, match="min_workers=4 must be between 0"):
+        ScaleConfig(num_workers=3, min_workers=4)
+    with pytest.raises(ValueError, match="needs --launcher ray"):
+        ScaleConfig(num_workers=2, min_workers=1, launcher="local")
