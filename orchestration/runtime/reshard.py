@@ -376,16 +376,40 @@ def _same_scalars(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 # --- setting a full state into a freshly built engine of M ranks -----------------------------------------
+# What set_full_state uses of DeepSpeed's ZeRO optimizers beyond its public safe_set_* functions (0.19.8).
+_NEEDS = {
+    "zero3": ("fp32_partitioned_groups_flat", "fp16_groups", "optimizer", "dp_process_group",
+              "_reassign_or_swap_out_partitioned_parameters"),
+    "zero12": ("single_partition_of_fp32_groups", "bit16_groups", "optimizer",
+               "_lazy_init_hp_params_optimizer_state", "update_lp_params"),
+    "bf16": ("fp32_groups_flat_partition", "bf16_groups", "optimizer", "_lazy_init_hp_params_optimizer_state",
+             "update_lp_params"),
+}
+
+
 def _flat_groups(engine: Any) -> tuple[str, list[torch.Tensor], list[list[torch.nn.Parameter]]]:
     """(kind, the optimizer's flat fp32 partitions, the model parameters of each) of a DeepSpeed engine."""
     opt = engine.optimizer
     if engine.zero_optimization_stage() == 3:
-        return "zero3", list(opt.fp32_partitioned_groups_flat), [list(g) for g in opt.fp16_groups]
-    if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2 (DeepSpeedZeroOptimizer)
-        return "zero12", list(opt.single_partition_of_fp32_groups), [list(g) for g in opt.bit16_groups]
-    if hasattr(opt, "fp32_groups_flat_partition"):  # BF16_Optimizer (ZeRO-0 + bf16)
-        return "bf16", list(opt.fp32_groups_flat_partition), [list(g) for g in opt.bf16_groups]
-    raise ReshardError(f"no partitioned optimizer to re-partition into ({type(opt).__name__})")
+        kind = "zero3"
+    elif hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO-1/2 (DeepSpeedZeroOptimizer)
+        kind = "zero12"
+    elif hasattr(opt, "fp32_groups_flat_partition"):  # BF16_Optimizer (ZeRO-0 + bf16, where DeepSpeed has it)
+        kind = "bf16"
+    else:
+        raise ReshardError(f"no partitioned optimizer to re-partition into ({type(opt).__name__})")
+    missing = [a for a in _NEEDS[kind] if not hasattr(opt, a)]
+    if missing:
+        import deepspeed
+
+        raise ReshardError(f"DeepSpeed {deepspeed.__version__}: {type(opt).__name__} has no {missing} "
+                           "(written for DeepSpeed 0.19.8): resume with the number of workers that wrote the "
+                           "checkpoint")
+    if kind == "zero3":
+        return kind, list(opt.fp32_partitioned_groups_flat), [list(g) for g in opt.fp16_groups]
+    if kind == "zero12":
+        return kind, list(opt.single_partition_of_fp32_groups), [list(g) for g in opt.bit16_groups]
+    return kind, list(opt.fp32_groups_flat_partition), [list(g) for g in opt.bf16_groups]
 
 
 def _clone_scalar(v: Any) -> Any:
