@@ -238,3 +238,32 @@ def test_min_workers_is_ray_train_elastic_range(tmp_path: Path) -> None:
         ScaleConfig(num_workers=3, min_workers=4)
     with pytest.raises(ValueError, match="needs --launcher ray"):
         ScaleConfig(num_workers=2, min_workers=1, launcher="local")
+
+
+class _Planted:
+    """Unpickling this would run code (create a file); the weights-only loader must refuse it."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_reading_old_partitions_never_unpickles_code(tmp_path: Path) -> None:
+    """The conversion reads the old ranks' files weights-only: a planted pickle is refused, its code never
+    runs (the resume's verification refuses such a file even earlier; this is the second line)."""
+    import pickle
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    marker = tmp_path / "pwned"
+    torch.save({"optimizer_state_dict": _Planted(str(marker))},
+               ds / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        ShardedCheckpoint.open(ds, 1)
+    assert not marker.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RuntimeError, match="optimizer partition of rank 0"):  # a missing file is named
+        ShardedCheckpoint.open(empty, 2)
