@@ -232,7 +232,8 @@ def launch_ray(cfg: RunConfig, data_url: str | None = None) -> dict[str, Any]:
         trainer = build_torch_trainer(
             _ray_worker, {"run_config": cfg.to_dict(), "data_url": data_url}, scale, name=cfg.name,
             storage_path=ray_storage_path(cfg), storage_filesystem=_storage_filesystem(cfg),
-            max_failures=cfg.faults.max_failures, keep_checkpoints=cfg.checkpoint.keep_checkpoints)
+            max_failures=cfg.faults.max_failures, keep_checkpoints=cfg.checkpoint.keep_checkpoints,
+            elastic=True)  # a checkpoint resumes on any worker count (orchestration/runtime/reshard.py)
         result = trainer.fit()
         if result.error is not None:
             raise result.error

@@ -60,6 +60,7 @@ from orchestration.runtime.distributed import (
 from orchestration.runtime.engine import build_engine
 from orchestration.runtime.loggers import RunLogger
 from orchestration.runtime.metrics import SohoMetrics
+from orchestration.runtime.reshard import resume_other_world
 from orchestration.runtime.schedule import apply_lr, backbone_frozen
 from soho import SohoForPretraining
 
@@ -234,16 +235,17 @@ class _Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a checkpoint of another world size is refused (ZeRO partitions)."""
-        if int(state["world_size"]) != self.world_size:
-            raise RuntimeError(
-                f"checkpoint was written by {state['world_size']} workers, this run has {self.world_size}; "
-                "ZeRO shards cannot be re-partitioned here (use the same --num-workers)")
+        """Restore :meth:`state_dict`. A checkpoint of another world size is accepted: :meth:`resume`
+        re-partitions it (``ckpt_world_size``)."""
+        self.ckpt_world_size = int(state["world_size"])
         self.step = int(state["step"])
         self.batches_seen = int(state["batches_seen"])
         self.samples_seen = int(state["samples_seen"])
         self.nonfinite_total = int(state["nonfinite_steps"])
-        self.resumes = [*state["resumes"], {"from_step": self.step, "first_step": -1}]
+        resume: dict[str, int] = {"from_step": self.step, "first_step": -1}
+        if self.ckpt_world_size != self.world_size:
+            resume.update(from_world_size=self.ckpt_world_size, world_size=self.world_size)
+        self.resumes = [*state["resumes"], resume]
 
     def rank_state_dict(self) -> dict[str, Any]:
         """What only this rank knows: its loader position and RNG (its checkpoint rank record)."""
@@ -264,26 +266,29 @@ class _Trainer:
             return
         try:
             state = ckpt.state
-            try:  # the run-level counters first: a checkpoint of another world size is refused here
-                self.load_state_dict(state)
-            except RuntimeError as exc:
-                raise RuntimeError(f"{ckpt.source}: {exc}") from exc
-            # DeepSpeed's loader calls torch.load(weights_only=False); forced weights-only here (allow-listed
-            # DeepSpeed types), so even a file swapped after verification cannot run code. State files are
-            # JSON.
-            try:
-                with weights_only_loads():
-                    load_path, _ = self.engine.load_checkpoint(str(ckpt.path), tag=DS_TAG,
-                                                               load_optimizer_states=True,
-                                                               load_lr_scheduler_states=False)
-            except pickle.UnpicklingError as exc:
-                raise UntrustedCheckpointError(
-                    f"{ckpt.source}: a DeepSpeed file was refused by the weights-only loader while loading "
-                    f"(changed after verification?): {str(exc).strip().splitlines()[0][:300]}") from exc
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed could not load {ckpt.source}")
-            record = read_rank_record(ckpt.path, self.rank)
-            self.load_rank_state_dict(record)
+            self.load_state_dict(state)  # the run-level counters first
+            if self.ckpt_world_size != self.world_size:  # written by another number of workers
+                record = resume_other_world(self.engine, self.loader, ckpt.path,
+                                            old_world_size=self.ckpt_world_size, rank=self.rank,
+                                            world_size=self.world_size, seed=self.cfg.seed, step=self.step)
+            else:
+                # DeepSpeed's loader calls torch.load(weights_only=False); forced weights-only here
+                # (allow-listed DeepSpeed types), so even a file swapped after verification cannot run code.
+                # State files are JSON.
+                try:
+                    with weights_only_loads():
+                        load_path, _ = self.engine.load_checkpoint(str(ckpt.path), tag=DS_TAG,
+                                                                   load_optimizer_states=True,
+                                                                   load_lr_scheduler_states=False)
+                except pickle.UnpicklingError as exc:
+                    raise UntrustedCheckpointError(
+                        f"{ckpt.source}: a DeepSpeed file was refused by the weights-only loader while "
+                        f"loading (changed after verification?): {str(exc).strip().splitlines()[0][:300]}"
+                    ) from exc
+                if load_path is None:
+                    raise RuntimeError(f"DeepSpeed could not load {ckpt.source}")
+                record = read_rank_record(ckpt.path, self.rank)
+                self.load_rank_state_dict(record)
             if self.rank == 0:
                 self.history_log.truncate_after(self.step)  # steps of an attempt that never committed
                 if "history" in state and not self.history_log.segments():  # a format-1 checkpoint

@@ -158,6 +158,13 @@ class ScaleConfig:
         metadata=opt("Ray cluster to join; default $RAY_ADDRESS, a `ray start` cluster, or a new local one")
     )
     num_workers: int = field(default=2, metadata=opt("training workers (one per GPU, or CPU processes)"))
+    min_workers: int = field(
+        default=0,
+        metadata=opt("Ray pre-training: elastic worker count. Ray Train starts as many workers between this "
+                      "and --num-workers as the cluster's free resources fit, and restarts the group on "
+                      "another count when nodes leave or join (checked every minute), resuming from the last "
+                      "committed checkpoint re-partitioned for the new count; 0 = exactly --num-workers"),
+    )
     cpus_per_worker: int = field(default=1, metadata=opt("CPU cores reserved per Ray worker"))
     use_gpu: bool = field(default=False, metadata=opt("one GPU per worker, NCCL"))
     zero_stage: int = field(default=2, metadata=opt("DeepSpeed ZeRO stage", choices=(0, 1, 2, 3)))
@@ -191,6 +198,11 @@ class ScaleConfig:
         need(self.launcher in LAUNCHERS, f"launcher={self.launcher!r} must be one of {LAUNCHERS}")
         need(self.zero_stage in (0, 1, 2, 3), f"zero_stage={self.zero_stage!r} must be 0, 1, 2 or 3")
         at_least(self, 1, ("num_workers", "micro_batch_size", "grad_accum", "cpus_per_worker"))
+        need(0 <= self.min_workers <= self.num_workers,
+             f"min_workers={self.min_workers} must be between 0 (fixed) and num_workers={self.num_workers}")
+        need(self.min_workers == 0 or self.launcher == "ray",
+             "min_workers (an elastic worker count) needs --launcher ray: with torchrun, relaunch with "
+             "another --nproc_per_node instead (the run resumes re-partitioned)")
         need(not (self.precision == "fp16" and not self.use_gpu),
              "precision=fp16 needs --use-gpu (DeepSpeed's CPU accelerator supports fp32 and bf16)")
 

@@ -85,19 +85,26 @@ def connect_ray(address: str | None, num_cpus: int, runtime_env: dict[str, Any])
 
 def build_torch_trainer(entry: Callable[[dict[str, Any]], None], loop_config: dict[str, Any],
                         scale: ScaleConfig, *, name: str, storage_path: str, storage_filesystem: Any = None,
-                        max_failures: int = 0,
-                        keep_checkpoints: int | None = None, cpus_per_worker: int | None = None) -> Any:
+                        max_failures: int = 0, keep_checkpoints: int | None = None,
+                        cpus_per_worker: int | None = None, elastic: bool = False) -> Any:
     """A Ray Train ``TorchTrainer`` running ``entry(loop_config)`` on ``scale.num_workers`` workers (gloo on
-    CPU, NCCL with one GPU each), restarting the group up to ``max_failures`` times."""
+    CPU, NCCL with one GPU each), restarting the group up to ``max_failures`` times. ``elastic``: the job can
+    resume on another worker count, so ``scale.min_workers`` > 0 becomes Ray Train V2's elastic range
+    ``ScalingConfig(num_workers=(min_workers, num_workers))``; a job that cannot refuses ``min_workers``."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    if scale.min_workers and not elastic:
+        raise ValueError(f"min_workers={scale.min_workers}: this job resumes only on the worker count that "
+                         "wrote its checkpoints; drop --min-workers")
     cpus = scale.cpus_per_worker if cpus_per_worker is None else cpus_per_worker
+    workers: int | tuple[int, int] = ((scale.min_workers, scale.num_workers) if scale.min_workers
+                                      else scale.num_workers)
     return TorchTrainer(
         entry,
         train_loop_config=loop_config,
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scale.num_workers, use_gpu=scale.use_gpu,
+            num_workers=workers, use_gpu=scale.use_gpu,
             resources_per_worker={"CPU": cpus, **({"GPU": 1} if scale.use_gpu else {})},
         ),
         torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),

@@ -24,8 +24,8 @@ def test_every_field_is_a_flag() -> None:
     leaves = configcli.leaves(RunConfig)
     # the 60 options of the flat config before the split into sections, + gpu_decode and 3 step options,
     # + init_from and the 6 --eval-data options (eval_data/images/split/max_images/k/exhaustive), + 3
-    # caption-augmentation probabilities
-    assert len(leaves) == 74
+    # caption-augmentation probabilities, + min_workers
+    assert len(leaves) == 75
     for leaf in leaves:
         assert leaf.flag in flags, leaf.name
     # the names the k8s manifests use
