@@ -70,6 +70,15 @@ from typing import Any
 
 import torch
 
+from orchestration.runtime.checkpoint import (
+    DS_TAG,
+    UntrustedCheckpointError,
+    deepspeed_safe_globals,
+    read_rank_record,
+    weights_only_loads,
+)
+from orchestration.runtime.distributed import set_rng_state, unwrap
+
 logger = logging.getLogger(__name__)
 
 # DeepSpeed 0.19.8 checkpoint keys (deepspeed.checkpoint.constants), spelled out: no deepspeed import at
@@ -191,7 +200,6 @@ def assemble_range(pieces: Sequence[Piece], flat: Callable[[int, int], torch.Ten
 # --- the N ranks' files --------------------------------------------------------------------------------
 def _load(path: Path) -> Any:
     """Weights-only, memory-mapped load with DeepSpeed's allow-listed types (never full pickle)."""
-    from orchestration.runtime.checkpoint import deepspeed_safe_globals
 
     with torch.serialization.safe_globals(deepspeed_safe_globals()):
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -438,7 +446,6 @@ def set_full_state(engine: Any, src: ShardedCheckpoint) -> dict[str, int]:
         safe_set_local_optimizer_state,
     )
 
-    from orchestration.runtime.distributed import unwrap
 
     module = unwrap(engine)
     named = dict(module.named_parameters())
@@ -530,7 +537,6 @@ def load_resharded(engine: Any, ckpt_dir: Path, old_world_size: int) -> dict[str
     """Load the DeepSpeed state of checkpoint ``ckpt_dir`` (written by ``old_world_size`` ranks) into this
     run's engine of another world size. Collective. ZeRO-0 fp32 holds nothing partitioned: DeepSpeed's own
     loader reads it at any world size (weights-only). Returns what was done, for the log."""
-    from orchestration.runtime.checkpoint import DS_TAG, weights_only_loads
 
     t0 = time.perf_counter()
     ds_dir = Path(ckpt_dir) / DS_TAG
@@ -559,7 +565,6 @@ def derived_seed(seed: int, step: int, rank: int) -> int:
 def restore_rng(records: Iterable[Mapping[str, Any]], rank: int, seed: int, step: int) -> str:
     """RNG state after a world-size change: a rank that existed takes its own saved state; a new rank derives
     its own from (seed, step, rank). Returns which, for the log."""
-    from orchestration.runtime.distributed import set_rng_state
 
     records = list(records)
     if rank < len(records):
@@ -579,7 +584,6 @@ def resume_other_world(engine: Any, loader: Any, ckpt_dir: Path, *, old_world_si
     own, or rank 0's for a new rank: every rank saved the same codebook)."""
     import pickle
 
-    from orchestration.runtime.checkpoint import UntrustedCheckpointError, read_rank_record
 
     if rank == 0:
         logger.info("checkpoint step %d was written by %d workers; re-partitioning for %d", step,
