@@ -53,6 +53,16 @@ def test_heldout_itm_accuracy_clearly_above_chance(short_run: dict[str, Any]) ->
     assert heldout["itm_acc_pos"] >= 0.5 and heldout["itm_acc_neg"] >= 0.5, heldout  # not one-sided
 
 
+def test_heldout_itm_on_paraphrased_captions(short_run: dict[str, Any]) -> None:
+    """The same held-out scenes described in sentence frames, word orders and function words the training
+    generator never produces (data_pipeline.paraphrase): measured 0.895 after 1,000 steps of the shipped
+    recipe against 0.95 on the generator's captions (docs/RESULTS.md, "Language generalisation"), so the
+    model is matching scenes, not only templates."""
+    heldout = short_run["heldout"]
+    assert heldout["para_itm_acc"] >= ITM_FLOOR, heldout
+    assert heldout["para_itm_acc_pos"] >= 0.5 and heldout["para_itm_acc_neg"] >= 0.5, heldout
+
+
 def test_itc_term_learns(short_run: dict[str, Any]) -> None:
     """The recipe's contrastive term: in-batch InfoNCE among 32 starts at ln 32 = 3.47 and must fall well
     below it, with in-batch image→text top-1 accuracy far above 1/32 (measured ~0.33 and ~0.9 at step
