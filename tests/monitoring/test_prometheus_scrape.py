@@ -26,6 +26,7 @@ def fed_metrics() -> Iterator[SohoMetrics]:
     m.observe_checkpoint(step=1, seconds=3.0)
     m.set_bad_samples({"decode_error": 2})
     m.set_eval({("t2i", 1): 0.125, ("i2t", 5): 0.5})
+    m.set_eval_figures(0.75, 2.5)
     m.inc_nonfinite()
     m.start_http_server(0, addr="127.0.0.1")
     try:
@@ -53,6 +54,8 @@ def test_prometheus_scrapes_soho_metrics_and_evaluates_every_expression(
         ppl = prom.query("soho_vd_perplexity")
         assert [float(s["value"][1]) for s in ppl] == [37.5]
         assert [t["scrapeUrl"] for t in prom.targets_up()] == [f"http://{target}/metrics"]
+        assert [float(s["value"][1]) for s in prom.query("soho_eval_itm_accuracy")] == [0.75]
+        assert [float(s["value"][1]) for s in prom.query("soho_eval_seconds")] == [2.5]
 
         # Counters move between scrapes so that rate()/increase()/histogram_quantile() have data.
         for _ in range(3):
