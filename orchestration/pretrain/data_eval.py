@@ -23,7 +23,6 @@ offline.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ from configcli import load_yaml
 from data_pipeline.downstream import RetrievalImage, TaskCollator, TaskDataConfig, read_karpathy
 from orchestration.pretrain.config import RunConfig
 from orchestration.pretrain.init_from import fit_state_dict, load_source
-from orchestration.runtime.evaluation import pretraining_eval
+from orchestration.runtime.evaluation import pretraining_eval, print_result
 from soho import SohoConfig, SohoForPretraining
 from soho.downstream.retrieval import RetrievalResult
 
@@ -202,11 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = run.replace(**changes)
     path = a.model or a.checkpoint
     result = {"model": path, **evaluate_model(model_from_source(path, run), run)}
-    text = json.dumps(result, indent=1)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-    print(text, flush=True)
+    print_result(result, a.out)
     return result
 
 

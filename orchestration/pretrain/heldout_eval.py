@@ -45,7 +45,12 @@ from orchestration.pretrain.config import RunConfig
 from orchestration.pretrain.data_eval import periodic_eval
 from orchestration.runtime.config import synthetic_data_dir
 from orchestration.runtime.distributed import consolidated_fp32_state_dict
-from orchestration.runtime.evaluation import derangement, export_recall, pretraining_retrieval_eval
+from orchestration.runtime.evaluation import (
+    derangement,
+    export_recall,
+    pretraining_retrieval_eval,
+    print_result,
+)
 from soho import SohoConfig, SohoForPretraining
 from soho.downstream.retrieval import RetrievalResult
 
@@ -349,11 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = evaluate_export(a.model, cfg)
     else:
         result = {"checkpoint": a.checkpoint, **evaluate_heldout(model_from_checkpoint(a.checkpoint), cfg)}
-    text = json.dumps(result, indent=1)
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
-    print(text, flush=True)
+    print_result(result, a.out)
     return result
 
 

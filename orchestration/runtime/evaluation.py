@@ -10,9 +10,11 @@ exhaustive retrieval) every N steps and publishes the result with :func:`export_
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -286,3 +288,12 @@ def export_recall(metrics: Any, result: RetrievalResult | dict[str, float]) -> N
             if d in ("i2t", "t2i") and k.isdigit():
                 values[(d, int(k))] = v / 100.0
     metrics.set_eval(values)
+
+
+def print_result(result: dict[str, Any], out: Path | None = None) -> None:
+    """An offline evaluation CLI's output: the figures as indented JSON on stdout, and in ``out`` if given."""
+    text = json.dumps(result, indent=1)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text, flush=True)
