@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help="the recipe YAML (e.g. configs/synthetic_cpu.yaml)")
     p.add_argument("--variant", action="append", help="name=overrides (repeatable); default: the VD ablation")
     p.add_argument("--max-steps", type=int, help="budget per variant (default: the config's)")
+    p.add_argument("--seed", type=int,
+                   help="the replicate (default: the config's): model init, data order and the synthetic "
+                        "scenes, held-out ones included, all follow it")
     p.add_argument("--storage", type=Path, default=Path("runs/ablation"), help="where the runs go")
     p.add_argument("--out", type=Path, required=True, help="results JSON")
     p.add_argument("--num-candidates", type=int, default=100)
@@ -169,15 +172,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return results
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run = RunConfig.from_dict(load_yaml(a.config), source=str(a.config))
+    if a.seed is not None:
+        run = run.replace(seed=a.seed)
     variants = [parse_variant(v) for v in (a.variant or DEFAULT_VARIANTS)]
     hcfg = HeldoutConfig.from_run_config(run, num_candidates=a.num_candidates)
     images, data_url = prepare_heldout(hcfg)  # the same scenes the embedded data would hold, plus held-out
     extra = ["--max-steps", str(a.max_steps)] if a.max_steps else []
+    extra += ["--seed", str(run.seed)]
     results: dict[str, Any] = {"config": str(a.config), "max_steps": a.max_steps or run.optim.max_steps,
                                "seed": run.seed, "variants": {}}
     if a.out.exists():  # resume a partly done comparison: keep finished variants
         done = json.loads(a.out.read_text())
-        if done.get("config") == results["config"] and done.get("max_steps") == results["max_steps"]:
+        if all(done.get(k) == results[k] for k in ("config", "max_steps", "seed")):
             results["variants"] = done.get("variants", {})
     for name, overrides in variants:
         if name in results["variants"]:

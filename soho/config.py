@@ -124,6 +124,11 @@ class VDConfig:
     enabled: bool = True
     """False = the "no VD" ablation: grid features go straight into the transformer (no lookup, no
     update); MVM has no VD labels then, so ``pretrain.mvm_prob`` must be 0."""
+    transformer_input: str = "quantized"
+    """What the transformer sees of each visual token. "quantized" (the paper): the selected code, with the
+    straight-through gradient to the feature. "features": the grid feature itself; the dictionary still
+    assigns every token (updating its codes) and serves only as the MVM target and the unit MVM masks (an
+    ablation that separates the dictionary's two roles)."""
 
     def validate(self) -> None:
         if self.num_codes < 2:
@@ -134,6 +139,9 @@ class VDConfig:
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"VDConfig.{name}={value}: must be in [0, 1)")
+        if self.transformer_input not in ("quantized", "features"):
+            raise ValueError(
+                f"VDConfig.transformer_input={self.transformer_input!r}: 'quantized' or 'features'")
         for name in ("decay_warmup_steps", "dead_code_window", "usage_window"):
             if getattr(self, name) < 0 or (name != "decay_warmup_steps" and getattr(self, name) == 0):
                 raise ValueError(f"VDConfig.{name}={getattr(self, name)}: out of range")

@@ -141,6 +141,8 @@ class VisualDictionary(nn.Module):
             codes = self.codebook.index_select(0, idx)  # (N, C): a copy, so the value is pre-update
             if self.training:
                 self._update_augmented(aug_x, idx, None if mask is None else mask.reshape(b * n_tok))
+        if self.config.transformer_input == "features":  # the dictionary as the MVM target only
+            return VDOutput(quantized=features, indices=idx.view(b, n_tok), mask=mask)
         q = codes.view(b, n_tok, c).to(features.dtype)
         # Straight-through, f(v) = d_h + (v − sg[v]): the value is exactly the code (x + sg[q − x] would
         # round), the gradient reaches v unchanged.
