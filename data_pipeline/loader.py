@@ -162,6 +162,13 @@ class LoaderConfig:
     pin_memory: bool = False  # batches in page-locked memory (needs CUDA), for non_blocking host→GPU copies
     gpu_decode: bool = False  # keep JPEG bytes; the consumer decodes on the GPU (images_to_batch)
     text_augment: TextAugment = field(default_factory=TextAugment)  # word-level caption noise (off)
+    # "txt": the sample's txt caption. "any": one drawn per epoch (seeded, resumable) among the txt caption
+    # and the strings of the json's "captions" list (COCO-style several captions per image); a sample
+    # without that list keeps its txt caption.
+    caption_choice: str = "txt"
+
+
+CAPTION_CHOICES = ("txt", "any")
 
 
 # ------------------------------------------------------------------------------------------ shard list
@@ -295,6 +302,34 @@ class DecodedSample:
     key: str
     image: np.ndarray  # uint8 (h, w, 3); with gpu_decode, 1-D JPEG bytes (undecoded_sample)
     caption: str
+    alternatives: tuple[str, ...] = ()  # other captions of the image (caption_choice="any")
+
+
+_MAX_CAPTION_WARNINGS = 10
+_caption_warnings = 0
+
+
+def sample_alternatives(raw: RawSample) -> tuple[str, ...]:
+    """The other captions a sample's json lists under ``"captions"`` (whitespace-normalised, empty ones
+    dropped); () when there is no json or no such list. A malformed list is reported (naming the shard and
+    key) and ignored: the sample keeps its txt caption."""
+    data = raw.members.get("json")
+    if data is None:
+        return ()
+    try:
+        listed = json.loads(data).get("captions")
+    except (ValueError, AttributeError):  # not JSON, or not an object: nothing to choose from
+        listed = None
+    if listed is None:
+        return ()
+    if not isinstance(listed, list) or not all(isinstance(c, str) for c in listed):
+        global _caption_warnings
+        if _caption_warnings < _MAX_CAPTION_WARNINGS:
+            _caption_warnings += 1
+            logger.warning("%s: sample %s: json 'captions' is not a list of strings (%.80r); using its txt "
+                           "caption only", raw.shard, raw.key, listed)
+        return ()
+    return tuple(t for t in (" ".join(c.split()) for c in listed) if t)
 
 
 def fit_longest_side(w: int, h: int, side: int) -> tuple[int, int]:
@@ -440,12 +475,14 @@ class Collator:
             torch.set_num_threads(threads)
 
     def _captions(self, samples: list[DecodedSample], salt: str) -> list[str]:
+        seed = self.cfg.seed
+        texts = [random.Random(f"{seed}/caption/{salt}/{s.key}").choice((s.caption, *s.alternatives))
+                 if s.alternatives else s.caption for s in samples]
         aug = self.cfg.text_augment
         if not aug.enabled:
-            return [s.caption for s in samples]
-        seed = self.cfg.seed
-        return [augment_caption(s.caption, random.Random(f"{seed}/text/{salt}/{s.key}"), aug, self.words)
-                for s in samples]
+            return texts
+        return [augment_caption(t, random.Random(f"{seed}/text/{salt}/{s.key}"), aug, self.words)
+                for t, s in zip(texts, samples, strict=True)]
 
     def _collate(self, samples: list[DecodedSample], salt: str = "") -> dict[str, Any]:
         with warnings.catch_warnings():
@@ -650,6 +687,7 @@ class WorkerStream:
         cfg = self.cfg
         collate = Collator(cfg)
         decode = undecoded_sample if cfg.gpu_decode else decode_sample
+        any_caption = cfg.caption_choice == "any"
         if self.start.get("done"):
             return
         pending: list[DecodedSample] = []
@@ -665,10 +703,13 @@ class WorkerStream:
         pos = int(self.start["pos"])
         for win in self._windows(pos, int(self.start["item"])):
             for idx in range(win.skip, len(win.order)):
-                out = decode(win.items[win.order[idx]], cfg.max_image_side)
+                raw = win.items[win.order[idx]]
+                out = decode(raw, cfg.max_image_side)
                 if isinstance(out, str):
                     self.bad[out] += 1
                 else:
+                    if any_caption:
+                        out.alternatives = sample_alternatives(raw)
                     pending.append(out)
                 if len(pending) == cfg.batch_size:
                     salt = f"{self.epoch}/{self.rank}/{self.worker}/{win.pos}/{idx}"
@@ -719,6 +760,8 @@ class PretrainLoader:
             raise ValueError(f"batch_size must be ≥ 1, got {cfg.batch_size}")
         if cfg.max_bad_shards_in_row < 1:
             raise ValueError(f"max_bad_shards_in_row must be ≥ 1, got {cfg.max_bad_shards_in_row}")
+        if cfg.caption_choice not in CAPTION_CHOICES:
+            raise ValueError(f"LoaderConfig.caption_choice={cfg.caption_choice!r}: one of {CAPTION_CHOICES}")
         if cfg.pin_memory and not torch.cuda.is_available():
             raise ValueError("LoaderConfig.pin_memory=True needs CUDA (page-locked memory is for host→GPU "
                              "copies), but torch.cuda.is_available() is False")

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -65,6 +66,10 @@ class SynthConfig:
     samples_per_shard: int | None = None  # None: about 16 shards (≤1000 per shard) so ranks×workers split
     jpeg_quality: int = 90
     noise_background_prob: float = 0.5
+    captions_per_scene: int = 1
+    """Captions per pre-training / held-out pair: the ``txt`` one (``make_caption``) plus ``N − 1`` others
+    from ``make_rich_caption`` in the json's ``captions`` list, which a loader with ``caption_choice="any"``
+    draws from (one per epoch)."""
     vqa_images: tuple[int, int] = (200, 50)  # (train, val)
     vqa_questions_per_image: int = 4
     nlvr2_pairs: tuple[int, int] = (200, 50)  # (train, dev)
@@ -226,6 +231,122 @@ def make_caption(scene: Scene, rng: random.Random) -> str:
     return f"there are {n_word} objects: {_group_phrase(objs)}. {a.phrase('the')} is {rel} {b.phrase('the')}"
 
 
+# Richer training captions: more sentence frames, word orders and function words for the same scene graph
+# (``make_rich_caption``). They widen what the training text side meets; they must never use the frames or
+# function words of ``data_pipeline.paraphrase``, which tests language generalisation on held-out scenes
+# (``tests/data_pipeline/test_paraphrase.py`` checks both generators against it).
+
+_CONVERSE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+             "below": "above"}
+_OPENERS = ("a drawing of", "an illustration of", "a render of", "a scene with", "the image contains",
+            "here is", "a picture of")
+_VERBS = ("is", "is located", "is positioned", "stands", "rests")
+_JOIN = (" and ", " along with ", " together with ", " alongside ")
+
+
+def _article_for(words: str) -> str:
+    return "an" if words[0] in "aeiou" else "a"
+
+
+def _rich_noun(o: SceneObject, rng: random.Random, definite: bool = False) -> str:
+    """One object in one of several word orders: attributes before the noun (either order), after it
+    ("a circle which is small and red", "a circle, small and red,"), or as modifiers ("of small size",
+    "coloured red")."""
+    form = rng.randrange(6)
+    if form == 0:
+        words = f"{o.size} {o.colour} {o.shape}"
+    elif form == 1:
+        words = f"{o.colour} {o.size} {o.shape}"
+    elif form == 2:
+        words = f"{o.shape} which is {o.size} and {o.colour}"
+    elif form == 3:
+        words = f"{o.colour} {o.shape} of {o.size} size"
+    elif form == 4:
+        words = f"{o.size} {o.shape} coloured {o.colour}"
+    else:
+        words = f"{o.shape}, {o.colour} and {o.size},"
+    return f"the {words}" if definite else f"{_article_for(words)} {words}"
+
+
+def _rich_group(objs: list[SceneObject], rng: random.Random) -> str:
+    groups: dict[tuple[str, str, str], int] = {}
+    for o in objs:
+        k = (o.size, o.colour, o.shape)
+        groups[k] = groups.get(k, 0) + 1
+    parts = []
+    for (size, colour, shape), c in groups.items():
+        if c == 1:
+            parts.append(_rich_noun(SceneObject(shape, colour, size, 0, 0, 0, 0), rng).rstrip(","))
+        elif rng.random() < 0.5:
+            parts.append(f"{NUMBER_WORDS[c]} {_plural(shape)} which are {size} and {colour}")
+        else:
+            parts.append(f"{NUMBER_WORDS[c]} {colour} {size} {_plural(shape)}")
+    rng.shuffle(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return ", ".join(parts[:-1]) + rng.choice(_JOIN) + parts[-1]
+
+
+def _rich_place(o: SceneObject, rng: random.Random) -> str:
+    if o.row == 1 and o.col == 1:
+        return rng.choice(("in the center", "at the center", "right in the center"))
+    if o.row == 1:
+        side = COLS[o.col]
+        return rng.choice((f"on the {side} side", f"toward the {side}", f"at the {side}"))
+    if o.col == 1:
+        return rng.choice((f"toward the {ROWS[o.row]}", f"at the {ROWS[o.row]} of the image",
+                           f"on the {ROWS[o.row]}"))
+    return rng.choice((f"at the {ROWS[o.row]} {COLS[o.col]}", f"in the {ROWS[o.row]} {COLS[o.col]} corner",
+                       f"in the {COLS[o.col]} {ROWS[o.row]} corner"))
+
+
+def make_rich_caption(scene: Scene, rng: random.Random) -> str:
+    """Another description of ``scene`` from a wider grammar than ``make_caption``'s (same concept words;
+    relations stated either way round, clauses in either order, attributes around the noun)."""
+    objs = list(scene.objects)
+    if not objs:
+        raise ValueError("a scene without objects has no caption")
+    bg = rng.choice(("", "", f" on a {scene.background} background", f" over a {scene.background} background",
+                     f", the background is {scene.background}"))
+    if len(objs) == 1:
+        o = objs[0]
+        frame = rng.randrange(4)
+        if frame == 0:
+            return _tidy(f"{rng.choice(_OPENERS)} {_rich_noun(o, rng)} {_rich_place(o, rng)}{bg}")
+        if frame == 1:
+            return _tidy(f"{_rich_place(o, rng)} {rng.choice(_VERBS)} {_rich_noun(o, rng)}{bg}")
+        if frame == 2:
+            return _tidy(f"one shape{bg}: {_rich_noun(o, rng)} {_rich_place(o, rng)}")
+        return _tidy(f"{_rich_noun(o, rng, definite=True)} {rng.choice(_VERBS)} {_rich_place(o, rng)}{bg}")
+    a, b = rng.sample(objs, 2)
+    rel = relation(a, b)
+    others = [o for o in objs if o is not a and o is not b]
+    n_word = NUMBER_WORDS[len(objs)]
+    if rng.random() < 0.5:  # the same fact the other way round: "b is to the right of a"
+        a, b, rel = b, a, _CONVERSE[rel]
+    verb = rng.choice(_VERBS)
+    frame = rng.randrange(5)
+    if frame == 0:
+        rest = f"; the scene also contains {_rich_group(others, rng)}" if others else ""
+        return _tidy(f"{_rich_noun(a, rng)} {verb} {rel} {_rich_noun(b, rng, definite=True)}{rest}{bg}")
+    if frame == 1:
+        rest = f", along with {_rich_group(others, rng)}" if others else ""
+        return _tidy(f"{rel} {_rich_noun(b, rng, definite=True)} {verb} {_rich_noun(a, rng)}{rest}{bg}")
+    if frame == 2:
+        return _tidy(f"{n_word} shapes in all{bg}: {_rich_group(objs, rng)}. "
+                     f"{_rich_noun(a, rng, definite=True)} {verb} {rel} {_rich_noun(b, rng, definite=True)}")
+    if frame == 3:
+        return _tidy(f"{rng.choice(_OPENERS)} {_rich_group(objs, rng)}{bg}; "
+                     f"{_rich_noun(a, rng, definite=True)} {verb} {rel} {_rich_noun(b, rng, definite=True)}")
+    return _tidy(f"{n_word} objects are drawn{bg}, and {_rich_noun(a, rng, definite=True)} {verb} {rel} "
+                 f"{_rich_noun(b, rng, definite=True)}")
+
+
+def _tidy(text: str) -> str:
+    """No comma before other punctuation or at the end (left by the "a circle, small and red," form)."""
+    return re.sub(r",\s*([,;.:])", r"\1", text).rstrip(",")
+
+
 # ------------------------------------------------------------------------------------------ downstream
 
 
@@ -368,6 +489,9 @@ def _write_pairs(
         key = f"{prefix}{written:08d}"
         meta = {"source": f"synthetic:{stream.name}:{i - 1}", "width": img.width, "height": img.height,
                 "scene": scene.to_dict()}
+        if cfg.captions_per_scene > 1:  # their own RNG: the txt caption and the image stay as with one
+            crng = random.Random(f"{cfg.seed}/{stream.name}/{i - 1}/captions")
+            meta["captions"] = [make_rich_caption(scene, crng) for _ in range(cfg.captions_per_scene - 1)]
         writer.add(ShardSample(key, encode_jpeg(img, cfg.jpeg_quality), caption, meta))
         written += 1
     return writer.close(), signatures
@@ -486,16 +610,21 @@ def _downstream(fs: Any, root: str, cfg: SynthConfig) -> dict[str, Any]:
     return out
 
 
-def cache_name(pairs: int, seed: int, heldout: int = 0) -> str:
+def cache_name(pairs: int, seed: int, heldout: int = 0, captions: int = 1) -> str:
     """The folder name, in a local cache, of the synthetic data that ``make_synthetic(out, num=pairs,
-    seed=seed, heldout=heldout)`` writes: ``synthetic-v{SYNTHETIC_CACHE_VERSION}-n{pairs}-s{seed}``, with
-    ``-heldout{heldout}`` when there is a held-out split. One name per (version, pairs, seed, held-out) so
-    that concurrent runs with other settings never share (or rewrite) one folder."""
-    for name, value, low in (("pairs", pairs, 1), ("seed", seed, 0), ("heldout", heldout, 0)):
+    seed=seed, heldout=heldout)`` writes (with ``SynthConfig(captions_per_scene=captions)``):
+    ``synthetic-v{SYNTHETIC_CACHE_VERSION}-n{pairs}-s{seed}``, with ``-heldout{heldout}`` when there is a
+    held-out split and ``-c{captions}`` with more than one caption per scene. One name per (version, pairs,
+    seed, held-out, captions) so that concurrent runs with other settings never share (or rewrite) one
+    folder."""
+    for name, value, low in (("pairs", pairs, 1), ("seed", seed, 0), ("heldout", heldout, 0),
+                             ("captions", captions, 1)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"cache_name: {name} must be an integer >= {low} (got {value!r})")
     name = f"synthetic-v{SYNTHETIC_CACHE_VERSION}-n{pairs}-s{seed}"
-    return f"{name}-heldout{heldout}" if heldout else name
+    if heldout:
+        name += f"-heldout{heldout}"
+    return f"{name}-c{captions}" if captions > 1 else name
 
 
 def make_synthetic(
@@ -518,6 +647,8 @@ def make_synthetic(
                          "image_size": image_size})
     if num < 1:
         raise ValueError(f"num must be ≥ 1, got {num}")
+    if cfg.captions_per_scene < 1:
+        raise ValueError(f"SynthConfig.captions_per_scene must be ≥ 1, got {cfg.captions_per_scene}")
     fs, root = get_fs(output, storage_options)
     marker = join(root, DONE_MARKER)
     cfg_dict = json.loads(json.dumps(asdict(cfg)))  # tuples → lists, as stored in the marker
@@ -560,10 +691,13 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out pairs from scenes never used in pre-training")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--samples-per-shard", type=int, default=None)
+    p.add_argument("--captions-per-scene", type=int, default=1,
+                   help="captions per pair: the txt one plus N-1 from a richer grammar in the json's "
+                        "captions list (train with --caption-choice any)")
 
 
 def run_cli(args: argparse.Namespace, storage_options: dict[str, Any]) -> int:
-    cfg = SynthConfig(samples_per_shard=args.samples_per_shard)
+    cfg = SynthConfig(samples_per_shard=args.samples_per_shard, captions_per_scene=args.captions_per_scene)
     result = make_synthetic(args.output, args.num, args.seed, args.heldout, args.image_size, cfg,
                             storage_options)
     print(json.dumps(result, indent=1))

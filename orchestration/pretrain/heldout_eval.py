@@ -39,7 +39,7 @@ from configcli import load_yaml
 from data_pipeline.downstream import RetrievalImage, TaskCollator, TaskDataConfig
 from data_pipeline.paraphrase import paraphrase_caption, scene_from_dict
 from data_pipeline.storage import get_fs
-from data_pipeline.synth import make_synthetic
+from data_pipeline.synth import SynthConfig, make_synthetic
 from data_pipeline.tarstream import iter_tar
 from orchestration.pretrain.config import RunConfig
 from orchestration.pretrain.data_eval import periodic_eval
@@ -76,9 +76,13 @@ class HeldoutConfig:
     """Cross-modal pairs per forward pass (retrieval scores N² pairs)."""
     cache_dir: str | None = None
     """Where the held-out copy of the synthetic data is made once (default: $SOHO_CACHE_DIR)."""
+    synthetic_captions: int = 1
+    """Captions per pre-training pair of the run (``--synthetic-captions``): the copy a run trains on
+    directly must hold them; the held-out sets score the generator's (txt) caption and the paraphrase."""
 
     def validate(self) -> None:
-        for name in ("synthetic_pairs", "num_candidates", "image_size", "max_text_len", "batch_size"):
+        for name in ("synthetic_pairs", "num_candidates", "image_size", "max_text_len", "batch_size",
+                     "synthetic_captions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"HeldoutConfig.{name}={getattr(self, name)}: must be >= 1")
         if self.num_candidates < 2:
@@ -88,11 +92,13 @@ class HeldoutConfig:
     @classmethod
     def from_run_config(cls, run: RunConfig, **changes: Any) -> HeldoutConfig:
         return cls(synthetic_pairs=run.dataset.synthetic_pairs, seed=run.seed,
-                   image_size=run.dataset.image_size, max_text_len=run.dataset.max_text_len, **changes)
+                   image_size=run.dataset.image_size, max_text_len=run.dataset.max_text_len,
+                   **{"synthetic_captions": run.dataset.synthetic_captions, **changes})
 
 
 def heldout_data_dir(cfg: HeldoutConfig) -> Path:
-    return synthetic_data_dir(cfg.synthetic_pairs, cfg.seed, heldout=cfg.num_candidates, root=cfg.cache_dir)
+    return synthetic_data_dir(cfg.synthetic_pairs, cfg.seed, heldout=cfg.num_candidates, root=cfg.cache_dir,
+                              captions=cfg.synthetic_captions)
 
 
 CAPTION_SETS = ("generator", "paraphrase")
@@ -110,7 +116,8 @@ def prepare_heldout(cfg: HeldoutConfig, captions: str = "generator") -> tuple[li
     out = heldout_data_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     result = make_synthetic(str(out), num=cfg.synthetic_pairs, seed=cfg.seed, heldout=cfg.num_candidates,
-                            image_size=SYNTHETIC_IMAGE_SIZE)
+                            image_size=SYNTHETIC_IMAGE_SIZE,
+                            config=SynthConfig(captions_per_scene=cfg.synthetic_captions))
     image_dir = out / "heldout_images"
     image_dir.mkdir(exist_ok=True)
     manifest_url = result["heldout_manifest"]

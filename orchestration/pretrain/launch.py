@@ -24,7 +24,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from data_pipeline.synth import make_synthetic
+from data_pipeline.synth import SynthConfig, make_synthetic
 from orchestration.pretrain import data_eval
 from orchestration.pretrain.config import RunConfig
 from orchestration.pretrain.heldout_eval import HeldoutConfig, evaluate_export, prepare_heldout
@@ -61,13 +61,14 @@ def ensure_data(cfg: RunConfig) -> str:
         logger.info("synthetic data with %d held-out scenes ready (%.1f s)",
                     cfg.observability.eval_candidates, time.perf_counter() - t0)
         return manifest
-    out = synthetic_data_dir(cfg.dataset.synthetic_pairs, cfg.seed)
+    out = synthetic_data_dir(cfg.dataset.synthetic_pairs, cfg.seed, captions=cfg.dataset.synthetic_captions)
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         t0 = time.perf_counter()
         result = make_synthetic(str(out), num=cfg.dataset.synthetic_pairs, seed=cfg.seed, heldout=0,
-                                image_size=SYNTHETIC_IMAGE_SIZE)
+                                image_size=SYNTHETIC_IMAGE_SIZE,
+                                config=SynthConfig(captions_per_scene=cfg.dataset.synthetic_captions))
         logger.info("synthetic data ready in %s (%.1f s)", out, time.perf_counter() - t0)
     return str(result.get("pretrain_manifest") or out / "pretrain" / "manifest.json")
 

@@ -195,6 +195,7 @@ class _Trainer:
                 pin_memory=cfg.scale.use_gpu,
                 gpu_decode=data.gpu_decode,
                 text_augment=data.text_augment(),
+                caption_choice=data.caption_mode,
             ),
             rank=self.rank,
             world_size=self.world_size,

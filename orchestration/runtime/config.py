@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from configcli import opt
+from data_pipeline.loader import CAPTION_CHOICES
 from data_pipeline.synth import cache_name
 from data_pipeline.text_augment import TextAugment
 from orchestration.runtime.loggers import WANDB_MISSING, wandb_available
@@ -30,10 +31,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SOHO_CACHE_DIR") or Path.home() / ".cache" / "soho")
 
 
-def synthetic_data_dir(pairs: int, seed: int, heldout: int = 0, root: str | Path | None = None) -> Path:
+def synthetic_data_dir(pairs: int, seed: int, heldout: int = 0, root: str | Path | None = None,
+                       captions: int = 1) -> Path:
     """The one place that names a cached copy of the embedded synthetic data: ``pairs`` pre-training pairs
-    of generator ``seed``, plus ``heldout`` scenes never trained on (0: none)."""
-    return (Path(root) if root else default_cache_dir()) / cache_name(pairs, seed, heldout)
+    of generator ``seed``, plus ``heldout`` scenes never trained on (0: none), ``captions`` per pair."""
+    return (Path(root) if root else default_cache_dir()) / cache_name(pairs, seed, heldout, captions)
 
 
 def need(cond: bool, msg: str) -> None:
@@ -98,11 +100,30 @@ class DatasetConfig:
         default=0.0,
         metadata=opt("caption augmentation: swap neighbouring words with this probability (0: off)"))
 
+    synthetic_captions: int = field(
+        default=1,
+        metadata=opt("captions per pair of the embedded synthetic data: the generator's (txt) plus N-1 from "
+                     "a richer grammar (other frames, word orders, function words) in the json's captions "
+                     "list"))
+    caption_choice: str | None = field(
+        default=None,
+        metadata=opt("txt: train on each sample's txt caption; any: draw one per epoch among it and its "
+                     "json's captions list (COCO-style several captions per image); default: any when "
+                     "--synthetic-captions > 1, else txt"))
+
+    @property
+    def caption_mode(self) -> str:
+        if self.caption_choice is not None:
+            return self.caption_choice
+        return "any" if self.synthetic_captions > 1 else "txt"
+
     def text_augment(self) -> TextAugment:
         return TextAugment(self.text_delete_prob, self.text_insert_prob, self.text_swap_prob)
 
     def __post_init__(self) -> None:
-        at_least(self, 1, ("image_size", "max_text_len", "synthetic_pairs"))
+        at_least(self, 1, ("image_size", "max_text_len", "synthetic_pairs", "synthetic_captions"))
+        need(self.caption_choice in (None, *CAPTION_CHOICES),
+             f"caption_choice={self.caption_choice!r} must be one of {CAPTION_CHOICES}")
         for name in ("text_delete_prob", "text_insert_prob", "text_swap_prob"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name}={getattr(self, name)!r} must be in [0, 1)")
         at_least(self, 0, ("loader_workers",))
