@@ -338,8 +338,8 @@ def make_rich_caption(scene: Scene, rng: random.Random) -> str:
     if frame == 3:
         return _tidy(f"{rng.choice(_OPENERS)} {_rich_group(objs, rng)}{bg}; "
                      f"{_rich_noun(a, rng, definite=True)} {verb} {rel} {_rich_noun(b, rng, definite=True)}")
-    return _tidy(f"{n_word} objects are drawn{bg}, and {_rich_noun(a, rng, definite=True)} {verb} {rel} "
-                 f"{_rich_noun(b, rng, definite=True)}")
+    return _tidy(f"{n_word} objects are drawn{bg}: {_rich_group(objs, rng)}, and "
+                 f"{_rich_noun(a, rng, definite=True)} {verb} {rel} {_rich_noun(b, rng, definite=True)}")
 
 
 def _tidy(text: str) -> str:

@@ -17,6 +17,7 @@ from data_pipeline.synth import (
     SHAPES,
     SIZES,
     make_caption,
+    make_rich_caption,
     relation,
     sample_scene,
 )
@@ -31,11 +32,45 @@ def words(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def generator_vocab() -> set[str]:
+    """Every word the training captions use: the generator's frames and the richer grammar's
+    (``--synthetic-captions``), so the paraphrases stay out of both."""
     vocab: set[str] = set()
     for i in range(4000):
         rng = random.Random(f"gen/{i}")
         vocab.update(words(make_caption(sample_scene(rng), rng)))
+        rng = random.Random(f"rich/{i}")
+        vocab.update(words(make_rich_caption(sample_scene(rng), rng)))
     return vocab
+
+
+def test_rich_captions_name_the_scene_without_the_paraphrase_words() -> None:
+    plain: set[str] = set()
+    para: set[str] = set()
+    for i in range(3000):
+        rng = random.Random(f"g/{i}")
+        plain.update(words(make_caption(sample_scene(rng), rng)))
+        rng = random.Random(f"p/{i}")
+        para.update(words(paraphrase_caption(sample_scene(rng), rng)))
+    held_out = para - plain  # the paraphrases' own function words
+    assert {"we", "near", "edge", "lies", "backdrop", "that"} <= held_out
+    converse = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
+                "below": "above"}
+    frames = set()
+    for i in range(2000):
+        rng = random.Random(f"rich/{i}")
+        scene = sample_scene(rng)
+        text = make_rich_caption(scene, rng)
+        ws = words(text)
+        assert not set(ws) & held_out, (text, set(ws) & held_out)
+        assert not text.endswith(",") and ",," not in text.replace(" ", ""), text
+        for o in scene.objects:
+            assert (o.shape in ws or o.shape + "s" in ws) and o.colour in ws and o.size in ws, text
+        if len(scene.objects) >= 2:
+            objs = scene.objects
+            rels = {relation(a, b) for a in objs for b in objs if a is not b}
+            assert any(r in text or converse[r] in text for r in rels), text
+        frames.add(" ".join(w for w in ws if w not in CONCEPTS and w not in {"a", "an", "the"})[:16])
+    assert len(frames) >= 15
 
 
 def test_paraphrases_use_the_generators_concepts_in_new_frames(generator_vocab: set[str]) -> None:

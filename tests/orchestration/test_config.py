@@ -24,8 +24,8 @@ def test_every_field_is_a_flag() -> None:
     leaves = configcli.leaves(RunConfig)
     # the 60 options of the flat config before the split into sections, + gpu_decode and 3 step options,
     # + init_from and the 6 --eval-data options (eval_data/images/split/max_images/k/exhaustive), + 3
-    # caption-augmentation probabilities, + min_workers
-    assert len(leaves) == 75
+    # caption-augmentation probabilities, + min_workers, + synthetic_captions and caption_choice
+    assert len(leaves) == 77
     for leaf in leaves:
         assert leaf.flag in flags, leaf.name
     # the names the k8s manifests use
@@ -36,6 +36,17 @@ def test_every_field_is_a_flag() -> None:
                  "--vd-decay", "--metrics-port", "--seed", "--max-failures", "--loader-workers",
                  "--log-every", "--ray-address", "--fault-kill-after-checkpoint"):
         assert flag in flags, flag
+
+
+def test_caption_choice_follows_the_synthetic_captions_unless_set() -> None:
+    assert RunConfig.of().dataset.caption_mode == "txt"
+    assert RunConfig.of(synthetic_captions=5).dataset.caption_mode == "any"
+    assert RunConfig.of(synthetic_captions=5, caption_choice="txt").dataset.caption_mode == "txt"
+    assert RunConfig.of(caption_choice="any").dataset.caption_mode == "any"  # real shards' json lists
+    with pytest.raises(ValueError, match="caption_choice='every'"):
+        RunConfig.of(caption_choice="every")
+    with pytest.raises(ValueError, match="synthetic_captions"):
+        RunConfig.of(synthetic_captions=0)
 
 
 def test_defaults_are_the_embedded_demo(monkeypatch: pytest.MonkeyPatch) -> None:
