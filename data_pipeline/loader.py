@@ -80,6 +80,7 @@ exception, at once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -97,6 +98,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from data_pipeline.assignment import (
     StreamPlan,
@@ -362,6 +364,9 @@ def decode_sample(raw: RawSample, max_side: int) -> DecodedSample | str:
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
             w, h = img.size
+            if (img.format == "JPEG" and img.mode in GPU_DECODABLE_MODES
+                    and fit_longest_side(w, h, max_side) == (w, h) and _has_end_marker(data)):
+                return DecodedSample(raw.key, _decode_jpeg_hwc(data), caption)
             if img.format == "JPEG" and max(w, h) >= 2 * max_side:
                 # DCT-domain downscale (1/2..1/8) while decoding; draft keeps both sides ≥ the request.
                 img.draft("RGB", fit_longest_side(w, h, max_side))
@@ -377,6 +382,24 @@ def decode_sample(raw: RawSample, max_side: int) -> DecodedSample | str:
 
 
 GPU_DECODABLE_MODES = ("RGB", "L")  # JPEG colour modes nvjpeg turns into RGB (ImageReadMode.RGB)
+
+
+def _has_end_marker(data: bytes) -> bool:
+    """The JPEG's last bytes (trailing zero padding aside) are the end-of-image marker FF D9."""
+    return data.rstrip(b"\0")[-2:] == b"\xff\xd9"
+
+
+def _decode_jpeg_hwc(data: bytes) -> np.ndarray:
+    """A complete RGB/grey JPEG at its own size → (h, w, 3) uint8, through torchvision's libjpeg-turbo
+    straight into packed RGB: the same pixels as PIL's decode (same library and settings; tested), without
+    PIL's 4-byte-per-pixel image and the packing copy that ``np.asarray`` makes of it. A decode error is
+    raised as OSError (→ ``UNDECODABLE_IMAGE``); a file cut short (no end-of-image marker) never gets here,
+    since libjpeg would fill the missing rows with grey where PIL refuses the file."""
+    try:
+        chw = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        raise OSError(str(exc)) from exc
+    return chw.permute(1, 2, 0).numpy()  # libjpeg's (h, w, 3) memory, viewed back
 
 
 def undecodable_header(data: bytes) -> str | None:
@@ -419,7 +442,6 @@ def images_to_batch(
     ``torchvision.io.decode_jpeg`` (nvjpeg on CUDA, one batched call), resized so the longest side is
     ``max_side`` (bilinear, antialiased: PIL's filter up to rounding; no DCT-domain draft as on the CPU path);
     already decoded (h, w, 3) images are copied over."""
-    from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2.functional import resize
 
     device = torch.device(device)
@@ -459,7 +481,7 @@ class Collator:
     def __init__(self, cfg: LoaderConfig) -> None:
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.tokenizer)
-        self.tokenize = BatchTokenizer(self.tokenizer, cfg.max_text_len)
+        self.tokenize = batch_tokenizer(cfg.tokenizer, cfg.max_text_len)
         self.words = vocabulary_words(self.tokenizer) if cfg.text_augment.enabled else []
 
     def __call__(self, samples: list[DecodedSample], salt: str = "") -> dict[str, Any]:
@@ -517,6 +539,13 @@ class BatchTokenizer:
         ids = torch.tensor([e.ids for e in encodings], dtype=torch.int64)
         mask = torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64)
         return ids, mask
+
+
+@functools.lru_cache(maxsize=8)
+def batch_tokenizer(name_or_path: str | None, max_len: int) -> BatchTokenizer:
+    """One configured :class:`BatchTokenizer` per (tokenizer, length) and process: building its backend
+    copy costs ~0.1 s, which every epoch's collator would otherwise pay again."""
+    return BatchTokenizer(load_tokenizer(name_or_path), max_len)
 
 
 def pad_images(images: list[torch.Tensor], pad_multiple: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,7 @@ old float32 normalisation, bit for bit; the --gpu-decode path's CPU-side parts."
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -10,16 +11,20 @@ import numpy as np
 import pytest
 import torch
 from helpers import jpeg_bytes, png_bytes, write_tar
+from PIL import Image
 
+import data_pipeline.loader as loader_module
 from data_pipeline.loader import (
     UNDECODABLE_IMAGE,
     Collator,
     DecodedSample,
     LoaderConfig,
     PretrainLoader,
+    decode_sample,
     images_to_batch,
     resolve_shards,
 )
+from data_pipeline.tarstream import RawSample
 from soho.config import soho_tiny
 from soho.encoder import GridEncoder, normalize_pixels
 
@@ -201,3 +206,36 @@ def test_cuda_paths_match_the_cpu_ones(synth_dir: Path) -> None:
         assert gpv.is_cuda and gpv.dtype == torch.uint8 and torch.equal(gmask.cpu(), c["pixel_mask"])
         diff = (gpv.cpu().int() - c["pixel_values"].int()).abs().float()
         assert diff.mean() < 1.0 and diff.max() <= 32, (diff.mean(), diff.max())
+
+
+@pytest.mark.parametrize("kind", ["q50-420", "q95-444", "q75-422-odd", "grey", "progressive", "cmyk"])
+def test_direct_jpeg_decode_gives_pils_pixels(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A complete RGB/grey JPEG at its final size skips PIL's decode (libjpeg-turbo straight into packed
+    RGB): the pixels must be PIL's, bit for bit; CMYK still goes through PIL; a file cut short is refused
+    as before, not filled with grey."""
+    direct = []
+    monkeypatch.setattr(loader_module, "_decode_jpeg_hwc",
+                        lambda data, f=loader_module._decode_jpeg_hwc: direct.append(1) or f(data))
+    rng = np.random.default_rng(len(kind))
+    h, w = (37, 61) if kind.endswith("odd") else (64, 48)
+    arr = np.cumsum(rng.integers(0, 40, size=(h, w, 3)), axis=1).astype(np.uint8)
+    out = io.BytesIO()
+    if kind == "grey":
+        Image.fromarray(arr[..., 0]).save(out, "JPEG", quality=85)
+    elif kind == "progressive":
+        Image.fromarray(arr).save(out, "JPEG", quality=85, progressive=True)
+    elif kind == "cmyk":
+        Image.fromarray(arr).convert("CMYK").save(out, "JPEG", quality=85)
+    else:
+        q, sub = int(kind[1:3]), {"420": 2, "422": 1, "444": 0}[kind.split("-")[1]]
+        Image.fromarray(arr).save(out, "JPEG", quality=q, subsampling=sub)
+    data = out.getvalue()
+    want = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    got = decode_sample(RawSample("k", "shard.tar", {"jpg": data, "txt": b"a caption"}), max(h, w))
+    assert isinstance(got, DecodedSample) and got.caption == "a caption"
+    assert got.image.shape == (h, w, 3) and got.image.dtype == np.uint8
+    assert np.array_equal(got.image, want)
+    assert len(direct) == (0 if kind == "cmyk" else 1)
+    cut = RawSample("k", "shard.tar", {"jpg": data[: len(data) * 2 // 3], "txt": b"x"})
+    assert decode_sample(cut, max(h, w)) == UNDECODABLE_IMAGE
+    assert len(direct) == (0 if kind == "cmyk" else 1)  # never handed to libjpeg's grey fill
