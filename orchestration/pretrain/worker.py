@@ -33,7 +33,6 @@ from orchestration.runtime.checkpoint import (
     EXPORT_DIR,
     HISTORY_DIR,
     STATE_FORMAT,
-    TRAIN_STATE,
     CheckpointStore,
     HistoryLog,
     LocalCheckpoint,
@@ -41,8 +40,6 @@ from orchestration.runtime.checkpoint import (
     UntrustedCheckpointError,
     read_rank_record,
     weights_only_loads,
-    write_json_atomic,
-    write_rank_record,
 )
 from orchestration.runtime.distributed import (
     all_agree,
@@ -58,6 +55,7 @@ from orchestration.runtime.distributed import (
     visual_dictionary,
 )
 from orchestration.runtime.engine import build_engine
+from orchestration.runtime.engine_checkpoint import commit_checkpoint, save_engine_state
 from orchestration.runtime.loggers import RunLogger
 from orchestration.runtime.metrics import SohoMetrics
 from orchestration.runtime.reshard import resume_other_world
@@ -174,6 +172,7 @@ class _Trainer:
         if self.world_size > 1:
             model.soho.visual_dictionary.reduce_fn = sum_over_ranks
         built = build_engine(model, cfg.optim, cfg.scale, self.world_size)
+        self.built = built
         self.engine, self.group_specs, self.ds_config = built.engine, built.group_specs, built.ds_config
         self.model_dtype = built.dtype
         if self.init_from is not None and not self._init_from_skipped:
@@ -601,34 +600,32 @@ class _Trainer:
         self._check_weights_finite()
         local = self.staging.new(f"ckpt-{self.step}")
         try:
-            self.engine.save_checkpoint(str(local), tag=DS_TAG)
-            (local / "latest").unlink(missing_ok=True)  # DeepSpeed's `latest` is not a commit marker
+            save_engine_state(self.built, local, self.rank)
             if final:
                 state_dict = consolidated_fp32_state_dict(self.engine)  # collective
                 if self.rank == 0:
                     self._check_consolidated(state_dict)
                     self._export(state_dict, local / EXPORT_DIR)
             codebook_sha = tensor_sha256(visual_dictionary(self.engine).codebook)
-            if self.rank == 0:
-                write_json_atomic(local / TRAIN_STATE, self._train_state(codebook_sha))
-            write_rank_record(local, self.rank, {
-                **self.rank_state_dict(),
-                "vd_codebook_sha256": codebook_sha,
-                "step": self.step,
-                "metrics_port": self.metrics_port,
-                "vd_buffer_dtypes": {k: str(v.dtype)
-                                     for k, v in visual_dictionary(self.engine).state_dict().items()},
-                "param_dtype": str(next(unwrap(self.engine).parameters()).dtype),
-                "first_keys": self._first_keys,
-            }, already={}, world_size=self.world_size)
-            if self.rank == 0:  # the steps since the last checkpoint, before this checkpoint is committed
-                self.history_log.append(self.history[self._history_saved:])
-                self.run_logger.flush()  # TensorBoard events up to this step on disk / uploaded
-            self.store.upload(local, self.step)
-            faults.maybe_crash_during_checkpoint(self.fault_site, self.step, self.rank)
             last = self.history[-1] if self.history else {}
-            self.store.commit(local, self.step, {"step": self.step, "samples_seen": self.samples_seen,
-                                                 "loss": last.get("loss", float("nan")), "final": final})
+            commit_checkpoint(
+                self.store, local, self.step, rank=self.rank, world_size=self.world_size,
+                train_state=self._train_state(codebook_sha),
+                rank_record={
+                    **self.rank_state_dict(),
+                    "vd_codebook_sha256": codebook_sha,
+                    "step": self.step,
+                    "metrics_port": self.metrics_port,
+                    "vd_buffer_dtypes": {k: str(v.dtype)
+                                         for k, v in visual_dictionary(self.engine).state_dict().items()},
+                    "param_dtype": str(next(unwrap(self.engine).parameters()).dtype),
+                    "first_keys": self._first_keys,
+                },
+                metrics={"step": self.step, "samples_seen": self.samples_seen,
+                         "loss": last.get("loss", float("nan")), "final": final},
+                before_upload=self._flush_history_segment,
+                before_commit=lambda: faults.maybe_crash_during_checkpoint(self.fault_site, self.step,
+                                                                          self.rank))
         finally:
             shutil.rmtree(local, ignore_errors=True)
         self._history_saved = len(self.history)
@@ -642,6 +639,13 @@ class _Trainer:
             logger.info("checkpoint at step %d committed to %s in %.1f s", self.step, self.store.describe(),
                         seconds)
         faults.maybe_kill_after_checkpoint(self.fault_site, self.step, self.rank, self.under_ray)
+
+    def _flush_history_segment(self) -> None:
+        """Rank 0, before the upload: the steps since the last checkpoint go to the history log (and the
+        TensorBoard events to disk), so a committed checkpoint never lacks its steps."""
+        if self.rank == 0:
+            self.history_log.append(self.history[self._history_saved:])
+            self.run_logger.flush()
 
     def _train_state(self, codebook_sha: str) -> dict[str, Any]:
         return {

@@ -3,8 +3,8 @@
 The layout, the rank records, the commit and the verification are :mod:`orchestration.runtime.checkpoint`'s;
 this module adds the two steps every job repeats around them: write the engine's state into a staging
 folder and commit it through a store (:func:`commit_checkpoint`), and load it back from a verified
-checkpoint (:func:`load_engine_state`). Fine-tuning uses both; pre-training's worker does the same steps
-inline (DeepSpeed engines only) and could call them.
+checkpoint (:func:`load_engine_state`). Fine-tuning uses both; pre-training saves through them (its resume
+adds the world-size switch of :mod:`orchestration.runtime.reshard`).
 
 Where the engine's state goes:
 
