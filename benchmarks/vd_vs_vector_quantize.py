@@ -11,6 +11,7 @@ Prints medians over repeats and the two ratios. Not a test: timings depend on th
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -64,6 +65,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ).train()
     codebook = vd.codebook.clone()
 
+    # The workload, asserted before timing: every token looked up and the codebook updated (VD), the same
+    # shapes out of vector-quantize-pytorch, and the floor's score matrix.
+    with torch.no_grad():
+        out = vd(x)
+        assert out.quantized.shape == x.shape and out.indices.shape == (args.batch, args.tokens)
+        assert int(vd.num_updates) == 1 and not torch.equal(vd.codebook, codebook)
+        q, idx, _ = vq(x)
+        assert q.shape == x.shape and idx.shape == (args.batch, args.tokens)
+        assert (flat @ codebook.t()).shape == (args.batch * args.tokens, args.codes)
+
     with torch.no_grad():
         med = interleaved_medians(
             {"floor": lambda: flat @ codebook.t(), "vd": lambda: vd(x), "vq": lambda: vq(x)}, args.repeats
@@ -72,7 +83,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     print(
         f"torch {torch.__version__}, threads={torch.get_num_threads()}, k={args.codes}, c={args.dim}, "
-        f"tokens={args.batch}x{args.tokens}, repeats={args.repeats} (medians)"
+        f"tokens={args.batch}x{args.tokens}, repeats={args.repeats} (medians), "
+        f"load average {os.getloadavg()[0]:.2f}"
     )
     print(f"  bare distance matmul      : {t_floor * 1e3:8.2f} ms")
     print(f"  soho VisualDictionary     : {t_vd * 1e3:8.2f} ms")
