@@ -112,6 +112,11 @@ def plot_results(results: dict[str, Any], out_dir: Path, prefix: str) -> list[Pa
                          label=f"{name}: t2i R@1")
             axes[3].plot(es, [r["eval_i2t_r1"] for r in evals], marker="^", linestyle=":",
                          label=f"{name}: i2t R@1")
+            if all("eval_para_itm_acc" in r for r in evals):  # the paraphrased captions of the same scenes
+                for key, marker, label in (("itm_acc", "o", "ITM acc"), ("t2i_r1", "s", "t2i R@1"),
+                                           ("i2t_r1", "^", "i2t R@1")):
+                    axes[3].plot(es, [r[f"eval_para_{key}"] for r in evals], marker=marker, alpha=0.5,
+                                 linestyle="-.", label=f"{name}: paraphrases {label}")
     if has_eval:
         axes[3].set_title("held-out scenes during training (100 candidates)")
         axes[3].set_ylim(0, 1.02)

@@ -48,6 +48,7 @@ DEMO_MODEL_OVERRIDES = (
     "transformer.initializer_range=0.02",
     "pretrain.itm_interaction=true",
     "pretrain.itc_weight=1.0",
+    "vd.transformer_input=features",
 )
 
 

@@ -101,7 +101,7 @@ class DatasetConfig:
         metadata=opt("caption augmentation: swap neighbouring words with this probability (0: off)"))
 
     synthetic_captions: int = field(
-        default=1,
+        default=5,
         metadata=opt("captions per pair of the embedded synthetic data: the generator's (txt) plus N-1 from "
                      "a richer grammar (other frames, word orders, function words) in the json's captions "
                      "list"))

@@ -168,8 +168,9 @@ def test_documented_ray_job_submit_runs_and_leaks_no_secret(tmp_path: Path, synt
 def test_make_demo_runs_the_embedded_default_and_the_loss_falls(tmp_path: Path) -> None:
     """`make demo` = `python -m soho.train` with no arguments; only where it writes is redirected. It learns:
     the final model's held-out evaluation (100 scenes whose layouts never occur in training) is in the printed
-    summary and in summary.json. Margins below the demo's targets (ITM >= 0.90, t2i R@1 >= 25 %, usage >= 0.9)
-    from the measured runs in docs/RESULTS.md."""
+    summary and in summary.json, on the generator's captions and on paraphrases in frames no training caption
+    uses. Margins below the measured run in docs/RESULTS.md (seed 0: ITM 0.945, R@1 48 / 53 %; paraphrases
+    0.940, 42 / 45 %; usage 1.00)."""
     env = {**os.environ, "SOHO_STORAGE_PATH": str(tmp_path / "runs"), "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(["make", "-C", str(REPO), "demo"], env=env, capture_output=True, text=True,
@@ -190,9 +191,10 @@ def test_make_demo_runs_the_embedded_default_and_the_loss_falls(tmp_path: Path) 
     held = summary["heldout"]
     assert on_disk["heldout"] == held
     assert held["num_candidates"] == 100 and held["chance_r1"] == 1.0
-    assert held["itm_acc"] >= 0.85, held  # chance 0.5
+    assert held["itm_acc"] >= 0.88, held  # chance 0.5
     assert held["itm_acc_pos"] >= 0.7 and held["itm_acc_neg"] >= 0.7, held  # not a one-sided predictor
-    assert held["t2i_r1"] >= 15.0 and held["i2t_r1"] >= 15.0, held  # percent among 100; chance 1 %
+    assert held["t2i_r1"] >= 25.0 and held["i2t_r1"] >= 25.0, held  # percent among 100; chance 1 %
+    assert held["para_itm_acc"] >= 0.85 and held["para_t2i_r1"] >= 20.0 and held["para_i2t_r1"] >= 20.0, held
     assert held["t2i_r1"] <= held["t2i_r5"] <= held["t2i_r10"] <= 100.0
     assert held["vd_usage_ratio"] >= 0.9 and held["vd_num_codes"] == 128, held
     assert 1.0 <= held["vd_perplexity"] <= 128.0
