@@ -29,7 +29,8 @@ STEPS = 30
 FLAGS = [
     "--preset", "tiny", "--launcher", "local", "--num-workers", "1", "--zero-stage", "0",
     "--precision", "fp32", "--synthetic-pairs", "256", "--synthetic-captions", "1", "--image-size", "64",
-    "--max-text-len", "48", "--micro-batch-size", "8", "--grad-accum", "1", "--lr", "1e-3", "--weight-decay", "0.01",
+    "--max-text-len", "48", "--micro-batch-size", "8", "--grad-accum", "1", "--lr", "1e-3",
+    "--weight-decay", "0.01",
     "--adam-beta1", "0.9", "--adam-beta2", "0.98", "--grad-clip", "1.0", "--warmup-steps", "10",
     "--lr-schedule", "cosine", "--min-lr-ratio", "0.1", "--freeze-backbone-steps", "5",
     "--freeze-backbone-epochs", "0", "--loader-workers", "0", "--seed", "0", "--max-steps", str(STEPS),

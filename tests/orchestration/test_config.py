@@ -39,7 +39,8 @@ def test_every_field_is_a_flag() -> None:
 
 
 def test_caption_choice_follows_the_synthetic_captions_unless_set() -> None:
-    assert RunConfig.of().dataset.caption_mode == "txt"
+    assert RunConfig.of().dataset.caption_mode == "any"  # the embedded default: 5 captions per scene
+    assert RunConfig.of(synthetic_captions=1).dataset.caption_mode == "txt"
     assert RunConfig.of(synthetic_captions=5).dataset.caption_mode == "any"
     assert RunConfig.of(synthetic_captions=5, caption_choice="txt").dataset.caption_mode == "txt"
     assert RunConfig.of(caption_choice="any").dataset.caption_mode == "any"  # real shards' json lists
