@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from data_pipeline.synth import COLS, NUMBER_WORDS, ROWS, Scene, SceneObject, relation
+from data_pipeline.synth import COLS, NUMBER_WORDS, ROWS, Scene, SceneObject, count_groups, relation
 
 __all__ = ["paraphrase_caption", "scene_from_dict"]
 
@@ -51,12 +51,8 @@ def _noun(o: SceneObject, rng: random.Random, definite: bool = False) -> str:
 
 def _group(objs: list[SceneObject], rng: random.Random) -> str:
     """'two circles that are small and red as well as a square that is large and blue'."""
-    groups: dict[tuple[str, str, str], int] = {}
-    for o in objs:
-        k = (o.size, o.colour, o.shape)
-        groups[k] = groups.get(k, 0) + 1
     parts = []
-    for (size, colour, shape), c in groups.items():
+    for (size, colour, shape), c in count_groups(objs).items():
         if c == 1:
             parts.append(_noun(SceneObject(shape, colour, size, 0, 0, 0, 0), rng))
         elif rng.random() < 0.5:

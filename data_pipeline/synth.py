@@ -170,14 +170,19 @@ def _plural(shape: str) -> str:
     return shape + "s"
 
 
-def _group_phrase(objs: list[SceneObject]) -> str:
-    """'two small red circles and a large blue square' (identical objects are counted)."""
+def count_groups(objs: list[SceneObject]) -> dict[tuple[str, str, str], int]:
+    """(size, colour, shape) → how many objects of the scene look like that, in order of first appearance."""
     groups: dict[tuple[str, str, str], int] = {}
     for o in objs:
         k = (o.size, o.colour, o.shape)
         groups[k] = groups.get(k, 0) + 1
+    return groups
+
+
+def _group_phrase(objs: list[SceneObject]) -> str:
+    """'two small red circles and a large blue square' (identical objects are counted)."""
     parts = []
-    for (size, colour, shape), c in groups.items():
+    for (size, colour, shape), c in count_groups(objs).items():
         if c == 1:
             parts.append(SceneObject(shape, colour, size, 0, 0, 0, 0).phrase())
         else:
@@ -269,12 +274,8 @@ def _rich_noun(o: SceneObject, rng: random.Random, definite: bool = False) -> st
 
 
 def _rich_group(objs: list[SceneObject], rng: random.Random) -> str:
-    groups: dict[tuple[str, str, str], int] = {}
-    for o in objs:
-        k = (o.size, o.colour, o.shape)
-        groups[k] = groups.get(k, 0) + 1
     parts = []
-    for (size, colour, shape), c in groups.items():
+    for (size, colour, shape), c in count_groups(objs).items():
         if c == 1:
             parts.append(_rich_noun(SceneObject(shape, colour, size, 0, 0, 0, 0), rng).rstrip(","))
         elif rng.random() < 0.5:
