@@ -52,6 +52,10 @@ Verification (``LoaderConfig.verify``, on by default; nothing changed after shar
   written before ``txt_sha256`` existed have only the jpg checked. Outside our manifests (brace pattern,
   list, img2dataset output) ``sha256`` is checked only when ``txt_sha256`` marks the json as our writer's:
   img2dataset's ``sha256`` is the hash of the *downloaded* file, not of the resized jpg it stores.
+  In a shard whose manifest records its sha256, the sample hashes are computed only when the shard's own
+  check fails (to name the changed samples in the log and the counts): the shard's hash already covers
+  every byte of its samples, and none of them is used before that verdict. (The ``sample_hash_missing``
+  check still applies to each sample.)
 * Per shard listed in a manifest: its size (before reading, where the stream knows it) and its sha256
   (computed as the bytes stream through the tar reader, compared after the last member) against the
   manifest. A mismatch (``shard_size_mismatch`` / ``shard_hash_mismatch``) rejects the *whole* shard: a
@@ -115,6 +119,7 @@ from data_pipeline.assignment import (
     stream_sequence,
     stream_work,
 )
+from data_pipeline.jpeg import decode_jpeg_hwc, has_end_marker, jpeg_frame
 from data_pipeline.storage import expand_braces, get_fs
 from data_pipeline.tarstream import UNREADABLE_SHARD, HashingReader, RawSample, iter_tar
 from data_pipeline.text_augment import TextAugment, augment_caption, vocabulary_words
@@ -251,10 +256,12 @@ def check_enough_shards(n_shards: int, world_size: int, num_workers: int, what: 
 # -------------------------------------------------------------------------------------- verification
 
 
-def check_sample_hashes(raw: RawSample, required: bool) -> str | None:
+def check_sample_hashes(raw: RawSample, required: bool, hash_bytes: bool = True) -> str | None:
     """None if the sample's jpg/txt bytes match the hashes its json recorded, else the reason to drop it.
 
     ``required``: the shard comes from one of our manifests, so the json must record the jpg's sha256.
+    ``hash_bytes=False``: only that presence check (for a shard whose own sha256 is being checked: see
+    ``WorkerStream._read_shard``).
     """
     meta: Any = None
     if "json" in raw.members:
@@ -267,6 +274,8 @@ def check_sample_hashes(raw: RawSample, required: bool) -> str | None:
     jpg_hash, txt_hash = meta.get("sha256"), meta.get("txt_sha256")
     if required and not isinstance(jpg_hash, str):
         return SAMPLE_HASH_MISSING
+    if not hash_bytes:
+        return None
     # Outside our manifests a json's sha256 is ours only if txt_sha256 (our writer's) is beside it.
     if isinstance(jpg_hash, str) and (required or txt_hash is not None):
         if hashlib.sha256(raw.members.get("jpg", b"")).hexdigest() != jpg_hash.lower():
@@ -302,7 +311,9 @@ def _name_shards(failures: list[tuple[str, str]]) -> str:
 @dataclass
 class DecodedSample:
     key: str
-    image: np.ndarray  # uint8 (h, w, 3); with gpu_decode, 1-D JPEG bytes (undecoded_sample)
+    # uint8 (h, w, 3); with gpu_decode, 1-D JPEG bytes (undecoded_sample); None once the training stream
+    # has copied it into its batch buffer (ImageBatchBuilder)
+    image: np.ndarray | None
     caption: str
     alternatives: tuple[str, ...] = ()  # other captions of the image (caption_choice="any")
 
@@ -352,21 +363,30 @@ def sample_caption(raw: RawSample) -> tuple[str, str | None]:
 
 
 def decode_sample(raw: RawSample, max_side: int) -> DecodedSample | str:
-    """Decode one raw sample, or return the reason it is unusable."""
+    """Decode one raw sample, or return the reason it is unusable.
+
+    A complete 8-bit grey/colour JPEG already at its final size (what the shard writer stores) is decoded
+    by libjpeg-turbo straight into packed RGB (``data_pipeline.jpeg``), its header read without PIL; every
+    other image (PNG, CMYK, a resize, a file cut short or with a header the fast reader does not know) goes
+    through PIL, which also makes the format and decompression-bomb checks."""
     data = raw.image_bytes()
     if data is None:
         return MISSING_IMAGE
     caption, reason = sample_caption(raw)
     if reason is not None:
         return reason
+    frame = jpeg_frame(data)
+    size = None if frame is None else (frame.width, frame.height)
+    if size is not None and fit_longest_side(*size, max_side) == size and has_end_marker(data):
+        try:
+            return DecodedSample(raw.key, decode_jpeg_hwc(data), caption)
+        except OSError:
+            return UNDECODABLE_IMAGE
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
             w, h = img.size
-            if (img.format == "JPEG" and img.mode in GPU_DECODABLE_MODES
-                    and fit_longest_side(w, h, max_side) == (w, h) and _has_end_marker(data)):
-                return DecodedSample(raw.key, _decode_jpeg_hwc(data), caption)
             if img.format == "JPEG" and max(w, h) >= 2 * max_side:
                 # DCT-domain downscale (1/2..1/8) while decoding; draft keeps both sides ≥ the request.
                 img.draft("RGB", fit_longest_side(w, h, max_side))
@@ -384,27 +404,11 @@ def decode_sample(raw: RawSample, max_side: int) -> DecodedSample | str:
 GPU_DECODABLE_MODES = ("RGB", "L")  # JPEG colour modes nvjpeg turns into RGB (ImageReadMode.RGB)
 
 
-def _has_end_marker(data: bytes) -> bool:
-    """The JPEG's last bytes (trailing zero padding aside) are the end-of-image marker FF D9."""
-    return data.rstrip(b"\0")[-2:] == b"\xff\xd9"
-
-
-def _decode_jpeg_hwc(data: bytes) -> np.ndarray:
-    """A complete RGB/grey JPEG at its own size → (h, w, 3) uint8, through torchvision's libjpeg-turbo
-    straight into packed RGB: the same pixels as PIL's decode (same library and settings; tested), without
-    PIL's 4-byte-per-pixel image and the packing copy that ``np.asarray`` makes of it. A decode error is
-    raised as OSError (→ ``UNDECODABLE_IMAGE``); a file cut short (no end-of-image marker) never gets here,
-    since libjpeg would fill the missing rows with grey where PIL refuses the file."""
-    try:
-        chw = decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as exc:
-        raise OSError(str(exc)) from exc
-    return chw.permute(1, 2, 0).numpy()  # libjpeg's (h, w, 3) memory, viewed back
-
-
 def undecodable_header(data: bytes) -> str | None:
     """None if ``data`` is a JPEG the GPU path decodes (baseline/progressive, RGB or grey), "other" if it is
     another readable image (decoded on the CPU instead), UNDECODABLE_IMAGE if not even its header reads."""
+    if jpeg_frame(data) is not None:  # 8-bit huffman grey/colour JPEG: nvjpeg's kind
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -484,15 +488,20 @@ class Collator:
         self.tokenize = batch_tokenizer(cfg.tokenizer, cfg.max_text_len)
         self.words = vocabulary_words(self.tokenizer) if cfg.text_augment.enabled else []
 
-    def __call__(self, samples: list[DecodedSample], salt: str = "") -> dict[str, Any]:
+    def __call__(
+        self, samples: list[DecodedSample], salt: str = "",
+        pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
         """The batch of ``samples``; ``salt`` (the samples' place in the stream) seeds the caption
-        augmentation together with the run seed and each sample's key, so that it is resumable."""
+        augmentation together with the run seed and each sample's key, so that it is resumable.
+        ``pixels``: the samples' (pixel_values, pixel_mask) already padded by an :class:`ImageBatchBuilder`
+        (their ``image`` is then None), instead of padding ``samples``' images here."""
         # Per-image tensors are small: torch's intra-op threads only add hand-off stalls (milliseconds when
         # the cores are busy), so run this part on one thread and restore the caller's setting after.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._collate(samples, salt)
+            return self._collate(samples, salt, pixels)
         finally:
             torch.set_num_threads(threads)
 
@@ -506,18 +515,97 @@ class Collator:
         return [augment_caption(t, random.Random(f"{seed}/text/{salt}/{s.key}"), aug, self.words)
                 for t, s in zip(texts, samples, strict=True)]
 
-    def _collate(self, samples: list[DecodedSample], salt: str = "") -> dict[str, Any]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only numpy views: we only read them
-            images = [torch.from_numpy(s.image) for s in samples]
+    def _collate(
+        self, samples: list[DecodedSample], salt: str = "",
+        padded: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> dict[str, Any]:
+        if padded is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only numpy views: we only read them
+                images = [torch.from_numpy(s.image) for s in samples]
         if self.cfg.gpu_decode:
             pixels: dict[str, Any] = {"images": images}
         else:
-            values, mask = pad_images(images, self.cfg.pad_multiple)
+            values, mask = padded if padded is not None else pad_images(images, self.cfg.pad_multiple)
             pixels = {"pixel_values": values, "pixel_mask": mask}
         input_ids, attention_mask = self.tokenize(self._captions(samples, salt))
         return {**pixels, "input_ids": input_ids, "attention_mask": attention_mask,
                 "keys": [s.key for s in samples]}
+
+
+class ImageBatchBuilder:
+    """:func:`pad_images`, one image at a time: each decoded (h, w, 3) image is copied into the batch's
+    uint8 buffer as soon as it is decoded, while its pixels are still in the CPU cache, and then dropped, so
+    the decoder's next output reuses the same (cache-warm) memory. Padding the list at the end instead reads
+    every image back from memory (14 MB for 32 images of 384²) after the decoder has allocated a fresh
+    buffer for each.
+
+    The buffer is sized for the previous batch's padded (H, W) (the common case: mixed aspect ratios pad
+    every batch to ``max_side`` square) and grows when an image does not fit; a batch that ends smaller than
+    its buffer (a short last batch, or all-landscape images after a square one) is compacted by one copy.
+    Copies are numpy's (one thread: no OpenMP hand-off per image). :meth:`finish` returns exactly what
+    :func:`pad_images` returns for the same images (tested)."""
+
+    def __init__(self, capacity: int, pad_multiple: int) -> None:
+        self.capacity, self.pad_multiple = capacity, pad_multiple
+        self._hint = (0, 0)  # the last finished batch's padded (H, W)
+        self._buf: torch.Tensor | None = None
+        self._sizes: list[tuple[int, int]] = []
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def _padded(self, n: int) -> int:
+        return math.ceil(n / self.pad_multiple) * self.pad_multiple
+
+    def _allocate(self, hb: int, wb: int) -> None:
+        old, n = self._buf, len(self._sizes)
+        buf = torch.empty(self.capacity, hb, wb, 3, dtype=torch.uint8)
+        if old is not None and n:  # grow: move the images so far, zero their new padding
+            oh, ow = old.shape[1:3]
+            arr, prev = buf.numpy(), old.numpy()
+            arr[:n, :oh, :ow] = prev[:n]
+            arr[:n, :oh, ow:] = 0
+            arr[:n, oh:] = 0
+        self._buf = buf
+
+    def add(self, image: np.ndarray) -> None:
+        """Copy one (h, w, 3) uint8 image into the next slot."""
+        if len(self._sizes) >= self.capacity:
+            raise ValueError(f"ImageBatchBuilder: batch already holds {self.capacity} images")
+        h, w = image.shape[:2]
+        if self._buf is None:
+            self._allocate(max(self._hint[0], self._padded(h)), max(self._hint[1], self._padded(w)))
+        else:
+            hb, wb = self._buf.shape[1:3]
+            if h > hb or w > wb:
+                self._allocate(max(hb, self._padded(h)), max(wb, self._padded(w)))
+        assert self._buf is not None
+        arr = self._buf.numpy()[len(self._sizes)]  # (Hb, Wb, 3)
+        arr[:h, :w] = image
+        if w < arr.shape[1]:
+            arr[:h, w:] = 0
+        if h < arr.shape[0]:
+            arr[h:] = 0
+        self._sizes.append((h, w))
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pixel_values uint8 (B, 3, H, W) channels-last, pixel_mask bool (B, H, W)) of the images added
+        since the last call, as :func:`pad_images` pads them; the builder is then empty."""
+        if not self._sizes or self._buf is None:
+            raise ValueError("ImageBatchBuilder.finish: no image was added")
+        n = len(self._sizes)
+        H = self._padded(max(h for h, _ in self._sizes))
+        W = self._padded(max(w for _, w in self._sizes))
+        hwc = self._buf
+        if hwc.shape[:3] != (n, H, W):
+            hwc = hwc[:n, :H, :W].contiguous()
+        mask = torch.zeros(n, H, W, dtype=torch.bool)
+        mask_arr = mask.numpy()
+        for i, (h, w) in enumerate(self._sizes):
+            mask_arr[i, :h, :w] = True
+        self._hint, self._buf, self._sizes = (H, W), None, []
+        return hwc.permute(0, 3, 1, 2), mask
 
 
 class BatchTokenizer:
@@ -588,7 +676,7 @@ def _open_shard(url: str, storage_options: dict[str, Any]) -> Any:
     fs, path = get_fs(url, storage_options)
     if not fs.protocol or "file" not in fs.protocol:
         return fs.open(path, "rb", block_size=8 * 2**20)
-    return open(path, "rb")
+    return open(path, "rb", buffering=2**20)  # 1 MiB: few read syscalls for the tar reader's small reads
 
 
 class WorkerStream:
@@ -654,16 +742,26 @@ class WorkerStream:
                         return reject(SHARD_SIZE_MISMATCH, f"{size} bytes, the manifest says {rec.bytes}")
                 stream = HashingReader(f) if rec is not None and rec.sha256 else f
                 required = rec is not None and rec.hashed_samples
+                # With the shard's own sha256 checked, the samples' hashes are only computed if it fails
+                # (to name the changed samples): a window holds whole shards, so nothing of a shard is
+                # used before its verdict, and a shard with the manifest's bytes has its writer's samples.
+                shard_hashed = isinstance(stream, HashingReader)
                 for raw in iter_tar(stream, url, on_bad):
-                    why = check_sample_hashes(raw, required) if verify else None
+                    why = check_sample_hashes(raw, required, not shard_hashed) if verify else None
                     if why is not None:
                         on_bad(why, f"sample {raw.key!r}")
                     else:
                         out.append(raw)
-                if isinstance(stream, HashingReader):
+                if shard_hashed:
                     assert rec is not None
                     stream.drain()
-                    if rec.bytes is not None and stream.nbytes != rec.bytes:
+                    size_bad = rec.bytes is not None and stream.nbytes != rec.bytes
+                    if size_bad or stream.hexdigest() != rec.sha256:
+                        for raw in out:  # which samples changed, for the log and the counts
+                            why = check_sample_hashes(raw, required)
+                            if why is not None:
+                                on_bad(why, f"sample {raw.key!r}")
+                    if size_bad:
                         return reject(SHARD_SIZE_MISMATCH,
                                       f"read {stream.nbytes} bytes, the manifest says {rec.bytes}")
                     if stream.hexdigest() != rec.sha256:
@@ -716,6 +814,7 @@ class WorkerStream:
         cfg = self.cfg
         collate = Collator(cfg)
         decode = undecoded_sample if cfg.gpu_decode else decode_sample
+        builder = None if cfg.gpu_decode else ImageBatchBuilder(cfg.batch_size, cfg.pad_multiple)
         any_caption = cfg.caption_choice == "any"
         if self.start.get("done"):
             return
@@ -739,10 +838,14 @@ class WorkerStream:
                 else:
                     if any_caption:
                         out.alternatives = sample_alternatives(raw)
+                    if builder is not None:
+                        builder.add(out.image)
+                        out.image = None  # in the batch buffer now; free the decoder's copy at once
                     pending.append(out)
                 if len(pending) == cfg.batch_size:
                     salt = f"{self.epoch}/{self.rank}/{self.worker}/{win.pos}/{idx}"
-                    yield "batch", collate(pending, salt), position_after(win, idx), *delta()
+                    pixels = builder.finish() if builder is not None else None
+                    yield "batch", collate(pending, salt, pixels), position_after(win, idx), *delta()
                     pending = []
             pos = win.end
             if not win.items and cfg.resampled:
@@ -751,7 +854,8 @@ class WorkerStream:
         end = {"pos": pos, "item": 0, "done": True}
         if pending and not cfg.drop_last:
             salt = f"{self.epoch}/{self.rank}/{self.worker}/{pos}/end"
-            yield "batch", collate(pending, salt), end, *delta()
+            pixels = builder.finish() if builder is not None else None
+            yield "batch", collate(pending, salt, pixels), end, *delta()
         yield "end", None, end, *delta()
 
 

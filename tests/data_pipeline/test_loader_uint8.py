@@ -18,10 +18,12 @@ from data_pipeline.loader import (
     UNDECODABLE_IMAGE,
     Collator,
     DecodedSample,
+    ImageBatchBuilder,
     LoaderConfig,
     PretrainLoader,
     decode_sample,
     images_to_batch,
+    pad_images,
     resolve_shards,
 )
 from data_pipeline.tarstream import RawSample
@@ -76,6 +78,41 @@ def test_uint8_batch_normalises_to_the_old_float_batch(sizes: list[tuple[int, in
     assert torch.equal(normalize_pixels(pv, mask, dtype=torch.bfloat16), want.to(torch.bfloat16))
     # A contiguous uint8 copy (another caller's layout) gives the same values.
     assert torch.equal(normalize_pixels(pv.contiguous(), mask), want)
+
+
+def test_incremental_batches_equal_padding_the_list() -> None:
+    """ImageBatchBuilder (each image copied in as it is decoded) gives pad_images' tensors bit for bit, over
+    batches that grow the buffer, shrink below the previous batch (compaction), end short, or have one
+    image; dirty memory is never visible in the padding."""
+    rng = np.random.default_rng(3)
+    plans = [
+        [(40, 40)] * 4,                       # square: the buffer fits exactly
+        [(40, 20), (12, 40), (40, 40), (3, 3)],  # same padded size as the hint
+        [(20, 40)] * 4,                       # all landscape after square: compacted
+        [(20, 40), (72, 10), (5, 80), (1, 1)],  # grows twice (taller, then wider)
+        [(33, 17), (9, 9)],                   # a short last batch
+        [(64, 64)],
+        [(8, 8), (8, 8), (8, 8), (8, 8)],
+    ]
+    for pad_multiple in (16, 8):
+        builder = ImageBatchBuilder(4, pad_multiple)
+        for sizes in plans:
+            images = [rng.integers(1, 256, size=(h, w, 3), dtype=np.uint8) for h, w in sizes]
+            for img in images:
+                builder.add(img)
+            assert len(builder) == len(images)
+            pv, mask = builder.finish()
+            want_pv, want_mask = pad_images([torch.from_numpy(i) for i in images], pad_multiple)
+            assert pv.shape == want_pv.shape and mask.shape == want_mask.shape, sizes
+            assert torch.equal(pv, want_pv) and torch.equal(mask, want_mask), sizes
+            assert pv.permute(0, 2, 3, 1).is_contiguous()  # channels-last like pad_images
+            assert len(builder) == 0
+    with pytest.raises(ValueError, match="no image was added"):
+        builder.finish()
+    for _ in range(4):
+        builder.add(np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="already holds 4 images"):
+        builder.add(np.zeros((8, 8, 3), np.uint8))
 
 
 def test_real_loader_batches_normalise_like_before(synth_dir: Path) -> None:
@@ -214,8 +251,8 @@ def test_direct_jpeg_decode_gives_pils_pixels(kind: str, monkeypatch: pytest.Mon
     RGB): the pixels must be PIL's, bit for bit; CMYK still goes through PIL; a file cut short is refused
     as before, not filled with grey."""
     direct = []
-    monkeypatch.setattr(loader_module, "_decode_jpeg_hwc",
-                        lambda data, f=loader_module._decode_jpeg_hwc: direct.append(1) or f(data))
+    monkeypatch.setattr(loader_module, "decode_jpeg_hwc",
+                        lambda data, f=loader_module.decode_jpeg_hwc: direct.append(1) or f(data))
     rng = np.random.default_rng(len(kind))
     h, w = (37, 61) if kind.endswith("odd") else (64, 48)
     arr = np.cumsum(rng.integers(0, 40, size=(h, w, 3)), axis=1).astype(np.uint8)
