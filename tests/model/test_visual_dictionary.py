@@ -141,18 +141,30 @@ def test_bad_input_is_named() -> None:
     assert math.isfinite(vd.current_decay())
 
 
-def test_blocked_column_argmax_equals_argmax_with_ties_and_nan() -> None:
-    from soho.visual_dictionary import _column_argmax
+def test_blocked_row_argmax_equals_argmax_with_ties_and_nan() -> None:
+    from soho.visual_dictionary import _row_argmax
 
     g = torch.Generator().manual_seed(4)
-    scores = torch.randint(0, 3, (256, 64), generator=g).float()  # many ties: the first maximum must win
-    scores[200, 5] = float("nan")  # argmax picks the NaN
-    scores[3, 6] = scores[190, 6] = 9.0
-    assert torch.equal(_column_argmax(scores), scores.argmax(dim=0))
-    assert _column_argmax(scores)[5] == 200 and _column_argmax(scores)[6] == 3
+    scores = torch.randint(0, 3, (64, 256), generator=g).float()  # many ties: the first maximum must win
+    scores[5, 200] = float("nan")  # argmax picks the NaN
+    scores[6, 3] = scores[6, 190] = 9.0
+    scores[7, 130] = scores[7, 129] = float("nan")  # two NaNs in one block: the first
+    assert torch.equal(_row_argmax(scores), scores.argmax(dim=1))
+    assert _row_argmax(scores)[5] == 200 and _row_argmax(scores)[6] == 3 and _row_argmax(scores)[7] == 129
     for k in (40, 13):  # blocks of 8; no block divides k: plain argmax
-        odd = torch.randn(k, 7, generator=g)
-        assert torch.equal(_column_argmax(odd), odd.argmax(dim=0))
+        odd = torch.randn(7, k, generator=g)
+        assert torch.equal(_row_argmax(odd), odd.argmax(dim=1))
+    big = torch.randn(3200, 2048, generator=g)  # the benchmark's shape
+    assert torch.equal(_row_argmax(big), big.argmax(dim=1))
+
+
+def test_lookup_equals_the_exhaustive_distance_argmin() -> None:
+    """The folded (N, k) lookup picks the code of least squared distance, like the plain formula."""
+    g = torch.Generator().manual_seed(9)
+    vd = VisualDictionary(VDConfig(num_codes=256, dim=32))
+    flat = torch.randn(500, 32, generator=g)
+    want = torch.cdist(flat.double(), vd.codebook.double()).argmin(dim=1)
+    assert torch.equal(vd.lookup(flat), want)
 
 
 def test_reduce_fn_sees_packed_sums_and_counts_once_per_step() -> None:
