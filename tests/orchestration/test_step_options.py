@@ -179,24 +179,15 @@ dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, wor
 import orchestration.runtime.engine as E
 from orchestration.runtime.config import OptimConfig, ScaleConfig
 from soho import SohoForPretraining, soho_tiny
+from tests.orchestration.fixed_steps import train_steps
 E.COMPILE_BACKEND = sys.argv[2]
-g = torch.Generator().manual_seed(5)
-pv, pm = torch.randn(2, 3, 64, 96, generator=g), torch.ones(2, 64, 96, dtype=torch.bool)
-ids = torch.randint(999, 30000, (2, 10), generator=g); ids[:, 0], ids[:, -1] = 101, 102
-am = torch.ones_like(ids)
 result = {}
 for name, opts in (("eager", {}), ("compiled", {"compile": True, "grad_checkpointing": True})):
     torch.manual_seed(0)
     built = E.build_engine(SohoForPretraining(soho_tiny()), OptimConfig(),
                            ScaleConfig(zero_stage=2, micro_batch_size=2, **opts), 1)
     assert built.kind == "deepspeed" and built.engine.zero_optimization_stage() == 2
-    losses = []
-    for i in range(3):
-        torch.manual_seed(10 + i)
-        out = built.engine(pv, pm, ids, am, generator=torch.Generator().manual_seed(i))
-        built.engine.backward(out.loss)
-        built.engine.step()
-        losses.append(out.loss.item())
+    losses = train_steps(built.engine)
     m = built.module
     result[name] = {"losses": losses, "keys": list(m.state_dict()),
                     "trunk_w": m.soho.encoder.trunk[0].weight.detach().double().sum().item(),
