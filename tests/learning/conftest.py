@@ -13,27 +13,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 
 
-def train_env(cache_dir: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+def run_train(args: list[str], cache_dir: Path, env: dict[str, str] | None = None,
+              timeout: float = 600) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "SOHO_CACHE_DIR": str(cache_dir), "PYTHONUNBUFFERED": "1", **(env or {})}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)  # a one-process run of its own, whatever the test process holds
-    return full_env
-
-
-def run_train(args: list[str], cache_dir: Path, env: dict[str, str] | None = None,
-              timeout: float = 600) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "soho.train", *args], cwd=REPO,
-                          env=train_env(cache_dir, env), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, "-m", "soho.train", *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
-
-
-def start_train(args: list[str], cache_dir: Path, log: Path, env: dict[str, str] | None = None
-                ) -> subprocess.Popen:
-    """``run_train`` without waiting: the run's output goes to ``log`` (stdout and stderr together)."""
-    with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "soho.train", *args], cwd=REPO,
-                                env=train_env(cache_dir, env), stdout=out, stderr=subprocess.STDOUT)
 
 
 def run_history(storage: Path, name: str) -> list[dict[str, Any]]:
