@@ -263,6 +263,8 @@ def check_sample_hashes(raw: RawSample, required: bool, hash_bytes: bool = True)
     ``hash_bytes=False``: only that presence check (for a shard whose own sha256 is being checked: see
     ``WorkerStream._read_shard``).
     """
+    if not hash_bytes and not required:
+        return None  # nothing to check: not even the json needs parsing
     meta: Any = None
     if "json" in raw.members:
         try:
@@ -490,18 +492,18 @@ class Collator:
 
     def __call__(
         self, samples: list[DecodedSample], salt: str = "",
-        pixels: tuple[torch.Tensor, torch.Tensor] | None = None,
+        padded: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, Any]:
         """The batch of ``samples``; ``salt`` (the samples' place in the stream) seeds the caption
         augmentation together with the run seed and each sample's key, so that it is resumable.
-        ``pixels``: the samples' (pixel_values, pixel_mask) already padded by an :class:`ImageBatchBuilder`
+        ``padded``: the samples' (pixel_values, pixel_mask) already padded by an :class:`ImageBatchBuilder`
         (their ``image`` is then None), instead of padding ``samples``' images here."""
         # Per-image tensors are small: torch's intra-op threads only add hand-off stalls (milliseconds when
         # the cores are busy), so run this part on one thread and restore the caller's setting after.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return self._collate(samples, salt, pixels)
+            return self._collate(samples, salt, padded)
         finally:
             torch.set_num_threads(threads)
 
@@ -756,7 +758,8 @@ class WorkerStream:
                     assert rec is not None
                     stream.drain()
                     size_bad = rec.bytes is not None and stream.nbytes != rec.bytes
-                    if size_bad or stream.hexdigest() != rec.sha256:
+                    digest = stream.hexdigest()
+                    if size_bad or digest != rec.sha256:
                         for raw in out:  # which samples changed, for the log and the counts
                             why = check_sample_hashes(raw, required)
                             if why is not None:
@@ -764,8 +767,8 @@ class WorkerStream:
                     if size_bad:
                         return reject(SHARD_SIZE_MISMATCH,
                                       f"read {stream.nbytes} bytes, the manifest says {rec.bytes}")
-                    if stream.hexdigest() != rec.sha256:
-                        return reject(SHARD_HASH_MISMATCH, f"sha256 {stream.hexdigest()}")
+                    if digest != rec.sha256:
+                        return reject(SHARD_HASH_MISMATCH, f"sha256 {digest}")
         except (OSError, ValueError) as e:  # missing object, permission, bad URL: skip the shard
             on_bad(UNREADABLE_SHARD, f"{type(e).__name__}: {e}")
             return [], problems[-1]
